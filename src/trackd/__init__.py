@@ -1,0 +1,11 @@
+"""trackd: log from training code in microseconds; a local daemon delivers everything.
+
+This module is the public client API and nothing else (see `__all__`).
+"""
+
+from trackd.client import finish, init, log
+from trackd.client.run import Run
+
+__version__ = "0.1.0"
+
+__all__ = ["Run", "__version__", "finish", "init", "log"]

@@ -1,0 +1,254 @@
+"""The `trackd` command.
+
+Every failure a user can cause or meet (no daemon, a bad spec, an unreadable
+file) ends with one line on stderr and a non-zero exit: 1 for "cannot do it
+now", 2 for "what you asked for is wrong". Never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from trackd.client.control import DaemonUnreachable, request
+
+F = TypeVar("F", bound=Callable[..., Any])
+_connection_options = [
+    click.option("--runtime-dir", default=None, help="Directory of the daemon's ipc sockets."),
+    click.option("--endpoint", default=None, help="tcp://HOST:PORT of the daemon."),
+]
+
+
+def _connection(function: F) -> F:
+    for option in reversed(_connection_options):
+        function = option(function)
+    return function
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"trackd: {message}", err=True)
+    sys.exit(code)
+
+
+def _ask(command: str, runtime_dir: str | None, endpoint: str | None, **arguments: Any) -> Any:
+    try:
+        return request(command, endpoint=endpoint, runtime_dir=runtime_dir, **arguments)
+    except DaemonUnreachable as exc:
+        _fail(f"{exc} (start it with `trackd serve`)")
+    except (RuntimeError, ValueError) as exc:
+        _fail(str(exc), 2)
+
+
+def _guard(function: F) -> F:
+    """Turn a stray exception into one line; keep the traceback behind --debug."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            logging.getLogger("trackd").debug("unexpected error", exc_info=True)
+            _fail(f"{type(exc).__name__}: {exc}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(package_name="trackd")
+def main() -> None:
+    """trackd: a local logging daemon for ML experiment tracking."""
+
+
+@main.command()
+@click.option("--config", "config", default=None, help="TOML config file.")
+@click.option("--data-dir", default=None, help="WAL, spools, cursors and default JSONL runs.")
+@click.option("--sink", "sinks", multiple=True, help="Sink spec, e.g. jsonl:PATH (repeatable).")
+@click.option("--log-level", default="INFO", show_default=True)
+@_connection
+@_guard
+def serve(
+    config: str | None,
+    data_dir: str | None,
+    sinks: tuple[str, ...],
+    log_level: str,
+    runtime_dir: str | None,
+    endpoint: str | None,
+) -> None:
+    """Run the daemon in the foreground."""
+    from trackd.daemon import server
+    from trackd.daemon.settings import SettingsError, load
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = load(
+            config,
+            data_dir=data_dir,
+            runtime_dir=runtime_dir,
+            endpoint=endpoint,
+            sinks=list(sinks) or None,
+        )
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    try:
+        sys.exit(asyncio.run(server.serve(settings)))
+    except server.StartupError as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@_connection
+@_guard
+def status(as_json: bool, runtime_dir: str | None, endpoint: str | None) -> None:
+    """The daemon's health: ingest, WAL, and each sink's lag, retries and errors."""
+    result = _ask("status", runtime_dir, endpoint)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from trackd.cli_views import print_status
+
+    print_status(result)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@_connection
+@_guard
+def runs(as_json: bool, runtime_dir: str | None, endpoint: str | None) -> None:
+    """Runs known to the daemon."""
+    result = _ask("runs", runtime_dir, endpoint)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from trackd.cli_views import print_runs
+
+    print_runs(result)
+
+
+@main.command()
+@click.option("--project", default=None, help="Only this project.")
+@click.option("--run", "run_name", default=None, help="Only this run (by name).")
+@click.option("--key", "keys", multiple=True, help="Only metrics whose name matches this glob.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@_connection
+@_guard
+def tail(
+    project: str | None,
+    run_name: str | None,
+    keys: tuple[str, ...],
+    as_json: bool,
+    runtime_dir: str | None,
+    endpoint: str | None,
+) -> None:
+    """Print the live stream of everything logged."""
+    import msgpack
+    import zmq
+
+    from trackd import paths
+
+    _ask("status", runtime_dir, endpoint)
+    socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(paths.endpoints(endpoint, runtime_dir).stream)
+    prefix = f"{project}/" + (f"{run_name}/" if run_name else "") if project else ""
+    socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+    try:
+        while True:
+            topic, frame = socket.recv_multipart()
+            topic_project, topic_run, _ = topic.decode().split("/", 2)
+            if run_name is not None and topic_run != run_name:
+                continue
+            message = msgpack.unpackb(frame)
+            for line in _tail_lines(topic_project, topic_run, message, keys, as_json):
+                click.echo(line)
+    finally:
+        socket.close()
+
+
+def _tail_lines(
+    project: str, run: str, message: dict[str, Any], keys: tuple[str, ...], as_json: bool
+) -> list[str]:
+    kind, body = message["t"], message["b"]
+    if kind != "metrics":
+        if keys:
+            return []
+        if as_json:
+            return [json.dumps({"project": project, "run": run, "type": kind, **body}, default=str)]
+        return [f"{project}/{run} {kind} {json.dumps(body, default=str)}"]
+    lines = []
+    for step, ts, values in body["rows"]:
+        shown = values
+        if keys:
+            shown = {k: v for k, v in values.items() if any(fnmatch.fnmatch(k, g) for g in keys)}
+            if not shown:
+                continue
+        if as_json:
+            lines.append(
+                json.dumps({"project": project, "run": run, "step": step, "ts": ts, **shown})
+            )
+        else:
+            text = " ".join(f"{k}={_number(v)}" for k, v in shown.items())
+            lines.append(f"{project}/{run} step={step} {text}")
+    return lines
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+@main.command()
+@click.option("--project", default="demo", show_default=True)
+@click.option("--name", default=None, help="Run name (default: generated).")
+@click.option("--steps", default=200, show_default=True)
+@click.option("--delay", default=0.02, show_default=True, help="Seconds between steps.")
+@_connection
+@_guard
+def demo(
+    project: str,
+    name: str | None,
+    steps: int,
+    delay: float,
+    runtime_dir: str | None,
+    endpoint: str | None,
+) -> None:
+    """Push a simulated training run through the daemon."""
+    import os
+
+    import trackd
+
+    if runtime_dir:
+        os.environ["TRACKD_RUNTIME_DIR"] = runtime_dir
+    rng = random.Random(0)
+    config = {"lr": 3e-4, "batch_size": 64, "optimizer": "adamw", "steps": steps}
+    run = trackd.init(project=project, name=name, config=config, endpoint=endpoint)
+    click.echo(f"demo: logging {steps} steps to {project}/{run.name} (id {run.id[:8]})")
+    loss = 2.5
+    for step in range(steps):
+        loss = max(0.05, loss * (1 - 0.02 * rng.random()) + 0.01 * rng.gauss(0, 1))
+        accuracy = 1 - math.exp(-step / max(steps / 4, 1)) * 0.9
+        run.log({"loss": loss, "acc": accuracy, "lr": 3e-4 * (1 - step / steps)}, step=step)
+        time.sleep(delay)
+    run.set_summary({"best_loss": loss})
+    delivered = run.flush(timeout=10)
+    run.finish()
+    if delivered:
+        click.echo(f"demo: done; every step is durable in the daemon's WAL ({steps} rows)")
+    else:
+        click.echo("demo: done; no daemon acked in time, so the run waits in the local spool")

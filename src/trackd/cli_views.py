@@ -1,0 +1,78 @@
+"""Human-readable views for `trackd status` and `trackd runs` (rich tables)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _ago(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    seconds = time.time() - timestamp
+    return (
+        f"{seconds:.0f}s ago"
+        if seconds < 120
+        else time.strftime("%H:%M:%S", time.localtime(timestamp))
+    )
+
+
+def _bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"
+
+
+def print_status(status: dict[str, Any]) -> None:
+    console = Console()
+    ingest, wal = status["ingest"], status["wal"]
+    console.print(
+        f"[bold]trackd {status['version']}[/] pid {status['pid']}, up {status['uptime']:.0f}s, "
+        f"data {status['data_dir']}"
+    )
+    console.print(
+        f"ingest: {ingest['rows_per_second']:.0f} rows/s, {ingest['rows']} rows in "
+        f"{ingest['messages']} messages, {ingest['duplicates']} duplicates, "
+        f"{ingest['errors_total']} errors"
+        + (f" (last: {ingest['last_error']})" if ingest["last_error"] else "")
+    )
+    console.print(
+        f"wal: {_bytes(wal['bytes'])} in {wal['segments']} segment(s)"
+        + (f", [red]{wal['last_error']}[/]" if wal["last_error"] else "")
+    )
+    console.print(f"runs: {status['runs']['running']} running, {status['runs']['total']} known")
+    table = Table(
+        "sink", "lag", "delivered rows", "retries", "dead letters", "last success", "last error"
+    )
+    for sink in status["sinks"].values():
+        table.add_row(
+            sink["spec"],
+            f"{_bytes(sink['lag_bytes'])} / {sink['lag_seconds']:.1f}s",
+            str(sink["delivered_rows"]),
+            str(sink["retries"]),
+            str(sink["dead_letters"]),
+            _ago(sink["last_success"]),
+            sink["last_error"] or "-",
+        )
+    console.print(table)
+
+
+def print_runs(runs: list[dict[str, Any]]) -> None:
+    table = Table("project", "name", "id", "status", "rows", "last step", "started")
+    for run in sorted(runs, key=lambda r: r.get("started") or 0):
+        table.add_row(
+            run["project"],
+            run["name"],
+            run["id"][:8],
+            run["status"],
+            str(run["rows"]),
+            str(run["last_step"]),
+            _ago(run["started"]),
+        )
+    Console().print(table)

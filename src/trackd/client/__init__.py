@@ -1,0 +1,44 @@
+"""The training-side client: the standard library, pyzmq and msgpack only."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from trackd.client import registry
+from trackd.client.run import Mode, Run
+
+
+def init(
+    project: str,
+    name: str | None = None,
+    group: str | None = None,
+    config: dict[str, Any] | None = None,
+    tags: dict[str, str] | list[str] | None = None,
+    resume: str | None = None,
+    mode: Mode = "online",
+    endpoint: str | None = None,
+    dir: str | os.PathLike[str] | None = None,
+) -> Run:
+    """Start a run and make it the current one for the module-level `log` and `finish`."""
+    run = Run(project, name, group, config, tags, resume, mode, endpoint, dir)
+    registry.register(run)
+    return run
+
+
+def log(values: dict[str, Any], step: int | None = None) -> None:
+    _current("log").log(values, step)
+
+
+def finish(status: str | None = None, timeout: float = 10.0) -> None:
+    _current("finish").finish(status, timeout)
+
+
+def _current(verb: str) -> Run:
+    run = registry.current
+    if run is None:
+        raise RuntimeError(f"trackd.{verb}(): call trackd.init() first")
+    return run
+
+
+__all__ = ["Run", "finish", "init", "log"]

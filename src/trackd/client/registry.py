@@ -1,0 +1,74 @@
+"""The process's open runs, and the hooks that finish them.
+
+Installed once, at the first `init()`: an atexit hook that finishes runs left
+open, an excepthook that marks them failed with the traceback and then
+*chains to the previous hook* (trackd never replaces `sys.exit` or swallows
+the exception), and a fork hook that gives each run a fresh session in the
+child.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import traceback
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trackd.client.run import Run
+
+_lock = threading.Lock()
+_open: list[Run] = []
+_installed = False
+current: Run | None = None
+EXIT_TIMEOUT = 10.0
+
+
+def register(run: Run) -> None:
+    global current, _installed
+    with _lock:
+        _open.append(run)
+        current = run
+        if not _installed:
+            _installed = True
+            atexit.register(_finish_open_runs)
+            _chain_excepthook()
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forget(run: Run) -> None:
+    global current
+    with _lock:
+        if run in _open:
+            _open.remove(run)
+        if current is run:
+            current = _open[-1] if _open else None
+
+
+def _finish_open_runs() -> None:
+    for run in list(_open):
+        run.finish(timeout=EXIT_TIMEOUT)
+
+
+def _chain_excepthook() -> None:
+    previous = sys.excepthook
+
+    def excepthook(
+        exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+    ) -> None:
+        error = "".join(traceback.format_exception(exc_type, exc, tb))
+        for run in list(_open):
+            run._finish("failed", error, EXIT_TIMEOUT)
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = excepthook
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    for run in _open:
+        run._after_fork_in_child()

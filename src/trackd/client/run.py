@@ -1,0 +1,212 @@
+"""The `Run` a training script logs to."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from trackd import paths
+from trackd.client import registry
+from trackd.client.transport import Transport
+from trackd.client.values import json_tree, metric_row, scalar, string_map
+
+log = logging.getLogger("trackd")
+
+Mode = Literal["online", "offline", "disabled"]
+MODES = ("online", "offline", "disabled")
+RESUME = (None, "allow", "must")
+
+
+class Run:
+    """One training run. `log()` costs microseconds and never waits on the daemon or a sink."""
+
+    def __init__(
+        self,
+        project: str,
+        name: str | None = None,
+        group: str | None = None,
+        config: dict[str, Any] | None = None,
+        tags: dict[str, str] | list[str] | None = None,
+        resume: str | None = None,
+        mode: Mode = "online",
+        endpoint: str | None = None,
+        dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if not isinstance(project, str) or not project:
+            raise TypeError(f"init(): project must be a non-empty string, got {project!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"init(): name must be a non-empty string or None, got {name!r}")
+        if group is not None and not isinstance(group, str):
+            raise TypeError(f"init(): group must be a string or None, got {group!r}")
+        if mode not in MODES:
+            raise ValueError(f"init(): mode must be one of {MODES}, got {mode!r}")
+        if resume not in RESUME:
+            raise ValueError(f"init(): resume must be one of {RESUME}, got {resume!r}")
+        if resume is not None and name is None:
+            raise ValueError("init(): resume needs a name: a run is resumed by project and name")
+        self.project = project
+        self.name = name or time.strftime("run-%Y%m%d-%H%M%S")
+        self.group = group
+        self.id = (
+            uuid.uuid5(uuid.NAMESPACE_URL, f"trackd:{project}/{self.name}").hex
+            if resume
+            else uuid.uuid4().hex
+        )
+        self.mode: Mode = mode
+        self.config: dict[str, Any] = json_tree(config or {}, "init(): config")
+        started = time.time()
+        start_body = {
+            "project": project,
+            "name": self.name,
+            "group": group,
+            "resume": resume,
+            "config": self.config,
+            "tags": string_map(tags or {}, "init(): tags"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": _env_int("RANK"),
+            "local_rank": _env_int("LOCAL_RANK"),
+            "world_size": _env_int("WORLD_SIZE"),
+            "started": started,
+        }
+        self._owner_pid = os.getpid()
+        self._step = 0
+        self._lock = threading.Lock()
+        self._finished = mode == "disabled"
+        self._transport: Transport | None = None
+        if mode != "disabled":
+            self._endpoint = None if mode == "offline" else paths.endpoints(endpoint).ingest
+            self._spool_dir = Path(dir) if dir else paths.spool_dir(paths.data_dir())
+            self._transport = self._new_transport()
+            self._transport.send("run_start", start_body)
+        self._enqueue = self._transport.queue.append if self._transport else None
+
+    def _new_transport(self) -> Transport:
+        return Transport(
+            run_id=self.id,
+            session=uuid.uuid4().hex,
+            endpoint=self._endpoint,
+            spool_dir=self._spool_dir,
+        )
+
+    # --- logging -----------------------------------------------------------------
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Queue one row; `step` auto-increments when omitted. Nested dicts flatten with "/"."""
+        enqueue = self._enqueue
+        if enqueue is None:
+            return
+        row = metric_row(values)
+        with self._lock:
+            if step is None:
+                step = self._step
+            elif type(step) is not int:
+                step = _step(step)
+            self._step = step + 1
+            enqueue((step, time.time(), row))
+
+    def log_config(self, values: dict[str, Any]) -> None:
+        """Merge into the run's config (params in MLflow, config in W&B)."""
+        tree = json_tree(_mapping(values, "log_config()"), "log_config()")
+        self.config.update(tree)
+        self._send("config", {"values": tree})
+
+    def set_tags(self, values: dict[str, str] | list[str]) -> None:
+        self._send("tags", {"values": string_map(values, "set_tags()")})
+
+    def set_summary(self, values: dict[str, Any]) -> None:
+        """Override the summary (by default each metric's last value)."""
+        self._send(
+            "summary", {"values": json_tree(_mapping(values, "set_summary()"), "set_summary()")}
+        )
+
+    def log_artifact(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+        """Record a file as an artifact of the run (a reference to its path for now)."""
+        target = Path(path).expanduser().absolute()
+        if not target.exists():
+            raise ValueError(f"log_artifact(): {str(target)!r} does not exist")
+        self._send("artifact", {"path": str(target), "name": name or target.name})
+
+    def _send(self, type_: str, body: dict[str, Any]) -> None:
+        if self._transport is not None and not self._finished:
+            self._transport.send(type_, body)
+
+    # --- delivery ----------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """True once the daemon has durably stored everything logged before this call."""
+        if self._transport is None:
+            return True
+        return self._transport.flush(timeout)
+
+    def finish(self, status: str | None = None, timeout: float = 10.0) -> None:
+        """End the run; wait at most `timeout` for acks and leave the rest in the spool."""
+        self._finish(status or "finished", None, timeout)
+
+    def _finish(self, status: str, error: str | None, timeout: float) -> None:
+        if status not in ("finished", "failed"):
+            raise ValueError(f"finish(): status must be 'finished' or 'failed', got {status!r}")
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            self._enqueue = None
+        transport = self._transport
+        if transport is None:
+            return
+        if os.getpid() == self._owner_pid:
+            transport.send("run_end", {"status": status, "error": error, "ended": time.time()})
+        transport.close(timeout)
+        registry.forget(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child (a DataLoader worker) logs to the same run through its own session."""
+        self._lock = threading.Lock()
+        if self._transport is None or self._finished:
+            return
+        self._transport.abandon()
+        self._transport = self._new_transport()
+        self._enqueue = self._transport.queue.append
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self._finish("failed", "".join(traceback.format_exception(exc_type, exc, tb)), 10.0)
+
+    def __repr__(self) -> str:
+        return f"<trackd.Run {self.project}/{self.name} id={self.id[:8]} mode={self.mode}>"
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else None
+
+
+def _step(step: object) -> int:
+    value = scalar(step, "log(): step")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"log(): step must be an int, got {type(step).__name__}")
+    return value
+
+
+def _mapping(values: object, what: str) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise TypeError(f"{what}: values must be a dict, got {type(values).__name__}")
+    return values

@@ -1,0 +1,69 @@
+"""A client's overflow file: the frames the daemon has not acknowledged yet.
+
+One file per client session, `SPOOL_DIR/<session>.spool`, in the protocol's
+record format. The owning process holds an exclusive `flock` on it for as long
+as it lives; the daemon ingests only spools it can lock, that is, those whose
+writer has finished or died. The file is created under a hidden name, locked,
+and only then renamed into place, so the daemon never sees it unlocked while
+its writer is still alive.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from trackd.protocol import HEADER_BYTES, SPOOL_SUFFIX, frame_record
+
+
+class Spool:
+    def __init__(self, directory: Path, session: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f"{session}{SPOOL_SUFFIX}"
+        hidden = directory / f".{session}.tmp"
+        self._fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.rename(hidden, self.path)
+        self._size = 0
+
+    def append(self, frames: list[bytes]) -> list[tuple[int, int]]:
+        """Write frames as records; return (offset, length) of each frame's payload."""
+        chunks, places = [], []
+        offset = self._size
+        for frame in frames:
+            chunks.append(frame_record(frame))
+            places.append((offset + HEADER_BYTES, len(frame)))
+            offset += HEADER_BYTES + len(frame)
+        data = b"".join(chunks)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._fd, data[written:], self._size + written)
+        self._size = offset
+        return places
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def clear(self) -> None:
+        """Everything in the file has been acknowledged: start it over."""
+        os.ftruncate(self._fd, 0)
+        self._size = 0
+
+    def close(self) -> None:
+        """Make the contents durable and hand the file to the daemon; remove it if empty."""
+        if self._size == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            os.fsync(self._fd)
+        os.close(self._fd)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def detach(self) -> None:
+        """In a forked child: let go of the parent's file without touching its lock or contents."""
+        os.close(self._fd)
+
+    def __len__(self) -> int:
+        return self._size

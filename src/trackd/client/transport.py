@@ -1,0 +1,328 @@
+"""Delivery of one run's messages to the daemon, off the caller's thread.
+
+`log()` only appends a row to `queue` (a deque: appends and pops are atomic
+under the GIL, so the caller takes no lock shared with this thread). A
+background thread wakes every few milliseconds, packs the queued rows into
+`metrics` messages, numbers them, and sends them over a DEALER socket with
+NOBLOCK. Nothing counts as delivered until the daemon acks it: every message
+stays in `_unacked` until an ack covers its sequence number, and is sent
+again (go-back-N) after a reconnect, a gap reported by the daemon, or a
+second without progress. Unacked frames live in memory up to a byte budget;
+past it they are spilled, oldest first, to the session's spool file, which
+the daemon ingests if this process exits before they are acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from trackd.client.spool import Spool
+from trackd.protocol import MAX_FRAME_BYTES, VERSION, encode
+
+log = logging.getLogger("trackd")
+
+POLL_SECONDS = 0.01
+RESEND_AFTER_SECONDS = 1.0
+GAP_REWIND_SECONDS = 0.2
+UNREACHABLE_SECONDS = 0.5
+WINDOW_MESSAGES = 1024
+MAX_ROWS_PER_MESSAGE = 20_000
+DEFAULT_MEMORY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class Message:
+    """A non-metrics message waiting in the queue."""
+
+    type: str
+    body: dict[str, Any]
+
+
+@dataclass
+class FlushRequest:
+    """Set once everything queued before it is durable (acked, or fsynced to the spool offline)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    target: int = 0
+    give_up_unreachable: bool = False
+    delivered: bool = False
+
+
+class _Entry:
+    """An unacked message: its frame in memory, or its place in the spool."""
+
+    __slots__ = ("frame", "length", "offset", "seq")
+
+    def __init__(self, seq: int, frame: bytes) -> None:
+        self.seq = seq
+        self.frame: bytes | None = frame
+        self.offset = 0
+        self.length = len(frame)
+
+
+class Transport:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        session: str,
+        endpoint: str | None,
+        spool_dir: Path,
+        memory_bytes: int | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.session = session
+        self.endpoint = endpoint
+        self.queue: deque[tuple[int, float, dict[str, Any]] | Message | FlushRequest] = deque()
+        self.errors: dict[str, int] = {}
+        self._spool_dir = spool_dir
+        self._memory_limit = memory_bytes or int(
+            os.environ.get("TRACKD_CLIENT_MEMORY_BYTES", DEFAULT_MEMORY_BYTES)
+        )
+        self._spool: Spool | None = None
+        self._unacked: deque[_Entry] = deque()
+        self._memory = 0
+        self._next_seq = 1
+        self._acked = 0
+        self._sent = 0
+        self._progress_at = time.monotonic()
+        self._rewound_at = 0.0
+        self._unreachable_since: float | None = None
+        self._flushes: list[FlushRequest] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"trackd-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    # --- the caller's side -----------------------------------------------------
+
+    def send(self, type_: str, body: dict[str, Any]) -> None:
+        self.queue.append(Message(type_, body))
+
+    def flush(self, timeout: float | None, give_up_unreachable: bool = False) -> bool:
+        if not self._thread.is_alive():
+            return not self.queue and not self._unacked
+        request = FlushRequest(give_up_unreachable=give_up_unreachable)
+        self.queue.append(request)
+        request.done.wait(timeout)
+        return request.delivered
+
+    def close(self, timeout: float | None) -> bool:
+        """Wait up to `timeout` for acks (less if no daemon is there), spool the rest, stop."""
+        delivered = self.flush(timeout, give_up_unreachable=True)
+        self._stop.set()
+        self._thread.join()
+        return delivered
+
+    def abandon(self) -> None:
+        """In a forked child: the parent owns this session; drop it without touching its files."""
+        if self._spool is not None:
+            self._spool.detach()
+        self.queue.clear()
+
+    # --- the background thread -------------------------------------------------
+
+    def _run(self) -> None:
+        socket: Any = self._connect() if self.endpoint else None
+        try:
+            while not self._stop.is_set():
+                if socket is not None and socket.poll(POLL_SECONDS * 1000):
+                    self._read_acks(socket)
+                elif socket is None:
+                    self._stop.wait(POLL_SECONDS)
+                self._pack_queue()
+                if socket is None:
+                    self._spill()
+                else:
+                    self._send(socket)
+                self._settle_flushes()
+        except Exception:  # a bug here must not kill training: keep the data, say so once
+            log.exception("trackd: delivery thread failed; unsent messages go to the spool")
+        finally:
+            self._pack_queue()
+            self._spill()
+            if self._spool is not None:
+                self._spool.close()
+            if socket is not None:
+                socket.close(linger=0)
+            self._settle_flushes()
+            for request in self._flushes:
+                request.done.set()
+
+    def _connect(self) -> Any:
+        import zmq  # imported here so that `import trackd` stays cheap
+
+        socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        socket.setsockopt(zmq.IMMEDIATE, 1)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        socket.connect(str(self.endpoint))
+        return socket
+
+    def _pack_queue(self) -> None:
+        """Turn queued rows and messages into numbered frames, in the order they were queued."""
+        rows: list[tuple[int, float, dict[str, Any]]] = []
+        queue = self.queue
+        while queue:
+            item = queue.popleft()
+            if type(item) is tuple:
+                rows.append(item)
+                if len(rows) >= MAX_ROWS_PER_MESSAGE:
+                    self._add_rows(rows)
+                    rows = []
+                continue
+            if rows:
+                self._add_rows(rows)
+                rows = []
+            if isinstance(item, Message):
+                self._add(item.type, item.body)
+            elif isinstance(item, FlushRequest):
+                item.target = self._next_seq - 1
+                self._flushes.append(item)
+        if rows:
+            self._add_rows(rows)
+
+    def _add_rows(self, rows: list[tuple[int, float, dict[str, Any]]]) -> None:
+        frame = self._frame("metrics", {"rows": rows})
+        if len(frame) <= MAX_FRAME_BYTES:
+            self._append(frame)
+        elif len(rows) > 1:
+            half = len(rows) // 2
+            self._add_rows(rows[:half])
+            self._add_rows(rows[half:])
+        else:
+            self._count(f"a row at step {rows[0][0]} is over the {MAX_FRAME_BYTES}-byte frame cap")
+
+    def _add(self, type_: str, body: dict[str, Any]) -> None:
+        frame = self._frame(type_, body)
+        if len(frame) > MAX_FRAME_BYTES:
+            self._count(f"a {type_} message is over the {MAX_FRAME_BYTES}-byte frame cap")
+            return
+        self._append(frame)
+
+    def _frame(self, type_: str, body: dict[str, Any]) -> bytes:
+        return encode(
+            {
+                "v": VERSION,
+                "s": self.session,
+                "q": self._next_seq,
+                "t": type_,
+                "r": self.run_id,
+                "b": body,
+            }
+        )
+
+    def _append(self, frame: bytes) -> None:
+        self._unacked.append(_Entry(self._next_seq, frame))
+        self._next_seq += 1
+        self._memory += len(frame)
+        if self._memory > self._memory_limit:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Move every in-memory unacked frame to the spool, keeping sequence order on disk."""
+        pending = [entry for entry in self._unacked if entry.frame is not None]
+        if not pending:
+            return
+        if self._spool is None:
+            self._spool = Spool(self._spool_dir, self.session)
+        places = self._spool.append([entry.frame for entry in pending if entry.frame is not None])
+        for entry, (offset, _) in zip(pending, places, strict=True):
+            entry.frame, entry.offset = None, offset
+        self._memory = 0
+        if self.endpoint is None:
+            self._spool.sync()
+            self._acked = self._next_seq - 1
+            self._unacked.clear()
+
+    def _send(self, socket: Any) -> None:
+        import zmq
+
+        now = time.monotonic()
+        if self._sent > self._acked and now - self._progress_at > RESEND_AFTER_SECONDS:
+            self._sent, self._progress_at = self._acked, now
+        unacked = self._unacked
+        while self._sent - self._acked < WINDOW_MESSAGES and self._sent < self._next_seq - 1:
+            entry = unacked[self._sent - self._acked]
+            frame = entry.frame
+            if frame is None:
+                assert self._spool is not None
+                frame = self._spool.read(entry.offset, entry.length)
+            try:
+                socket.send(frame, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if self._sent == self._acked and self._unreachable_since is None:
+                    self._unreachable_since = now
+                return
+            self._sent += 1
+            self._unreachable_since = None
+
+    def _read_acks(self, socket: Any) -> None:
+        import zmq
+
+        while True:
+            try:
+                reply = msgpack.unpackb(socket.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except ValueError:
+                self._count("an unreadable reply from the daemon")
+                continue
+            if not isinstance(reply, dict):
+                continue
+            if reply.get("t") == "error":
+                self._count(f"the daemon rejected a message: {reply.get('error')}")
+            high = reply.get("q")
+            if reply.get("t") == "ack" and isinstance(high, int):
+                self._on_ack(high, gap=bool(reply.get("gap")))
+
+    def _on_ack(self, high: int, gap: bool) -> None:
+        now = time.monotonic()
+        if high > self._acked:
+            unacked = self._unacked
+            while unacked and unacked[0].seq <= high:
+                entry = unacked.popleft()
+                if entry.frame is not None:
+                    self._memory -= entry.length
+            self._acked = min(high, self._next_seq - 1)
+            self._sent = max(self._sent, self._acked)
+            self._progress_at = now
+            if self._spool and (not unacked or unacked[0].frame is not None):
+                self._spool.clear()
+        if gap and self._sent > high and now - self._rewound_at > GAP_REWIND_SECONDS:
+            self._sent, self._rewound_at = self._acked, now
+
+    def _settle_flushes(self) -> None:
+        if not self._flushes:
+            return
+        now = time.monotonic()
+        unreachable = (
+            self._unreachable_since is not None
+            and now - self._unreachable_since > UNREACHABLE_SECONDS
+        )
+        waiting = []
+        for request in self._flushes:
+            if request.target <= self._acked:
+                request.delivered = True
+                request.done.set()
+            elif unreachable and request.give_up_unreachable:
+                request.done.set()
+            else:
+                waiting.append(request)
+        self._flushes = waiting
+
+    def _count(self, problem: str) -> None:
+        """Count a delivery problem; log its first occurrence only."""
+        seen = self.errors.get(problem, 0)
+        self.errors[problem] = seen + 1
+        if not seen:
+            log.warning("trackd: %s", problem)

@@ -1,0 +1,104 @@
+"""Turning what a user passes to `log()` into the protocol's flat {name: number} rows.
+
+This runs in the caller's thread on every `log()`, so the common case (a flat
+dict of floats and ints) is one loop with no allocation beyond the copy; the
+rest (nesting, NumPy scalars, 0-d tensors) takes the slow path. Everything
+the daemon would reject is refused here, with the key named, so that one bad
+value can never cost the batch it would have travelled in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+_INT64_MIN: Final = -(2**63)
+_UINT64_END: Final = 2**64
+Scalar = int | float | bool
+
+
+def metric_row(values: object) -> dict[str, Scalar]:
+    if type(values) is dict:
+        for key, value in values.items():
+            kind = type(value)
+            if type(key) is not str or not (
+                kind is float or kind is bool or (kind is int and _INT64_MIN <= value < _UINT64_END)
+            ):
+                break
+        else:
+            return dict(values)
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            f"log(): values must be a dict of name -> number, got {type(values).__name__}"
+        )
+    row: dict[str, Scalar] = {}
+    _flatten_metrics(values, "", row)
+    return row
+
+
+def _flatten_metrics(values: Mapping[Any, Any], prefix: str, row: dict[str, Scalar]) -> None:
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise TypeError(f"log(): key {key!r} must be a string, not {type(key).__name__}")
+        name = prefix + key
+        if isinstance(value, Mapping):
+            _flatten_metrics(value, name + "/", row)
+        else:
+            row[name] = scalar(value, f"log(): {name!r}")
+
+
+def scalar(value: object, what: str) -> Scalar:
+    """A Python number from an int, float, bool, NumPy scalar or 0-d tensor."""
+    if isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        if not _INT64_MIN <= value < _UINT64_END:
+            return float(value)
+        return int(value)
+    item = getattr(value, "item", None)
+    if callable(item) and not isinstance(value, str | bytes):
+        try:
+            plain = item()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{what} must be a single number: {exc}") from exc
+        if isinstance(plain, bool | int | float):
+            return scalar(plain, what)
+    raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+
+
+def json_tree(value: object, what: str) -> Any:
+    """Config and summary values: JSON-like data with string keys; NumPy scalars become numbers."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return scalar(value, what) if isinstance(value, int | float) else value
+    if isinstance(value, Mapping):
+        tree = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{what}: key {key!r} must be a string, not {type(key).__name__}")
+            tree[key] = json_tree(item, f"{what}[{key!r}]")
+        return tree
+    if isinstance(value, list | tuple):
+        return [json_tree(item, f"{what}[{index}]") for index, item in enumerate(value)]
+    if callable(getattr(value, "item", None)):
+        return scalar(value, what)
+    raise TypeError(
+        f"{what} must be JSON-like (str, number, bool, None, list, dict), "
+        f"got {type(value).__name__}"
+    )
+
+
+def string_map(values: object, what: str) -> dict[str, str]:
+    """Tags: a mapping of name -> string, or a list of names (W&B style, each mapped to "")."""
+    if isinstance(values, Mapping):
+        tags = {}
+        for key, value in values.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{what}: key {key!r} must be a string")
+            tags[key] = value if isinstance(value, str) else str(value)
+        return tags
+    if isinstance(values, list | tuple | set | frozenset):
+        for tag in values:
+            if not isinstance(tag, str):
+                raise TypeError(f"{what}: tag {tag!r} must be a string")
+        return dict.fromkeys(values, "")
+    raise TypeError(f"{what} must be a dict or a list of strings, got {type(values).__name__}")

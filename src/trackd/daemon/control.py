@@ -1,0 +1,121 @@
+"""The control socket: status, runs, flush and shutdown, each a MessagePack request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from trackd import __version__
+from trackd.daemon.fanout import Fanout
+from trackd.daemon.ingest import Ingest
+from trackd.daemon.settings import Settings
+
+log = logging.getLogger("trackd.control")
+
+
+class Control:
+    def __init__(
+        self,
+        settings: Settings,
+        ingest: Ingest,
+        fanout: Fanout,
+        shutdown: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.ingest = ingest
+        self.fanout = fanout
+        self._shutdown = shutdown
+        self._started = time.time()
+
+    async def serve(self, socket: zmq.asyncio.Socket) -> None:
+        answering: set[asyncio.Task[None]] = set()
+        while True:
+            parts = await socket.recv_multipart()
+            task = asyncio.create_task(self._answer(socket, parts))
+            answering.add(task)
+            task.add_done_callback(answering.discard)
+
+    async def _answer(self, socket: zmq.asyncio.Socket, parts: list[bytes]) -> None:
+        identity, payload = parts[0], parts[-1]
+        try:
+            request = msgpack.unpackb(payload)
+            command = request.get("cmd") if isinstance(request, dict) else None
+            if command == "status":
+                reply: dict[str, Any] = {"result": self.status()}
+            elif command == "runs":
+                reply = {"result": self.runs()}
+            elif command == "flush":
+                wait = float(request.get("wait", 30.0))
+                reply = {"result": await self.fanout.wait_caught_up(wait)}
+            elif command == "shutdown":
+                self._shutdown()
+                reply = {"result": True}
+            else:
+                reply = {"error": f"cmd: unknown command {command!r}"}
+        except (ValueError, TypeError) as exc:
+            reply = {"error": f"request: {exc}"}
+        await socket.send_multipart([identity, msgpack.packb(reply, default=str)])
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        stats = self.ingest.stats
+        wal = self.ingest.wal
+        runs = self.ingest.ledger.runs.values()
+        endpoints = self.settings.endpoints
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(now - self._started, 3),
+            "data_dir": str(self.settings.data_dir),
+            "endpoints": {
+                "ingest": endpoints.ingest,
+                "stream": endpoints.stream,
+                "control": endpoints.control,
+            },
+            "ingest": {
+                "messages": stats.messages,
+                "rows": stats.rows,
+                "bytes": stats.bytes,
+                "rows_per_second": round(stats.rate(now), 1),
+                "duplicates": stats.duplicates,
+                "gaps": stats.gaps,
+                "errors": dict(stats.errors),
+                "errors_total": sum(stats.errors.values()),
+                "last_error": stats.last_error,
+            },
+            "wal": {
+                "bytes": wal.size(),
+                "segments": len(wal.segments()),
+                "durable_end": list(wal.durable_end),
+                "last_error": wal.last_error,
+            },
+            "runs": {
+                "total": len(self.ingest.ledger.runs),
+                "running": sum(1 for run in runs if run.get("status") == "running"),
+            },
+            "sinks": {worker.spec.name: worker.status() for worker in self.fanout.workers},
+        }
+
+    def runs(self) -> list[dict[str, Any]]:
+        fields = (
+            "id",
+            "project",
+            "name",
+            "group",
+            "status",
+            "rows",
+            "last_step",
+            "started",
+            "ended",
+            "host",
+            "pid",
+        )
+        return [{key: run.get(key) for key in fields} for run in self.ingest.ledger.runs.values()]

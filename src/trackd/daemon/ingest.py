@@ -1,0 +1,182 @@
+"""Accepting messages: validate, dedupe, append to the WAL; ack once durable.
+
+Per session the daemon accepts sequence numbers in order, each once: a
+message at or below the session's high-water mark is a duplicate (acked again,
+stored once); one beyond the next expected number means the client lost
+something in transit, and is answered with the current mark and `gap`, which
+makes the client go back and resend. Messages read from a dead client's spool
+may skip ahead (nothing else will ever send the missing ones).
+
+A frame that fails validation is answered with an error naming the field and
+counted; if it carries a readable session and the next expected sequence
+number, a `reject` record takes its place in the WAL so the number stays used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from trackd.daemon.ledger import Ledger
+from trackd.daemon.wal import Position, WriteAheadLog
+from trackd.protocol import MAX_FRAME_BYTES, VERSION, Message, ProtocolError, decode, encode
+
+Reply = Callable[[bytes], None]
+
+
+@dataclass(slots=True)
+class _Accepted:
+    frame: bytes
+    message: Message
+    reply: Reply | None
+
+
+@dataclass
+class IngestStats:
+    messages: int = 0
+    rows: int = 0
+    bytes: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    last_error: str | None = None
+    last_error_at: float | None = None
+    _window: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def rate(self, now: float, seconds: float = 10.0) -> float:
+        """Rows per second over the last `seconds`."""
+        window = self._window
+        while window and window[0][0] < now - seconds:
+            window.popleft()
+        return sum(rows for _, rows in window) / seconds
+
+    def count_rows(self, now: float, rows: int) -> None:
+        self.rows += rows
+        self._window.append((now, rows))
+
+    def error(self, kind: str, text: str) -> None:
+        self.errors[kind] += 1
+        self.last_error, self.last_error_at = text, time.time()
+
+
+class Ingest:
+    def __init__(
+        self,
+        wal: WriteAheadLog,
+        ledger: Ledger,
+        publish: Callable[[bytes, bytes], None],
+        on_durable: Callable[[Position], None],
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+    ) -> None:
+        self.wal = wal
+        self.ledger = ledger
+        self.stats = IngestStats()
+        self._publish = publish
+        self._on_durable = on_durable
+        self._max_frame_bytes = max_frame_bytes
+        self._accepted: dict[str, int] = {}
+        self._loop = asyncio.get_running_loop()
+
+    def start(self) -> None:
+        self.wal.start_writer(self._from_writer)
+
+    def receive(self, frame: bytes, reply: Reply | None, from_spool: bool = False) -> None:
+        try:
+            message = decode(frame, self._max_frame_bytes)
+        except ProtocolError as exc:
+            self._refuse(exc, reply)
+            return
+        session, seq = message["s"], message["q"]
+        high = self._high(session)
+        if seq <= high:
+            self.stats.duplicates += 1
+            if reply is not None and seq <= self.ledger.sessions.get(session, 0):
+                reply(_ack(self.ledger.sessions[session]))
+            return
+        if seq > high + 1 and not from_spool:
+            self.stats.gaps += 1
+            if reply is not None:
+                reply(_ack(self.ledger.sessions.get(session, 0), gap=True))
+            return
+        self._accepted[session] = seq
+        self.wal.append(frame, _Accepted(frame, message, reply))
+
+    def _high(self, session: str) -> int:
+        accepted = self._accepted.get(session)
+        return accepted if accepted is not None else self.ledger.sessions.get(session, 0)
+
+    def _refuse(self, exc: ProtocolError, reply: Reply | None) -> None:
+        text = str(exc)
+        kind = (
+            "oversized"
+            if "cap" in text and text.startswith("frame:")
+            else ("malformed" if text.startswith("frame:") else "invalid")
+        )
+        self.stats.error(kind, text)
+        seq = None
+        if exc.sender is not None:
+            session, seq = exc.sender
+            if seq == self._high(session) + 1:
+                self._accepted[session] = seq
+                record = {
+                    "v": VERSION,
+                    "s": session,
+                    "q": seq,
+                    "t": "reject",
+                    "r": "",
+                    "b": {"error": text},
+                }
+                frame = encode(record)
+                self.wal.append(frame, _Accepted(frame, record, reply))
+        if reply is not None:
+            reply(encode({"t": "error", "q": seq, "error": text}))
+
+    def refuse_multipart(self, parts: int, reply: Reply) -> None:
+        text = f"frame: expected one frame per message, got {parts}"
+        self.stats.error("multipart", text)
+        reply(encode({"t": "error", "q": None, "error": text}))
+
+    async def barrier(self) -> None:
+        """Wait until everything appended so far is durable."""
+        done: asyncio.Future[None] = self._loop.create_future()
+        self.wal.append(None, done)
+        await done
+
+    # --- after a commit (the writer thread hands over to the event loop) -------------
+
+    def _from_writer(self, tokens: list[object], end: Position) -> None:
+        self._loop.call_soon_threadsafe(self._committed, tokens, end)
+
+    def _committed(self, tokens: list[object], end: Position) -> None:
+        now = time.time()
+        replies: dict[str, Reply | None] = {}
+        ledger, stats = self.ledger, self.stats
+        for token in tokens:
+            if isinstance(token, _Accepted):
+                message = token.message
+                ledger.apply(message)
+                replies.setdefault(message["s"], None)
+                stats.messages += 1
+                stats.bytes += len(token.frame)
+                if message["t"] == "metrics":
+                    stats.count_rows(now, len(message["b"]["rows"]))
+                if token.reply is not None:
+                    replies[message["s"]] = token.reply
+                if message["t"] != "reject":
+                    self._publish(ledger.topic(message["r"]), token.frame)
+            elif isinstance(token, asyncio.Future) and not token.done():
+                token.set_result(None)
+        ledger.position = end
+        for session, reply in replies.items():
+            if reply is not None:
+                reply(_ack(ledger.sessions[session]))
+            if self._accepted.get(session, 0) <= ledger.sessions[session]:
+                self._accepted.pop(session, None)
+        self._on_durable(end)
+
+
+def _ack(high: int, gap: bool = False) -> bytes:
+    return encode({"t": "ack", "q": high, "gap": True} if gap else {"t": "ack", "q": high})

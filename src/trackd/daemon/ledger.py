@@ -1,0 +1,126 @@
+"""What the daemon knows as of the WAL's durable end: sessions and runs.
+
+`sessions` maps each client session to the highest sequence number made
+durable, which is what dedupes a message that arrives twice. `runs` is the
+run table behind `trackd runs` and behind the RunInfo each sink record
+carries. Both are updated only from committed records, in WAL order, so the
+ledger always describes exactly a WAL prefix; it is checkpointed with that
+position, and at startup rebuilt from the checkpoint plus the WAL after it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from trackd.daemon.wal import Position
+from trackd.protocol import Message
+from trackd.sinks.base import RunInfo
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.sessions: dict[str, int] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.position: Position = (0, 0)
+        self._infos: dict[str, RunInfo] = {}
+
+    def apply(self, message: Message) -> None:
+        session, seq = message["s"], message["q"]
+        if seq > self.sessions.get(session, 0):
+            self.sessions[session] = seq
+        kind, run_id, body = message["t"], message["r"], message["b"]
+        if kind == "run_start":
+            run = self.runs.setdefault(run_id, {"rows": 0, "last_step": None})
+            run.update(
+                id=run_id,
+                project=body["project"],
+                name=body["name"],
+                group=body.get("group"),
+                host=body.get("host"),
+                pid=body.get("pid"),
+                rank=body.get("rank"),
+                started=body["started"],
+                config=body.get("config", {}),
+                tags=body.get("tags", {}),
+                status="running",
+                ended=None,
+                error=None,
+            )
+            self._infos.pop(run_id, None)
+            return
+        existing = self.runs.get(run_id)
+        if existing is None:
+            return
+        run = existing
+        if kind == "metrics":
+            rows = body["rows"]
+            run["rows"] += len(rows)
+            if rows:
+                run["last_step"] = rows[-1][0]
+        elif kind == "run_end":
+            run.update(status=body["status"], ended=body["ended"], error=body.get("error"))
+
+    def info(self, run_id: str) -> RunInfo:
+        """The RunInfo sinks see; a run whose start was never received gets a placeholder."""
+        info = self._infos.get(run_id)
+        if info is None:
+            run = self.runs.get(run_id)
+            if run is None:
+                info = RunInfo(id=run_id, project="unknown", name=run_id[:8])
+            else:
+                info = RunInfo(
+                    id=run_id,
+                    project=run["project"],
+                    name=run["name"],
+                    group=run["group"],
+                    host=run["host"],
+                    pid=run["pid"],
+                    rank=run["rank"],
+                    started=run["started"],
+                    config=run["config"],
+                    tags=run["tags"],
+                )
+                self._infos[run_id] = info
+        return info
+
+    def topic(self, run_id: str) -> bytes:
+        run = self.runs.get(run_id)
+        if run is None:
+            return f"unknown/{run_id[:8]}/".encode()
+        return f"{run['project']}/{run['name']}/".encode()
+
+    def snapshot(self) -> bytes:
+        """The ledger as bytes; taken on the event loop, where it is consistent with `position`."""
+        return msgpack.packb(
+            {
+                "position": list(self.position),
+                "sessions": self.sessions,
+                "runs": self.runs,
+                "saved": time.time(),
+            }
+        )
+
+    @staticmethod
+    def save(snapshot: bytes, path: Path) -> None:
+        """Atomically replace the checkpoint file (off the event loop: it fsyncs)."""
+        temporary = path.with_suffix(".tmp")
+        with temporary.open("wb") as handle:
+            handle.write(snapshot)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Ledger:
+        ledger = cls()
+        if path.exists():
+            saved = msgpack.unpackb(path.read_bytes())
+            ledger.position = tuple(saved["position"])
+            ledger.sessions = saved["sessions"]
+            ledger.runs = saved["runs"]
+        return ledger

@@ -1,0 +1,207 @@
+"""`trackd serve`: wiring the WAL, ingest, fan-out, control and spool pick-up together.
+
+Shutdown follows arq's order: on SIGTERM stop accepting (the ingest socket
+stops being read), commit and ack what was already accepted, let every sink
+drain for up to `drain_timeout`, save the ledger and cursors, close, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import stat
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from trackd.daemon.batcher import Batcher
+from trackd.daemon.control import Control
+from trackd.daemon.fanout import Backoff, Fanout, SinkWorker
+from trackd.daemon.ingest import Ingest
+from trackd.daemon.ledger import Ledger
+from trackd.daemon.settings import Settings
+from trackd.daemon.spools import pick_up
+from trackd.daemon.wal import WriteAheadLog
+from trackd.paths import spool_dir
+from trackd.protocol import MAX_FRAME_BYTES, ProtocolError, decode
+
+log = logging.getLogger("trackd")
+LEDGER_SAVE_SECONDS = 5.0
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the text says why in one line."""
+
+
+def prepare_runtime_dir(path: Path) -> None:
+    """Create the socket directory 0700; refuse one that group or others can write."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = path.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StartupError(
+            f"runtime dir {path} is writable by group or others (mode {stat.S_IMODE(mode):o}); "
+            "make it 0700"
+        )
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another trackd daemon is already using {path.parent}") from None
+    return fd
+
+
+def recover_ledger(wal: WriteAheadLog, path: Path) -> Ledger:
+    """The checkpointed ledger, brought up to the WAL's durable end."""
+    ledger = Ledger.load(path)
+    for position, payload in wal.scan(max(ledger.position, wal.start)):
+        try:
+            ledger.apply(decode(payload, max_bytes=2**32))
+        except ProtocolError:
+            log.warning("wal: skipped an unreadable record ending at %s", position)
+    ledger.position = wal.durable_end
+    return ledger
+
+
+async def serve(settings: Settings) -> int:
+    data = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    if settings.endpoint is None:
+        prepare_runtime_dir(settings.runtime_dir)
+    locks = [_lock(data / "daemon.lock")]
+    if settings.endpoint is None:
+        locks.append(_lock(settings.runtime_dir / "daemon.lock"))
+
+    wal = WriteAheadLog(data / "wal")
+    ledger_path = data / "ledger.msgpack"
+    ledger = recover_ledger(wal, ledger_path)
+    specs = settings.sinks or [settings.default_sink]
+    batcher = Batcher(wal, ledger)
+    workers = [
+        SinkWorker(
+            spec,
+            spec.build(),
+            batcher,
+            state_dir=data / "sinks" / spec.name,
+            dead_letter_path=data / "deadletter" / f"{spec.name}.jsonl",
+            backoff=Backoff(settings.retry_base, settings.retry_cap),
+            linger=settings.linger,
+            checkpoint_seconds=settings.checkpoint_seconds,
+        )
+        for spec in specs
+    ]
+    fanout = Fanout(workers)
+
+    context = zmq.asyncio.Context()
+    endpoints = settings.endpoints
+    ingest_socket = context.socket(zmq.ROUTER)
+    ingest_socket.setsockopt(zmq.MAXMSGSIZE, 4 * max(settings.max_frame_bytes, MAX_FRAME_BYTES))
+    ingest_socket.setsockopt(zmq.RCVHWM, 10_000)
+    stream_socket = context.socket(zmq.PUB)
+    control_socket = context.socket(zmq.ROUTER)
+    for socket in (ingest_socket, stream_socket, control_socket):
+        socket.setsockopt(zmq.LINGER, 0)
+    try:
+        ingest_socket.bind(endpoints.ingest)
+        stream_socket.bind(endpoints.stream)
+        control_socket.bind(endpoints.control)
+    except zmq.ZMQError as exc:
+        context.destroy(linger=0)
+        raise StartupError(f"cannot bind {endpoints.ingest}: {exc}") from exc
+    # The stream socket is only ever written, so a plain shadow of it is safe. Replies on the
+    # ingest socket must go through its asyncio wrapper: a send on a shadow can consume the
+    # edge-triggered readiness the wrapper waits on, and the receive loop would then hang.
+    stream: zmq.Socket[bytes] = zmq.Socket.shadow(stream_socket.underlying)
+
+    def publish(topic: bytes, frame: bytes) -> None:
+        with contextlib.suppress(zmq.Again):
+            stream.send_multipart([topic, frame], zmq.NOBLOCK)
+
+    ingest = Ingest(wal, ledger, publish, fanout.wake, settings.max_frame_bytes)
+    ingest.start()
+    fanout.start()
+    stop = asyncio.Event()
+    control = Control(settings, ingest, fanout, stop.set)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    tasks = [
+        asyncio.create_task(_receive(ingest_socket, ingest)),
+        asyncio.create_task(control.serve(control_socket)),
+        asyncio.create_task(_pick_up_spools(data, ingest, settings.spool_scan_seconds)),
+        asyncio.create_task(_save_ledger(ledger, ledger_path)),
+    ]
+    log.info(
+        "trackd serving on %s; WAL at %s; sinks: %s",
+        endpoints.ingest,
+        wal.directory,
+        ", ".join(spec.text for spec in specs),
+    )
+    await stop.wait()
+    log.info(
+        "trackd stopping: no longer accepting; draining sinks for up to %ss", settings.drain_timeout
+    )
+    tasks[0].cancel()
+    await asyncio.to_thread(wal.close)
+    await asyncio.sleep(0)  # run the last commit's callback: its acks go out now
+    await fanout.drain(wal.durable_end, settings.drain_timeout)
+    for task in tasks[1:]:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    Ledger.save(ledger.snapshot(), ledger_path)
+    context.destroy(linger=0)
+    for fd in locks:
+        os.close(fd)
+    log.info("trackd stopped")
+    return 0
+
+
+async def _receive(socket: zmq.asyncio.Socket, ingest: Ingest) -> None:
+    while True:
+        parts = await socket.recv_multipart(copy=True)
+        identity = parts[0]
+
+        def reply(payload: bytes, identity: bytes = identity) -> None:
+            sent = asyncio.ensure_future(socket.send_multipart([identity, payload]))
+            sent.add_done_callback(_ignore_outcome)
+
+        try:
+            if len(parts) != 2:
+                ingest.refuse_multipart(len(parts) - 1, reply)
+            else:
+                ingest.receive(parts[1], reply)
+        except Exception as exc:  # a bug must cost one message, never the ingest loop
+            log.exception("ingest: failed on a message")
+            ingest.stats.error("internal", f"internal: {type(exc).__name__}: {exc}")
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """A reply to a client that has gone away is not an error: it will resend."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _pick_up_spools(data: Path, ingest: Ingest, every: float) -> None:
+    directory = spool_dir(data)
+    directory.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = await pick_up(directory, ingest)
+        if taken:
+            log.info("picked up %d client spool(s)", taken)
+        await asyncio.sleep(every)
+
+
+async def _save_ledger(ledger: Ledger, path: Path) -> None:
+    while True:
+        await asyncio.sleep(LEDGER_SAVE_SECONDS)
+        await asyncio.to_thread(Ledger.save, ledger.snapshot(), path)

@@ -1,0 +1,241 @@
+"""The wire and on-disk message format shared by the client and the daemon.
+
+A frame is one MessagePack map, the *envelope*::
+
+    {"v": 1, "s": session, "q": seq, "t": type, "r": run_id, "b": body}
+
+`s` is the sending client session and `q` its sequence number (from 1, no
+gaps); together they let the daemon store a re-sent message once. The body's
+shape depends on `t` (see `validate`). The daemon answers on the same
+socket with `{"t": "ack", "q": highest durable seq}` or
+`{"t": "error", "q": seq or None, "error": text}`. A `reject` message is
+written to the WAL by the daemon in place of a message it refused, so that
+the refused sequence number stays used up across restarts.
+
+On disk (the daemon's WAL and the client's spool) frames are wrapped in
+records: a little-endian u32 length, a u32 CRC-32 of the payload, then the
+payload. A reader stops at the first record that is short or fails its CRC,
+which is how a torn tail is found.
+
+Depends on nothing of trackd: the client imports it.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+import msgpack
+
+VERSION: Final = 1
+MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+MESSAGE_TYPES: Final = frozenset(
+    {"run_start", "metrics", "config", "tags", "summary", "artifact", "run_end", "reject"}
+)
+RUN_STATUSES: Final = frozenset({"finished", "failed"})
+_MAX_DEPTH: Final = 32
+
+Message = dict[str, Any]
+
+
+class ProtocolError(ValueError):
+    """A frame or message that does not follow this module's schema; the text names the field.
+
+    `sender` is the (session, seq) of a well-addressed message with a bad body,
+    so the daemon can answer it and use up its sequence number.
+    """
+
+    sender: tuple[str, int] | None = None
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Decode and validate one frame; raise ProtocolError naming what is wrong."""
+    if len(frame) > max_bytes:
+        raise ProtocolError(f"frame: {len(frame)} bytes is over the {max_bytes}-byte cap")
+    try:
+        message: Message = msgpack.unpackb(frame, raw=False)
+    except Exception as exc:  # msgpack raises ValueError, TypeError and its own for bad input
+        raise ProtocolError(f"frame: not MessagePack ({type(exc).__name__}: {exc})") from exc
+    try:
+        validate(message)
+    except ProtocolError as exc:
+        exc.sender = _sender(message)
+        raise
+    return message
+
+
+def _sender(message: object) -> tuple[str, int] | None:
+    if isinstance(message, dict):
+        session, seq = message.get("s"), message.get("q")
+        if type(session) is str and type(seq) is int and seq > 0:
+            return session, seq
+    return None
+
+
+def validate(message: object) -> None:
+    if not isinstance(message, dict):
+        raise ProtocolError(f"frame: expected a map, got {_kind(message)}")
+    version = message.get("v")
+    if version != VERSION:
+        raise ProtocolError(f"v: unsupported protocol version {version!r} (this is {VERSION})")
+    _require(message, "s", str)
+    seq = _require(message, "q", int)
+    if seq < 1:
+        raise ProtocolError(f"q: sequence numbers start at 1, got {seq}")
+    kind = _require(message, "t", str)
+    if kind not in MESSAGE_TYPES:
+        raise ProtocolError(f"t: unknown message type {kind!r}")
+    _require(message, "r", str)
+    body = _require(message, "b", dict)
+    _BODY_VALIDATORS[kind](body)
+
+
+def _validate_run_start(body: Message) -> None:
+    _require(body, "project", str, "b.")
+    _require(body, "name", str, "b.")
+    _optional(body, "group", str)
+    _optional(body, "resume", str)
+    _optional(body, "host", str)
+    for field in ("pid", "rank", "local_rank", "world_size"):
+        _optional(body, field, int)
+    _require(body, "started", float, "b.")
+    _check_tree(body.get("config", {}), "b.config")
+    _check_str_map(body.get("tags", {}), "b.tags")
+
+
+def _validate_metrics(body: Message) -> None:
+    rows = _require(body, "rows", list, "b.")
+    for index, row in enumerate(rows):
+        where = f"b.rows[{index}]"
+        if not isinstance(row, list) or len(row) != 3:
+            raise ProtocolError(f"{where}: expected [step, ts, values], got {_kind(row)}")
+        step, ts, values = row
+        if type(step) is not int:
+            raise ProtocolError(f"{where}.step: expected an int, got {_kind(step)}")
+        if type(ts) is not float:
+            raise ProtocolError(f"{where}.ts: expected a float, got {_kind(ts)}")
+        if not isinstance(values, dict):
+            raise ProtocolError(f"{where}.values: expected a map, got {_kind(values)}")
+        for key, value in values.items():
+            if type(key) is not str:
+                raise ProtocolError(f"{where}.values: keys must be strings, got {_kind(key)}")
+            if type(value) not in _SCALARS:
+                raise ProtocolError(
+                    f"{where}.values[{key!r}]: expected a number, got {_kind(value)}"
+                )
+
+
+def _validate_values(body: Message) -> None:
+    _check_tree(_require(body, "values", dict, "b."), "b.values")
+
+
+def _validate_tags(body: Message) -> None:
+    _check_str_map(_require(body, "values", dict, "b."), "b.values")
+
+
+def _validate_artifact(body: Message) -> None:
+    _require(body, "path", str, "b.")
+    _require(body, "name", str, "b.")
+
+
+def _validate_reject(body: Message) -> None:
+    _require(body, "error", str, "b.")
+
+
+def _validate_run_end(body: Message) -> None:
+    status = _require(body, "status", str, "b.")
+    if status not in RUN_STATUSES:
+        raise ProtocolError(f"b.status: expected one of {sorted(RUN_STATUSES)}, got {status!r}")
+    _optional(body, "error", str)
+    _require(body, "ended", float, "b.")
+
+
+_SCALARS: Final = frozenset({int, float, bool})
+_BODY_VALIDATORS: Final = {
+    "run_start": _validate_run_start,
+    "metrics": _validate_metrics,
+    "config": _validate_values,
+    "summary": _validate_values,
+    "tags": _validate_tags,
+    "artifact": _validate_artifact,
+    "run_end": _validate_run_end,
+    "reject": _validate_reject,
+}
+
+
+def _require(mapping: Message, field: str, kind: type, prefix: str = "") -> Any:
+    value = mapping.get(field)
+    if type(value) is not kind and not (kind is dict and isinstance(value, dict)):
+        raise ProtocolError(f"{prefix}{field}: expected {kind.__name__}, got {_kind(value)}")
+    return value
+
+
+def _optional(mapping: Message, field: str, kind: type) -> None:
+    value = mapping.get(field)
+    if value is not None and type(value) is not kind:
+        raise ProtocolError(f"b.{field}: expected {kind.__name__} or nil, got {_kind(value)}")
+
+
+def _check_str_map(value: object, where: str) -> None:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: expected a map, got {_kind(value)}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ProtocolError(f"{where}[{key!r}]: expected a string, got {_kind(item)}")
+
+
+def _check_tree(value: object, where: str, depth: int = 0) -> None:
+    """Config and summary values: anything JSON can hold, keyed by strings."""
+    if depth > _MAX_DEPTH:
+        raise ProtocolError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
+    if value is None or type(value) in (str, int, float, bool):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) is not str:
+                raise ProtocolError(f"{where}: keys must be strings, got {_kind(key)}")
+            _check_tree(item, f"{where}[{key!r}]", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_tree(item, f"{where}[{index}]", depth + 1)
+    else:
+        raise ProtocolError(f"{where}: expected a JSON-like value, got {_kind(value)}")
+
+
+def _kind(value: object) -> str:
+    return "nil" if value is None else type(value).__name__
+
+
+# --- on-disk records -------------------------------------------------------------
+
+SPOOL_SUFFIX: Final = ".spool"
+_HEADER: Final = struct.Struct("<II")
+HEADER_BYTES: Final = _HEADER.size
+
+
+def frame_record(payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def iter_records(
+    buffer: bytes | memoryview, start: int = 0, max_bytes: int = MAX_FRAME_BYTES
+) -> Iterator[tuple[int, bytes]]:
+    """Yield (end offset, payload) for each whole record from `start`; stop at a torn or bad one."""
+    view = memoryview(buffer)
+    offset, size = start, len(view)
+    while offset + HEADER_BYTES <= size:
+        length, crc = _HEADER.unpack_from(view, offset)
+        end = offset + HEADER_BYTES + length
+        if length > max_bytes or end > size:
+            return
+        payload = bytes(view[offset + HEADER_BYTES : end])
+        if zlib.crc32(payload) != crc:
+            return
+        yield end, payload
+        offset = end

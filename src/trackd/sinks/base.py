@@ -1,0 +1,148 @@
+"""The sink contract, and the registry that finds sinks by kind.
+
+A sink is three calls, in the shape of an OpenTelemetry exporter:
+
+* ``open(context)``: connect, create directories, and restore from
+  ``context.state`` (what ``checkpoint()`` returned at the last durable
+  cursor) so that a batch written again after a crash lands once;
+* ``write(batch)``: deliver records in WAL order; return normally only when
+  they are stored;
+* ``close()``: release everything; safe to call twice.
+
+``checkpoint()`` returns the JSON-able state the fan-out saves atomically
+with the sink's cursor (the default: none).
+
+Errors::
+
+    Exception
+     └── SinkError(retriable: bool)   raised by write/open, mapped once at the boundary
+          ├── retriable=True    connection refused, timeout, 5xx, 429: backoff and retry
+          └── retriable=False   validation, 4xx: the record goes to the dead-letter file
+
+Any other exception escaping a sink is a bug in it; the fan-out counts it,
+logs it with its traceback once, and retries.
+
+Sinks register in the ``trackd.sinks`` entry-point group under their kind and
+are built from a spec string ``KIND:TARGET[?key=value&...]`` or a config
+table ``{kind = ..., <target_key> = ..., ...}``. A sink imports its SDK in
+``open()``, never at module import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl
+
+ENTRY_POINT_GROUP = "trackd.sinks"
+
+
+class SinkError(Exception):
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What every record's run looks like to a sink, from its run_start."""
+
+    id: str
+    project: str
+    name: str
+    group: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    rank: int | None = None
+    started: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One WAL record: a protocol message (`type`, `body`) of `run`, at WAL `position`."""
+
+    position: tuple[int, int]
+    type: str
+    run: RunInfo
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    state: dict[str, Any] | None
+    state_dir: Path
+
+
+class Sink:
+    kind: ClassVar[str]
+    target_key: ClassVar[str]
+
+    def __init__(self, target: str, **options: str) -> None:
+        self.target = target
+        self.options = options
+
+    def open(self, context: SinkContext) -> None:
+        raise NotImplementedError
+
+    def write(self, batch: list[Record]) -> None:
+        raise NotImplementedError
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    kind: str
+    target: str
+    options: dict[str, str]
+
+    @property
+    def text(self) -> str:
+        query = "&".join(f"{key}={value}" for key, value in sorted(self.options.items()))
+        return f"{self.kind}:{self.target}" + (f"?{query}" if query else "")
+
+    @property
+    def name(self) -> str:
+        """A stable, file-name-safe identity: the sink's cursor and dead letters are keyed by it."""
+        return f"{self.kind}-{hashlib.sha256(self.text.encode()).hexdigest()[:10]}"
+
+    @classmethod
+    def parse(cls, text: str) -> SinkSpec:
+        kind, sep, rest = text.partition(":")
+        if not sep or not kind or not rest:
+            raise ValueError(f"sink spec {text!r}: expected KIND:TARGET, e.g. jsonl:/path/to/runs")
+        target, _, query = rest.partition("?")
+        return cls(kind, target, dict(parse_qsl(query, keep_blank_values=True)))
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> SinkSpec:
+        kind = table.get("kind")
+        if not isinstance(kind, str):
+            raise ValueError('sinks: every [[sinks]] table needs kind = "..."')
+        sink_class = sink_class_for(kind)
+        options = {key: str(value) for key, value in table.items() if key != "kind"}
+        target = options.pop(sink_class.target_key, None)
+        if target is None:
+            raise ValueError(f'sinks: a {kind} sink needs {sink_class.target_key} = "..."')
+        return cls(kind, target, options)
+
+    def build(self) -> Sink:
+        return sink_class_for(self.kind)(self.target, **self.options)
+
+
+def sink_class_for(kind: str) -> type[Sink]:
+    found = entry_points(group=ENTRY_POINT_GROUP, name=kind)
+    if not found:
+        known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        raise ValueError(f"sink kind {kind!r} is not installed (known: {', '.join(known)})")
+    sink_class: type[Sink] = next(iter(found)).load()
+    return sink_class

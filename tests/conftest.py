@@ -1,0 +1,154 @@
+"""Fixtures that own every daemon process and directory a test uses.
+
+Each test gets its own runtime and data directories (so nothing is shared
+with a user's daemon or another test), and daemons started as real
+processes, ended by PID at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trackd.client.control import DaemonUnreachable, request
+
+HELPERS = Path(__file__).parent / "helpers"
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {condition}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """A `trackd serve` process on the test's own directories."""
+
+    def __init__(self, env: dict[str, str], runtime_dir: Path, data_dir: Path) -> None:
+        self.env = env
+        self.runtime_dir = runtime_dir
+        self.data_dir = data_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / "daemon.log"
+
+    def start(self, *args: str, extra_env: dict[str, str] | None = None) -> Daemon:
+        assert self.process is None or self.process.poll() is not None
+        env = {**self.env, **(extra_env or {})}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "trackd", "serve", *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(self._answers, timeout=30)
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            self.request("status", timeout=0.5)
+        except DaemonUnreachable:
+            return False
+        return True
+
+    def request(self, command: str, timeout: float = 5.0, **arguments: Any) -> Any:
+        return request(command, runtime_dir=str(self.runtime_dir), timeout=timeout, **arguments)
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("status")
+        return result
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until every sink has delivered everything durable."""
+        assert self.request("flush", timeout=timeout + 5, wait=timeout), "sinks did not catch up"
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM, and the exit code (the daemon drains first)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    runtime = tmp_path / "rt"
+    data = tmp_path / "data"
+    monkeypatch.setenv("TRACKD_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("TRACKD_DATA_DIR", str(data))
+    monkeypatch.delenv("TRACKD_ENDPOINT", raising=False)
+    monkeypatch.delenv("TRACKD_SINKS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return {"runtime": runtime, "data": data, "root": tmp_path}
+
+
+@pytest.fixture
+def env(dirs: dict[str, Path]) -> dict[str, str]:
+    """The environment for child processes: this test's directories, plugins importable."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PLUGINS), str(HELPERS)]),
+        "TRACKD_RETRY_BASE": "0.05",
+        "TRACKD_RETRY_CAP": "0.5",
+        "TRACKD_SPOOL_SCAN_SECONDS": "0.2",
+    }
+
+
+@pytest.fixture
+def daemon(env: dict[str, str], dirs: dict[str, Path]) -> Iterator[Daemon]:
+    """A daemon handle (not yet started); killed at teardown if still running."""
+    handle = Daemon(env, dirs["runtime"], dirs["data"])
+    yield handle
+    if handle.process is not None and handle.process.poll() is None:
+        handle.process.kill()
+        handle.process.wait(10)
+
+
+def run_client(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """Start tests/helpers/log_client.py in its own process."""
+    return subprocess.Popen(
+        [sys.executable, str(HELPERS / "log_client.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def finish_client(process: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err.decode(errors="replace")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+def jsonl_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """{run dir name: rows of its metrics.jsonl} under a JSONL sink root."""
+    runs = {}
+    for path in sorted(root.glob("*/*/metrics.jsonl")):
+        runs[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines()]
+    return runs

@@ -1,0 +1,34 @@
+"""Fault-injection sinks, installed as a third-party plugin would be (entry points).
+
+Both store through the real JSONL sink, so a test can count what arrived.
+"""
+
+from __future__ import annotations
+
+import time
+
+from trackd.sinks.base import Record, SinkError
+from trackd.sinks.jsonl import JsonlSink
+
+
+class FlakySink(JsonlSink):
+    """Fails its first `fail` writes (retriable), then works."""
+
+    kind = "flaky"
+
+    def write(self, batch: list[Record]) -> None:
+        failures = int(self.options.get("fail", "50"))
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls <= failures:
+            raise SinkError(f"flaky: injected failure {self.calls} of {failures}", retriable=True)
+        super().write(batch)
+
+
+class SlowSink(JsonlSink):
+    """Sleeps `delay` seconds in every write."""
+
+    kind = "slow"
+
+    def write(self, batch: list[Record]) -> None:
+        time.sleep(float(self.options.get("delay", "1")))
+        super().write(batch)
