@@ -24,10 +24,17 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
-from typing import Any, Final
 
 import msgpack
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from typing import Any, Final
+
+    Message = dict[str, Any]
+else:
+    Message = dict
 
 VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
@@ -36,8 +43,6 @@ MESSAGE_TYPES: Final = frozenset(
 )
 RUN_STATUSES: Final = frozenset({"finished", "failed"})
 _MAX_DEPTH: Final = 32
-
-Message = dict[str, Any]
 
 
 class ProtocolError(ValueError):

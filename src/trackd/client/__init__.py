@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from trackd.client import registry
-from trackd.client.run import Mode, Run
+from trackd.client.run import Run
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
+if TYPE_CHECKING:
+    from typing import Any
+
+    from trackd.client.run import Mode
 
 
 def init(

@@ -13,11 +13,11 @@ import atexit
 import os
 import sys
 import threading
-import traceback
-from types import TracebackType
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from trackd.client.run import Run
 
 _lock = threading.Lock()
@@ -59,6 +59,8 @@ def _chain_excepthook() -> None:
     def excepthook(
         exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
     ) -> None:
+        import traceback
+
         error = "".join(traceback.format_exception(exc_type, exc, tb))
         for run in list(_open):
             run._finish("failed", error, EXIT_TIMEOUT)

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
 import threading
 import time
-import traceback
-import uuid
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal
 
 from trackd import paths
 from trackd.client import registry
 from trackd.client.transport import Transport
 from trackd.client.values import json_tree, metric_row, scalar, string_map
 
-log = logging.getLogger("trackd")
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Any, Literal
 
-Mode = Literal["online", "offline", "disabled"]
+    Mode = Literal["online", "offline", "disabled"]
 MODES = ("online", "offline", "disabled")
 RESUME = (None, "allow", "must")
 
@@ -55,11 +51,7 @@ class Run:
         self.project = project
         self.name = name or time.strftime("run-%Y%m%d-%H%M%S")
         self.group = group
-        self.id = (
-            uuid.uuid5(uuid.NAMESPACE_URL, f"trackd:{project}/{self.name}").hex
-            if resume
-            else uuid.uuid4().hex
-        )
+        self.id = _resumable_id(project, self.name) if resume else os.urandom(16).hex()
         self.mode: Mode = mode
         self.config: dict[str, Any] = json_tree(config or {}, "init(): config")
         started = time.time()
@@ -70,7 +62,7 @@ class Run:
             "resume": resume,
             "config": self.config,
             "tags": string_map(tags or {}, "init(): tags"),
-            "host": socket.gethostname(),
+            "host": os.uname().nodename,
             "pid": os.getpid(),
             "rank": _env_int("RANK"),
             "local_rank": _env_int("LOCAL_RANK"),
@@ -84,7 +76,7 @@ class Run:
         self._transport: Transport | None = None
         if mode != "disabled":
             self._endpoint = None if mode == "offline" else paths.endpoints(endpoint).ingest
-            self._spool_dir = Path(dir) if dir else paths.spool_dir(paths.data_dir())
+            self._spool_dir = os.fspath(dir) if dir else paths.spool_dir(paths.data_dir())
             self._transport = self._new_transport()
             self._transport.send("run_start", start_body)
         self._enqueue = self._transport.queue.append if self._transport else None
@@ -92,7 +84,7 @@ class Run:
     def _new_transport(self) -> Transport:
         return Transport(
             run_id=self.id,
-            session=uuid.uuid4().hex,
+            session=os.urandom(16).hex(),
             endpoint=self._endpoint,
             spool_dir=self._spool_dir,
         )
@@ -130,10 +122,10 @@ class Run:
 
     def log_artifact(self, path: str | os.PathLike[str], name: str | None = None) -> None:
         """Record a file as an artifact of the run (a reference to its path for now)."""
-        target = Path(path).expanduser().absolute()
-        if not target.exists():
-            raise ValueError(f"log_artifact(): {str(target)!r} does not exist")
-        self._send("artifact", {"path": str(target), "name": name or target.name})
+        target = os.path.abspath(os.path.expanduser(path))
+        if not os.path.exists(target):
+            raise ValueError(f"log_artifact(): {target!r} does not exist")
+        self._send("artifact", {"path": target, "name": name or os.path.basename(target)})
 
     def _send(self, type_: str, body: dict[str, Any]) -> None:
         if self._transport is not None and not self._finished:
@@ -188,10 +180,19 @@ class Run:
         if exc_type is None:
             self.finish()
         else:
+            import traceback
+
             self._finish("failed", "".join(traceback.format_exception(exc_type, exc, tb)), 10.0)
 
     def __repr__(self) -> str:
         return f"<trackd.Run {self.project}/{self.name} id={self.id[:8]} mode={self.mode}>"
+
+
+def _resumable_id(project: str, name: str) -> str:
+    """The same project and name always give the same run id, so a resumed run continues."""
+    import hashlib
+
+    return hashlib.sha256(f"trackd:{project}/{name}".encode()).hexdigest()[:32]
 
 
 def _env_int(name: str) -> int | None:

@@ -12,35 +12,35 @@ from __future__ import annotations
 
 import fcntl
 import os
-from pathlib import Path
 
 from trackd.protocol import HEADER_BYTES, SPOOL_SUFFIX, frame_record
 
 
 class Spool:
-    def __init__(self, directory: Path, session: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / f"{session}{SPOOL_SUFFIX}"
-        hidden = directory / f".{session}.tmp"
+    def __init__(self, directory: str, session: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"{session}{SPOOL_SUFFIX}")
+        hidden = os.path.join(directory, f".{session}.tmp")
         self._fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.rename(hidden, self.path)
         self._size = 0
 
-    def append(self, frames: list[bytes]) -> list[tuple[int, int]]:
-        """Write frames as records; return (offset, length) of each frame's payload."""
-        chunks, places = [], []
+    def append(self, frames: list[bytes]) -> list[int]:
+        """Write frames as records; return the offset of each frame's payload."""
+        chunks, offsets = [], []
         offset = self._size
         for frame in frames:
             chunks.append(frame_record(frame))
-            places.append((offset + HEADER_BYTES, len(frame)))
+            offsets.append(offset + HEADER_BYTES)
             offset += HEADER_BYTES + len(frame)
-        data = b"".join(chunks)
-        written = 0
-        while written < len(data):
-            written += os.pwrite(self._fd, data[written:], self._size + written)
+        data = memoryview(b"".join(chunks))
+        position = self._size
+        while data:
+            written = os.pwrite(self._fd, data, position)
+            data, position = data[written:], position + written
         self._size = offset
-        return places
+        return offsets
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
@@ -50,16 +50,16 @@ class Spool:
         os.ftruncate(self._fd, 0)
         self._size = 0
 
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
     def close(self) -> None:
         """Make the contents durable and hand the file to the daemon; remove it if empty."""
         if self._size == 0:
-            self.path.unlink(missing_ok=True)
+            os.unlink(self.path)
         else:
             os.fsync(self._fd)
         os.close(self._fd)
-
-    def sync(self) -> None:
-        os.fsync(self._fd)
 
     def detach(self) -> None:
         """In a forked child: let go of the parent's file without touching its lock or contents."""

@@ -14,21 +14,19 @@ the daemon ingests if this process exits before they are acked.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import msgpack
 
 from trackd.client.spool import Spool
 from trackd.protocol import MAX_FRAME_BYTES, VERSION, encode
 
-log = logging.getLogger("trackd")
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
+if TYPE_CHECKING:
+    from typing import Any
 
 POLL_SECONDS = 0.01
 RESEND_AFTER_SECONDS = 1.0
@@ -39,22 +37,26 @@ MAX_ROWS_PER_MESSAGE = 20_000
 DEFAULT_MEMORY_BYTES = 32 * 1024 * 1024
 
 
-@dataclass
 class Message:
     """A non-metrics message waiting in the queue."""
 
-    type: str
-    body: dict[str, Any]
+    __slots__ = ("body", "type")
+
+    def __init__(self, type_: str, body: dict[str, Any]) -> None:
+        self.type = type_
+        self.body = body
 
 
-@dataclass
 class FlushRequest:
     """Set once everything queued before it is durable (acked, or fsynced to the spool offline)."""
 
-    done: threading.Event = field(default_factory=threading.Event)
-    target: int = 0
-    give_up_unreachable: bool = False
-    delivered: bool = False
+    __slots__ = ("delivered", "done", "give_up_unreachable", "target")
+
+    def __init__(self, give_up_unreachable: bool = False) -> None:
+        self.done = threading.Event()
+        self.target = 0
+        self.give_up_unreachable = give_up_unreachable
+        self.delivered = False
 
 
 class _Entry:
@@ -76,7 +78,7 @@ class Transport:
         run_id: str,
         session: str,
         endpoint: str | None,
-        spool_dir: Path,
+        spool_dir: str,
         memory_bytes: int | None = None,
     ) -> None:
         self.run_id = run_id
@@ -145,7 +147,11 @@ class Transport:
                     self._send(socket)
                 self._settle_flushes()
         except Exception:  # a bug here must not kill training: keep the data, say so once
-            log.exception("trackd: delivery thread failed; unsent messages go to the spool")
+            import logging
+
+            logging.getLogger("trackd").exception(
+                "trackd: delivery thread failed; unsent messages go to the spool"
+            )
         finally:
             self._pack_queue()
             self._spill()
@@ -235,8 +241,8 @@ class Transport:
             return
         if self._spool is None:
             self._spool = Spool(self._spool_dir, self.session)
-        places = self._spool.append([entry.frame for entry in pending if entry.frame is not None])
-        for entry, (offset, _) in zip(pending, places, strict=True):
+        offsets = self._spool.append([entry.frame for entry in pending if entry.frame is not None])
+        for entry, offset in zip(pending, offsets, strict=True):
             entry.frame, entry.offset = None, offset
         self._memory = 0
         if self.endpoint is None:
@@ -325,4 +331,6 @@ class Transport:
         seen = self.errors.get(problem, 0)
         self.errors[problem] = seen + 1
         if not seen:
-            log.warning("trackd: %s", problem)
+            import logging
+
+            logging.getLogger("trackd").warning("trackd: %s", problem)

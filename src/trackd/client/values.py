@@ -10,11 +10,15 @@ value can never cost the batch it would have travelled in.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 _INT64_MIN: Final = -(2**63)
 _UINT64_END: Final = 2**64
-Scalar = int | float | bool
+if TYPE_CHECKING:
+    Scalar = int | float | bool
 
 
 def metric_row(values: object) -> dict[str, Scalar]:

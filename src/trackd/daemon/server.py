@@ -28,7 +28,6 @@ from trackd.daemon.ledger import Ledger
 from trackd.daemon.settings import Settings
 from trackd.daemon.spools import pick_up
 from trackd.daemon.wal import WriteAheadLog
-from trackd.paths import spool_dir
 from trackd.protocol import MAX_FRAME_BYTES, ProtocolError, decode
 
 log = logging.getLogger("trackd")
@@ -192,7 +191,7 @@ def _ignore_outcome(future: asyncio.Future[Any]) -> None:
 
 
 async def _pick_up_spools(data: Path, ingest: Ingest, every: float) -> None:
-    directory = spool_dir(data)
+    directory = data / "spool"
     directory.mkdir(parents=True, exist_ok=True)
     while True:
         taken = await pick_up(directory, ingest)

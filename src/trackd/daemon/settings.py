@@ -24,8 +24,8 @@ class SettingsError(ValueError):
 
 @dataclass
 class Settings:
-    data_dir: Path = field(default_factory=paths.data_dir)
-    runtime_dir: Path = field(default_factory=paths.runtime_dir)
+    data_dir: Path = field(default_factory=lambda: Path(paths.data_dir()))
+    runtime_dir: Path = field(default_factory=lambda: Path(paths.runtime_dir()))
     endpoint: str | None = None
     sinks: list[SinkSpec] = field(default_factory=list)
     drain_timeout: float = 30.0
