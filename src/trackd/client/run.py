@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     Mode = Literal["online", "offline", "disabled"]
 MODES = ("online", "offline", "disabled")
+RESUME_QUERY_SECONDS = 2.0
 RESUME = (None, "allow", "must")
 
 
@@ -71,6 +72,8 @@ class Run:
         }
         self._owner_pid = os.getpid()
         self._step = 0
+        if resume is not None and mode == "online":
+            self._step = self._resume_step(resume, endpoint)
         self._lock = threading.Lock()
         self._finished = mode == "disabled"
         self._transport: Transport | None = None
@@ -80,6 +83,31 @@ class Run:
             self._transport = self._new_transport()
             self._transport.send("run_start", start_body)
         self._enqueue = self._transport.queue.append if self._transport else None
+
+    def _resume_step(self, resume: str, endpoint: str | None) -> int:
+        """Continue the steps of a known run; with resume="must", refuse an unknown one."""
+        from trackd.client.control import DaemonUnreachable, request
+
+        try:
+            known = request("run", endpoint=endpoint, timeout=RESUME_QUERY_SECONDS, id=self.id)
+        except (DaemonUnreachable, RuntimeError, ValueError) as exc:
+            import logging
+
+            logging.getLogger("trackd").warning(
+                "trackd: cannot ask the daemon about %s/%s to resume it (%s); steps restart at 0",
+                self.project,
+                self.name,
+                exc,
+            )
+            return 0
+        if known is None:
+            if resume == "must":
+                raise ValueError(
+                    f"init(): resume='must' but the daemon knows no run {self.project}/{self.name}"
+                )
+            return 0
+        last = known.get("last_step")
+        return 0 if last is None else int(last) + 1
 
     def _new_transport(self) -> Transport:
         return Transport(

@@ -52,6 +52,9 @@ class Control:
                 reply: dict[str, Any] = {"result": self.status()}
             elif command == "runs":
                 reply = {"result": self.runs()}
+            elif command == "run":
+                run = self.ingest.ledger.runs.get(request.get("id"))
+                reply = {"result": None if run is None else _run_fields(run)}
             elif command == "flush":
                 wait = float(request.get("wait", 30.0))
                 reply = {"result": await self.fanout.wait_caught_up(wait)}
@@ -62,6 +65,9 @@ class Control:
                 reply = {"error": f"cmd: unknown command {command!r}"}
         except (ValueError, TypeError) as exc:
             reply = {"error": f"request: {exc}"}
+        except Exception as exc:  # a bug must cost one answer, never the control socket
+            log.exception("control: failed to answer")
+            reply = {"error": f"internal: {type(exc).__name__}: {exc}"}
         await socket.send_multipart([identity, msgpack.packb(reply, default=str)])
 
     def status(self) -> dict[str, Any]:
@@ -105,17 +111,23 @@ class Control:
         }
 
     def runs(self) -> list[dict[str, Any]]:
-        fields = (
-            "id",
-            "project",
-            "name",
-            "group",
-            "status",
-            "rows",
-            "last_step",
-            "started",
-            "ended",
-            "host",
-            "pid",
-        )
-        return [{key: run.get(key) for key in fields} for run in self.ingest.ledger.runs.values()]
+        return [_run_fields(run) for run in self.ingest.ledger.runs.values()]
+
+
+_RUN_FIELDS = (
+    "id",
+    "project",
+    "name",
+    "group",
+    "status",
+    "rows",
+    "last_step",
+    "started",
+    "ended",
+    "host",
+    "pid",
+)
+
+
+def _run_fields(run: dict[str, Any]) -> dict[str, Any]:
+    return {key: run.get(key) for key in _RUN_FIELDS}
