@@ -30,7 +30,11 @@ table ``{kind = ..., <target_key> = ..., ...}``. A sink imports its SDK in
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -144,5 +148,79 @@ def sink_class_for(kind: str) -> type[Sink]:
     if not found:
         known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
         raise ValueError(f"sink kind {kind!r} is not installed (known: {', '.join(known)})")
-    sink_class: type[Sink] = next(iter(found)).load()
+    try:
+        sink_class: type[Sink] = next(iter(found)).load()
+    except ImportError as exc:
+        raise ValueError(
+            f"sink kind {kind!r} cannot be loaded ({exc}); try: pip install 'trackd[{kind}]'"
+        ) from exc
     return sink_class
+
+
+def retriable_status(code: int) -> bool:
+    """HTTP statuses worth retrying: timeouts, rate limits and server errors; other 4xx are not."""
+    return code in (408, 425, 429) or code >= 500
+
+
+def is_retriable_os_error(exc: BaseException) -> bool:
+    """Connection refused or reset, timeouts, a full disk: the backend may come back."""
+    return isinstance(exc, ConnectionError | TimeoutError) or (
+        isinstance(exc, OSError) and exc.errno in _RETRIABLE_ERRNOS
+    )
+
+
+_RETRIABLE_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENOSPC,
+        errno.EAGAIN,
+        errno.EPIPE,
+    }
+)
+
+
+class RunMap:
+    """trackd run id -> the backend's run id, kept durably in the sink's state directory.
+
+    A daemon restart, a replay or `resume="allow"` must continue the backend run it
+    created before instead of creating a second one; each sink that creates runs in
+    its backend records them here before writing to them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        try:
+            self._map: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            self._map = {}
+
+    def get(self, run_id: str) -> str | None:
+        return self._map.get(run_id)
+
+    def set(self, run_id: str, backend_id: str) -> None:
+        self._map[run_id] = backend_id
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self._path.with_suffix(".tmp")
+        with temporary.open("w", encoding="utf-8") as handle:
+            json.dump(self._map, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self._path)
+
+
+class Notices:
+    """Count a recurring condition (a media kind a sink cannot show, a truncated value); log it once."""
+
+    def __init__(self, sink: str) -> None:
+        self._sink = sink
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, notice: str) -> None:
+        seen = self.counts.get(notice, 0)
+        self.counts[notice] = seen + 1
+        if not seen:
+            logging.getLogger(f"trackd.sinks.{self._sink}").warning("%s: %s", self._sink, notice)
