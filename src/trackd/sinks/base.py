@@ -213,7 +213,7 @@ class RunMap:
 
 
 class Notices:
-    """Count a recurring condition (a media kind a sink cannot show, a truncated value); log it once."""
+    """Count a recurring condition (a media kind it cannot show, a truncated value); log it once."""
 
     def __init__(self, sink: str) -> None:
         self._sink = sink
