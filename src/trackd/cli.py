@@ -213,6 +213,34 @@ def _number(value: float) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+@main.group()
+def service() -> None:
+    """Run trackd under systemd."""
+
+
+@service.command("install")
+@click.option("--user", "scope", flag_value="user", default=True, help="A user unit (default).")
+@click.option("--system", "scope", flag_value="system", help="A system template, one per user.")
+@click.option("--print", "just_print", is_flag=True, help="Print the unit instead of writing it.")
+@_guard
+def service_install(scope: str, just_print: bool) -> None:
+    """Write the systemd unit for this installation."""
+    from trackd import service as units
+
+    if just_print:
+        click.echo(units.render(scope), nl=False)
+        return
+    try:
+        path = units.install(scope)
+    except OSError as exc:
+        _fail(f"cannot write {units.destination(scope)}: {exc.strerror}")
+    click.echo(f"wrote {path}")
+    if scope == "user":
+        click.echo("next: systemctl --user daemon-reload && systemctl --user enable --now trackd")
+    else:
+        click.echo("next: systemctl daemon-reload && systemctl enable --now trackd@USER")
+
+
 @main.command()
 @click.option("--project", default="demo", show_default=True)
 @click.option("--name", default=None, help="Run name (default: generated).")

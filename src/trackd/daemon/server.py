@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from trackd.daemon.control import Control
 from trackd.daemon.fanout import Backoff, Fanout, SinkWorker
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.ledger import Ledger
+from trackd.daemon.notify import Notifier
 from trackd.daemon.settings import Settings
 from trackd.daemon.spools import pick_up
 from trackd.daemon.wal import WriteAheadLog
@@ -134,11 +136,13 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    notifier = Notifier()
     tasks = [
         asyncio.create_task(_receive(ingest_socket, ingest)),
         asyncio.create_task(control.serve(control_socket)),
         asyncio.create_task(_pick_up_spools(data, ingest, settings.spool_scan_seconds)),
         asyncio.create_task(_save_ledger(ledger, ledger_path)),
+        asyncio.create_task(_tell_systemd(notifier, ingest, fanout)),
     ]
     log.info(
         "trackd serving on %s; WAL at %s; sinks: %s",
@@ -147,6 +151,7 @@ async def serve(settings: Settings) -> int:
         ", ".join(spec.text for spec in specs),
     )
     await stop.wait()
+    notifier.stopping()
     log.info(
         "trackd stopping: no longer accepting; draining sinks for up to %ss", settings.drain_timeout
     )
@@ -159,6 +164,7 @@ async def serve(settings: Settings) -> int:
     await asyncio.gather(*tasks, return_exceptions=True)
     Ledger.save(ledger.snapshot(), ledger_path)
     context.destroy(linger=0)
+    notifier.close()
     for fd in locks:
         os.close(fd)
     log.info("trackd stopped")
@@ -198,6 +204,30 @@ async def _pick_up_spools(data: Path, ingest: Ingest, every: float) -> None:
         if taken:
             log.info("picked up %d client spool(s)", taken)
         await asyncio.sleep(every)
+
+
+def _health(ingest: Ingest, fanout: Fanout) -> str:
+    """One line for systemd's STATUS=: the ingest rate and the sink furthest behind."""
+    line = f"{ingest.stats.rate(time.time()):.0f} rows/s"
+    if fanout.workers:
+        worst = max(fanout.workers, key=lambda worker: worker.status()["lag_bytes"]).status()
+        lag = f"{worst['lag_bytes']} B, {worst['lag_seconds']:.0f}s"
+        line += f"; worst sink lag {lag} ({worst['spec']})"
+    return line
+
+
+async def _tell_systemd(notifier: Notifier, ingest: Ingest, fanout: Fanout) -> None:
+    """READY=1 now (sockets bound, WAL recovered), then WATCHDOG=1 at half the interval."""
+    if not notifier.enabled:
+        return
+    notifier.ready(_health(ingest, fanout))
+    interval = notifier.watchdog_seconds / 2 if notifier.watchdog_seconds else 10.0
+    while True:
+        await asyncio.sleep(interval)
+        if notifier.watchdog_seconds:
+            notifier.watchdog(_health(ingest, fanout))
+        else:
+            notifier.send(f"STATUS={_health(ingest, fanout)}")
 
 
 async def _save_ledger(ledger: Ledger, path: Path) -> None:
