@@ -214,6 +214,25 @@ def _number(value: float) -> str:
 
 
 @main.group()
+def config() -> None:
+    """Inspect trackd's configuration."""
+
+
+@config.command("show")
+@click.option("--config", "config_file", default=None, help="TOML config file.")
+@_guard
+def config_show(config_file: str | None) -> None:
+    """Print the effective configuration (file, then TRACKD_* environment), secrets redacted."""
+    from trackd.daemon.settings import SettingsError, load, redacted
+
+    try:
+        settings = load(config_file)
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    click.echo(json.dumps(redacted(settings), indent=2))
+
+
+@main.group()
 def service() -> None:
     """Run trackd under systemd."""
 

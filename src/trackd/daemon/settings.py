@@ -7,6 +7,7 @@ Each later source overrides the earlier ones key by key. `TRACKD_SINKS` and
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,34 @@ _SCALARS = {
     "spool_scan_seconds": float,
     "max_frame_bytes": int,
 }
+
+
+_URL_PASSWORD = re.compile(r"//([^:/@]+):([^@/]+)@")
+_SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "key")
+
+
+def looks_secret(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, with every secret-looking sink option masked."""
+    shown: dict[str, Any] = {}
+    for item in fields(Settings):
+        value = getattr(settings, item.name)
+        if item.name == "sinks":
+            specs = value or [settings.default_sink]
+            value = [
+                {"kind": spec.kind, "target": _URL_PASSWORD.sub(r"//\1:***@", spec.target)}
+                | {"name": spec.name}
+                | {k: ("***" if looks_secret(k) else v) for k, v in spec.options.items()}
+                for spec in specs
+            ]
+        elif isinstance(value, Path):
+            value = str(value)
+        shown[item.name] = value
+    return shown
 
 
 def config_path(explicit: str | None) -> Path:
