@@ -87,7 +87,7 @@ def validate(message: object) -> None:
     if not isinstance(message, dict):
         raise ProtocolError(f"frame: expected a map, got {_kind(message)}")
     version = message.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise ProtocolError(f"v: unsupported protocol version {version!r} (this is {VERSION})")
     _require(message, "s", str)
     seq = _require(message, "q", int)
@@ -110,7 +110,10 @@ def _validate_run_start(body: Message) -> None:
     for field in ("pid", "rank", "local_rank", "world_size"):
         _optional(body, field, int)
     _require(body, "started", float, "b.")
-    _check_tree(body.get("config", {}), "b.config")
+    config = body.get("config", {})
+    if not isinstance(config, dict):
+        raise ProtocolError(f"b.config: expected a map, got {_kind(config)}")
+    _check_tree(config, "b.config")
     _check_str_map(body.get("tags", {}), "b.tags")
 
 

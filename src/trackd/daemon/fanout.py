@@ -32,6 +32,7 @@ from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.sinks.base import Record, Sink, SinkContext, SinkError, SinkSpec
 
 log = logging.getLogger("trackd.fanout")
+UNMAPPED_RETRIES = 5
 T = TypeVar("T")
 
 
@@ -169,7 +170,12 @@ class SinkWorker:
         return False
 
     async def _deliver(self, records: list[Record]) -> bool:
-        """Write a batch; False if stopped before it was stored."""
+        """Write a batch; False if stopped before it was stored.
+
+        An exception the sink did not map is a bug in it: it is retried, but after
+        `UNMAPPED_RETRIES` in a row it is treated as permanent, so that one record a
+        sink cannot handle goes to the dead letters instead of stalling it forever.
+        """
         attempt = 0
         while not self._stop.is_set():
             try:
@@ -180,6 +186,9 @@ class SinkWorker:
                     return await self._deliver_one_by_one(records, exc)
             except Exception as exc:
                 self._failed(exc)
+                if attempt + 1 >= UNMAPPED_RETRIES:
+                    error = SinkError(f"{type(exc).__name__}: {exc}", retriable=False)
+                    return await self._deliver_one_by_one(records, error)
             else:
                 self._delivered(records)
                 return True

@@ -55,6 +55,7 @@ class JsonlSink(Sink):
         self._dirty: set[str] = set()
         self._summaries: dict[str, dict[str, Any]] = {}
         self._summary_dirty: set[str] = set()
+        self._batch_start: dict[str, int] = {}
         self._configs: dict[str, dict[str, Any]] = {}
 
     def _recover(self) -> None:
@@ -85,6 +86,29 @@ class JsonlSink(Sink):
         self._sizes = {rel: size for rel, size in sizes.items() if rel in self._sizes}
 
     def write(self, batch: list[Record]) -> None:
+        """All or nothing: a batch that fails midway leaves the metrics files as they were.
+
+        The fan-out re-sends a failed batch (whole, or record by record after a
+        permanent error), so rows appended before the failure would otherwise land twice.
+        """
+        self._batch_start = dict(self._sizes)
+        try:
+            self._write(batch)
+        except BaseException:
+            self._undo_appends()
+            raise
+
+    def _undo_appends(self) -> None:
+        for relative, size in self._sizes.items():
+            start = self._batch_start[relative]
+            if start != size:
+                handle = self._files.pop(relative.rsplit("/", 1)[0], None)
+                if handle is not None:
+                    handle.close()
+                os.truncate(self.root / relative, start)
+                self._sizes[relative] = start
+
+    def _write(self, batch: list[Record]) -> None:
         lines: dict[str, list[str]] = {}
         try:
             for record in batch:
@@ -123,7 +147,8 @@ class JsonlSink(Sink):
         elif record.type == "summary":
             self._summary(run_dir).update(body["values"])
             self._summary_dirty.add(run_dir)
-            self._pinned.setdefault(run_dir, []).extend(body["values"])
+            pinned = self._pinned.setdefault(run_dir, [])
+            pinned.extend(key for key in body["values"] if key not in pinned)
         elif record.type == "artifact":
             self._copy_artifact(run_dir, body["path"], body["name"])
         elif record.type == "run_end":
@@ -160,6 +185,7 @@ class JsonlSink(Sink):
                 self._journal.flush()
                 os.fsync(self._journal.fileno())
                 self._sizes[relative] = size
+                self._batch_start[relative] = size
             handle = path.open("a", encoding="utf-8")
             self._files[run_dir] = handle
         return handle
