@@ -30,8 +30,8 @@ async def with_writer_thread(directory: Path, records: int, payload: bytes, clie
     wal = WriteAheadLog(directory)
     waiting: dict[int, asyncio.Future[None]] = {}
 
-    def committed(tokens: list[object], _end: object) -> None:
-        for token in tokens:
+    def committed(pairs: list[tuple[object, object]], _end: object) -> None:
+        for token, _ in pairs:
             future = waiting.pop(token)  # type: ignore[call-overload]
             future.set_result(None)
 

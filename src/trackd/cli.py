@@ -24,6 +24,7 @@ import click
 from trackd.client.control import DaemonUnreachable, request
 
 F = TypeVar("F", bound=Callable[..., Any])
+SUBSCRIBE_SETTLE_SECONDS = 0.3
 _connection_options = [
     click.option("--runtime-dir", default=None, help="Directory of the daemon's ipc sockets."),
     click.option("--endpoint", default=None, help="tcp://HOST:PORT of the daemon."),
@@ -147,6 +148,7 @@ def runs(as_json: bool, runtime_dir: str | None, endpoint: str | None) -> None:
 @click.option("--run", "run_name", default=None, help="Only this run (by name).")
 @click.option("--key", "keys", multiple=True, help="Only metrics whose name matches this glob.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--since-start", is_flag=True, help="Replay the WAL from its start, then follow.")
 @_connection
 @_guard
 def tail(
@@ -154,10 +156,16 @@ def tail(
     run_name: str | None,
     keys: tuple[str, ...],
     as_json: bool,
+    since_start: bool,
     runtime_dir: str | None,
     endpoint: str | None,
 ) -> None:
-    """Print the live stream of everything logged."""
+    """Print the live stream of everything logged.
+
+    With --since-start the stream is subscribed to first, then the WAL is read
+    through the control socket up to its durable end; live messages at or before
+    the last position read are dropped, so the seam has no gap and no duplicate.
+    """
     import msgpack
     import zmq
 
@@ -166,18 +174,38 @@ def tail(
     _ask("status", runtime_dir, endpoint)
     socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
     socket.connect(paths.endpoints(endpoint, runtime_dir).stream)
     prefix = f"{project}/" + (f"{run_name}/" if run_name else "") if project else ""
     socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-    try:
-        while True:
-            topic, frame = socket.recv_multipart()
-            topic_project, topic_run, _ = topic.decode().split("/", 2)
-            if run_name is not None and topic_run != run_name:
-                continue
+
+    def show(topic: str, frame: bytes) -> None:
+        topic_project, topic_run, _ = topic.split("/", 2)
+        if (project is None or topic_project == project) and (
+            run_name is None or topic_run == run_name
+        ):
             message = msgpack.unpackb(frame)
             for line in _tail_lines(topic_project, topic_run, message, keys, as_json):
                 click.echo(line)
+
+    seen: tuple[int, ...] | None = None
+    if since_start:
+        time.sleep(SUBSCRIBE_SETTLE_SECONDS)  # let the subscription reach the daemon first
+        position: list[int] | None = None
+        while True:
+            chunk = _ask("wal", runtime_dir, endpoint, position=position, max_bytes=1 << 20)
+            for _, topic, frame in chunk["records"]:
+                show(topic, frame)
+            position = chunk["next"]
+            if not chunk["records"] or position >= chunk["end"]:
+                break
+        seen = tuple(position) if position else None
+    try:
+        while True:
+            topic, frame, packed = socket.recv_multipart()
+            if seen is not None and tuple(msgpack.unpackb(packed)) <= seen:
+                continue
+            show(topic.decode(), frame)
     finally:
         socket.close()
 
@@ -186,6 +214,8 @@ def _tail_lines(
     project: str, run: str, message: dict[str, Any], keys: tuple[str, ...], as_json: bool
 ) -> list[str]:
     kind, body = message["t"], message["b"]
+    if kind == "reject":
+        return []
     if kind != "metrics":
         if keys:
             return []

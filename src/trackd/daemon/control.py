@@ -58,6 +58,8 @@ class Control:
             elif command == "flush":
                 wait = float(request.get("wait", 30.0))
                 reply = {"result": await self.fanout.wait_caught_up(wait)}
+            elif command == "wal":
+                reply = {"result": self.read_wal(request.get("position"), request.get("max_bytes"))}
             elif command == "shutdown":
                 self._shutdown()
                 reply = {"result": True}
@@ -108,6 +110,26 @@ class Control:
                 "running": sum(1 for run in runs if run.get("status") == "running"),
             },
             "sinks": {worker.spec.name: worker.status() for worker in self.fanout.workers},
+        }
+
+    def read_wal(self, position: object, max_bytes: object) -> dict[str, Any]:
+        """Durable records from `position` (the WAL's start if nil), for `tail --since-start`."""
+        wal, ledger = self.ingest.wal, self.ingest.ledger
+        start = (
+            (int(position[0]), int(position[1]))
+            if isinstance(position, list | tuple) and len(position) == 2
+            else wal.start
+        )
+        limit = min(int(max_bytes), 8 << 20) if isinstance(max_bytes, int) else 1 << 20
+        end = wal.durable_end
+        records = wal.read(max(start, wal.start), end, limit)
+        return {
+            "records": [
+                [list(at), ledger.topic(msgpack.unpackb(frame)["r"]).decode(), frame]
+                for at, frame in records
+            ],
+            "next": list(records[-1][0]) if records else list(max(start, wal.start)),
+            "end": list(end),
         }
 
     def runs(self) -> list[dict[str, Any]]:

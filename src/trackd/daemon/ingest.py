@@ -67,7 +67,7 @@ class Ingest:
         self,
         wal: WriteAheadLog,
         ledger: Ledger,
-        publish: Callable[[bytes, bytes], None],
+        publish: Callable[[bytes, bytes, Position], None],
         on_durable: Callable[[Position], None],
         max_frame_bytes: int = MAX_FRAME_BYTES,
     ) -> None:
@@ -147,14 +147,14 @@ class Ingest:
 
     # --- after a commit (the writer thread hands over to the event loop) -------------
 
-    def _from_writer(self, tokens: list[object], end: Position) -> None:
-        self._loop.call_soon_threadsafe(self._committed, tokens, end)
+    def _from_writer(self, committed: list[tuple[object, Position]], end: Position) -> None:
+        self._loop.call_soon_threadsafe(self._committed, committed, end)
 
-    def _committed(self, tokens: list[object], end: Position) -> None:
+    def _committed(self, committed: list[tuple[object, Position]], end: Position) -> None:
         now = time.time()
         replies: dict[str, Reply | None] = {}
         ledger, stats = self.ledger, self.stats
-        for token in tokens:
+        for token, position in committed:
             if isinstance(token, _Accepted):
                 message = token.message
                 ledger.apply(message)
@@ -166,7 +166,7 @@ class Ingest:
                 if token.reply is not None:
                     replies[message["s"]] = token.reply
                 if message["t"] != "reject":
-                    self._publish(ledger.topic(message["r"]), token.frame)
+                    self._publish(ledger.topic(message["r"]), token.frame, position)
             elif isinstance(token, asyncio.Future) and not token.done():
                 token.set_result(None)
         ledger.position = end

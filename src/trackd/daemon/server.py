@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -29,7 +30,7 @@ from trackd.daemon.ledger import Ledger
 from trackd.daemon.notify import Notifier
 from trackd.daemon.settings import Settings
 from trackd.daemon.spools import pick_up
-from trackd.daemon.wal import WriteAheadLog
+from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import MAX_FRAME_BYTES, ProtocolError, decode
 
 log = logging.getLogger("trackd")
@@ -123,9 +124,10 @@ async def serve(settings: Settings) -> int:
     # edge-triggered readiness the wrapper waits on, and the receive loop would then hang.
     stream: zmq.Socket[bytes] = zmq.Socket.shadow(stream_socket.underlying)
 
-    def publish(topic: bytes, frame: bytes) -> None:
+    def publish(topic: bytes, frame: bytes, position: Position) -> None:
+        """Each message with its WAL position, so `tail --since-start` can join seamlessly."""
         with contextlib.suppress(zmq.Again):
-            stream.send_multipart([topic, frame], zmq.NOBLOCK)
+            stream.send_multipart([topic, frame, msgpack.packb(position)], zmq.NOBLOCK)
 
     ingest = Ingest(wal, ledger, publish, fanout.wake, settings.max_frame_bytes)
     ingest.start()

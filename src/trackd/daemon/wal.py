@@ -31,6 +31,7 @@ from trackd.protocol import frame_record, iter_records
 log = logging.getLogger("trackd.wal")
 
 Position = tuple[int, int]
+OnDurable = Callable[[list[tuple[object, Position]], Position], None]
 SEGMENT_BYTES = 64 * 1024 * 1024
 _SUFFIX = ".wal"
 _RETRY_SECONDS = 1.0
@@ -127,8 +128,12 @@ class WriteAheadLog:
 
     # --- appending -----------------------------------------------------------------
 
-    def start_writer(self, on_durable: Callable[[list[object], Position], None]) -> None:
-        """`on_durable(tokens, end)` is called from the writer thread after each commit."""
+    def start_writer(self, on_durable: OnDurable) -> None:
+        """`on_durable(committed, end)` is called from the writer thread after each commit.
+
+        `committed` pairs each token with the position just after its record (for a
+        payload-less token, the position after the records before it).
+        """
         segment, offset = self.durable_end
         self._fd = os.open(self.path(segment), os.O_WRONLY | os.O_APPEND)
         self._segment, self._offset = segment, offset
@@ -154,7 +159,7 @@ class WriteAheadLog:
             os.close(self._fd)
             self._fd = -1
 
-    def _write_loop(self, on_durable: Callable[[list[object], Position], None]) -> None:
+    def _write_loop(self, on_durable: OnDurable) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
@@ -162,10 +167,19 @@ class WriteAheadLog:
                 if not self._pending:
                     return
                 batch, self._pending = self._pending, []
-            data = b"".join(frame_record(payload) for payload, _ in batch if payload is not None)
+            records = [
+                frame_record(payload) if payload is not None else b"" for payload, _ in batch
+            ]
+            data = b"".join(records)
             while not self._commit(data):
                 time.sleep(_RETRY_SECONDS)
-            on_durable([token for _, token in batch], self.durable_end)
+            segment, offset = self.durable_end
+            offset -= len(data)
+            committed = []
+            for record, (_, token) in zip(records, batch, strict=True):
+                offset += len(record)
+                committed.append((token, (segment, offset)))
+            on_durable(committed, self.durable_end)
 
     def _commit(self, data: bytes) -> bool:
         """Append and fsync; on failure (disk full, I/O error) undo the partial write and say so."""
