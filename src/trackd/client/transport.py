@@ -101,6 +101,13 @@ class Transport:
         self._unreachable_since: float | None = None
         self._flushes: list[FlushRequest] = []
         self._stop = threading.Event()
+        if endpoint:
+            # Import zmq and make its context here, in the caller's thread: a fork (a
+            # DataLoader worker) while the delivery thread is half-way through importing
+            # it would leave the child a half-initialised module and a held import lock.
+            import zmq
+
+            self._context: Any = zmq.Context.instance()
         self._thread = threading.Thread(target=self._run, name=f"trackd-{run_id[:8]}", daemon=True)
         self._thread.start()
 
@@ -133,25 +140,25 @@ class Transport:
     # --- the background thread -------------------------------------------------
 
     def _run(self) -> None:
-        socket: Any = self._connect() if self.endpoint else None
+        socket: Any = None
         try:
             while not self._stop.is_set():
-                if socket is not None and socket.poll(POLL_SECONDS * 1000):
-                    self._read_acks(socket)
-                elif socket is None:
-                    self._stop.wait(POLL_SECONDS)
-                self._pack_queue()
-                if socket is None:
-                    self._spill()
-                else:
-                    self._send(socket)
-                self._settle_flushes()
-        except Exception:  # a bug here must not kill training: keep the data, say so once
-            import logging
+                try:
+                    if socket is None and self.endpoint:
+                        socket = self._connect()
+                    self._pass(socket)
+                except Exception:  # never kill training: fall back to the spool, say so once
+                    if self.endpoint is None:
+                        raise
+                    import logging
 
-            logging.getLogger("trackd").exception(
-                "trackd: delivery thread failed; unsent messages go to the spool"
-            )
+                    logging.getLogger("trackd").exception(
+                        "trackd: cannot deliver to the daemon; spooling the run to %s",
+                        self._spool_dir,
+                    )
+                    if socket is not None:
+                        socket.close(linger=0)
+                    socket, self.endpoint = None, None
         finally:
             self._pack_queue()
             self._spill()
@@ -163,10 +170,23 @@ class Transport:
             for request in self._flushes:
                 request.done.set()
 
+    def _pass(self, socket: Any) -> None:
+        """One wake-up: read acks (or wait), pack the queue, send or spool, settle flushes."""
+        if socket is not None and socket.poll(POLL_SECONDS * 1000):
+            self._read_acks(socket)
+        elif socket is None:
+            self._stop.wait(POLL_SECONDS)
+        self._pack_queue()
+        if socket is None:
+            self._spill()
+        else:
+            self._send(socket)
+        self._settle_flushes()
+
     def _connect(self) -> Any:
         import zmq  # imported here so that `import trackd` stays cheap
 
-        socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.IMMEDIATE, 1)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)

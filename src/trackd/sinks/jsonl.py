@@ -3,6 +3,10 @@
     ROOT/PROJECT/RUNNAME-RUNID8/
       run.json  config.json  metrics.jsonl  summary.json  artifacts/
 
+`run.json` carries DESIGN.md's fields and, beyond them, the run's tags (from
+`init(tags=...)` and `set_tags`), since a plain-files sink has nowhere else to
+keep them.
+
 `metrics.jsonl` is the only file appended to; the others are replaced whole
 (write to a temporary name, rename), so they are never half-written and
 writing them again is harmless. Appends are made exactly-once across crashes
@@ -149,6 +153,10 @@ class JsonlSink(Sink):
             self._summary_dirty.add(run_dir)
             pinned = self._pinned.setdefault(run_dir, [])
             pinned.extend(key for key in body["values"] if key not in pinned)
+        elif record.type == "tags":
+            current = self._read(run_dir, "run.json")
+            current["tags"] = {**current.get("tags", {}), **body["values"]}
+            self._replace(run_dir, "run.json", current)
         elif record.type == "artifact":
             self._copy_artifact(run_dir, body["path"], body["name"])
         elif record.type == "run_end":
@@ -230,6 +238,7 @@ class JsonlSink(Sink):
                 "ended": ended,
                 "status": status,
                 "error": error,
+                "tags": {**previous.get("tags", {}), **run.tags},
             },
         )
 
