@@ -24,7 +24,8 @@ import zmq.asyncio
 
 from trackd.daemon.batcher import Batcher
 from trackd.daemon.control import Control
-from trackd.daemon.fanout import Backoff, Fanout, SinkWorker
+from trackd.daemon.delivery import Backoff, Delivery
+from trackd.daemon.fanout import Fanout, SinkWorker
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.notify import Notifier
@@ -88,14 +89,12 @@ async def serve(settings: Settings) -> int:
     ledger = recover_ledger(wal, ledger_path)
     specs = settings.sinks or [settings.default_sink]
     batcher = Batcher(wal, ledger)
+    backoff = Backoff(settings.retry_base, settings.retry_cap)
     workers = [
         SinkWorker(
-            spec,
-            spec.build(),
+            Delivery(spec, spec.build(), data / "deadletter" / f"{spec.name}.jsonl", backoff),
             batcher,
             state_dir=data / "sinks" / spec.name,
-            dead_letter_path=data / "deadletter" / f"{spec.name}.jsonl",
-            backoff=Backoff(settings.retry_base, settings.retry_cap),
             linger=settings.linger,
             checkpoint_seconds=settings.checkpoint_seconds,
         )

@@ -1,0 +1,190 @@
+"""Writing batches into one sink: on its own thread, with backoff, dead letters and stats.
+
+Shared by the daemon's fan-out (a worker per sink, fed from the WAL) and by
+`trackd replay` (fed from a spool or a data directory), so both retry, give up
+and count in exactly one way. A retriable error is retried with exponential
+backoff and full jitter (capped); the stop event cuts a wait short. A
+permanent error on a batch is retried record by record, and the records that
+still fail go to the dead-letter file with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from trackd.sinks.base import Record, Sink, SinkContext, SinkError, SinkSpec
+
+log = logging.getLogger("trackd.delivery")
+T = TypeVar("T")
+UNMAPPED_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: a uniform wait in [0, min(cap, base * 2**attempt)]."""
+
+    base: float = 0.5
+    cap: float = 60.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.cap, self.base * 2 ** min(attempt, 32)))
+
+
+@dataclass
+class SinkStats:
+    delivered_records: int = 0
+    delivered_rows: int = 0
+    retries: int = 0
+    dead_letters: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_success: float | None = None
+    behind_since: float | None = None
+
+
+class Delivery:
+    def __init__(
+        self, spec: SinkSpec, sink: Sink, dead_letter_path: Path, backoff: Backoff
+    ) -> None:
+        self.spec = spec
+        self.sink = sink
+        self.stats = SinkStats()
+        self.stopped = asyncio.Event()
+        self._dead_letter_path = dead_letter_path
+        self._backoff = backoff
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"trackd-{spec.kind}")
+        self._rng = random.Random()
+        self._opened = False
+        self._logged: set[str] = set()
+
+    async def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a sink call on the sink's own thread: SDKs block, and a hung one holds only it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def open(self, context: SinkContext) -> bool:
+        """Open the sink, retrying until it works; False if stopped first."""
+        attempt = 0
+        while not self.stopped.is_set():
+            try:
+                await self.call(self.sink.open, context)
+                self._opened = True
+                return True
+            except Exception as exc:  # SDK errors are the sink's to map; anything else is a bug
+                self._failed(exc)
+                await self.sleep(self._backoff.delay(attempt, self._rng))
+                attempt += 1
+        return False
+
+    async def deliver(self, records: list[Record]) -> bool:
+        """Write a batch; False if stopped before it was stored.
+
+        An exception the sink did not map is a bug in it: it is retried, but after
+        `UNMAPPED_RETRIES` in a row it is treated as permanent, so that one record a
+        sink cannot handle goes to the dead letters instead of stalling it forever.
+        """
+        attempt = 0
+        while not self.stopped.is_set():
+            try:
+                await self.call(self.sink.write, records)
+            except SinkError as exc:
+                self._failed(exc)
+                if not exc.retriable:
+                    return await self._one_by_one(records, exc)
+            except Exception as exc:
+                self._failed(exc)
+                if attempt + 1 >= UNMAPPED_RETRIES:
+                    error = SinkError(f"{type(exc).__name__}: {exc}", retriable=False)
+                    return await self._one_by_one(records, error)
+            else:
+                self._delivered(records)
+                return True
+            await self.sleep(self._backoff.delay(attempt, self._rng))
+            attempt += 1
+        return False
+
+    async def _one_by_one(self, records: list[Record], error: SinkError) -> bool:
+        if len(records) == 1:
+            self._dead_letter(records[0], str(error))
+            return True
+        for record in records:
+            if not await self.deliver([record]):
+                return False
+        return True
+
+    def _delivered(self, records: list[Record]) -> None:
+        stats = self.stats
+        stats.delivered_records += len(records)
+        stats.delivered_rows += sum(len(r.body["rows"]) for r in records if r.type == "metrics")
+        stats.last_success = time.time()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.retries += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        self.stats.last_error_at = time.time()
+        if not isinstance(exc, SinkError) and self.stats.last_error not in self._logged:
+            self._logged.add(self.stats.last_error)
+            log.error("sink %s raised an unmapped error; retrying", self.spec.text, exc_info=exc)
+
+    def _dead_letter(self, record: Record, reason: str) -> None:
+        self.stats.dead_letters += 1
+        self._dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {
+            "position": list(record.position),
+            "run": record.run.id,
+            "project": record.run.project,
+            "name": record.run.name,
+            "type": record.type,
+            "reason": reason,
+            "body": record.body,
+            "at": time.time(),
+        }
+        with self._dead_letter_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, default=str) + "\n")
+        log.warning("sink %s: dead-lettered a %s record: %s", self.spec.text, record.type, reason)
+
+    async def sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopped.wait(), seconds)
+
+    def save(self, path: Path, progress: dict[str, Any]) -> None:
+        """Atomically save where delivery stands together with the sink's checkpoint state.
+
+        Called on the sink's thread (via `call`): the sink's checkpoint may fsync.
+        """
+        document = {"spec": self.spec.text, **progress, "state": self.sink.checkpoint()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        with temporary.open("w", encoding="utf-8") as handle:
+            json.dump(document, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+    async def close(self, path: Path, progress: Callable[[], dict[str, Any]]) -> None:
+        """Save progress and close the sink (both on its thread), then release the thread."""
+        if self._opened:
+            try:
+                await self.call(lambda: self.save(path, progress()))
+                await self.call(self.sink.close)
+            except Exception:
+                log.exception("sink %s: error while closing", self.spec.text)
+        self._executor.shutdown(wait=False)
+
+
+def load_progress(path: Path) -> dict[str, Any]:
+    try:
+        saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    return saved
