@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -241,6 +242,112 @@ def _tail_lines(
 
 def _number(value: float) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--sink", "sinks", multiple=True, help="Sink spec to deliver to (repeatable).")
+@click.option("--run", "run_name", default=None, help="Only this run (name or id).")
+@click.option("--into-daemon", is_flag=True, help="Hand the spool to the running daemon.")
+@_connection
+@_guard
+def replay(
+    source: Path,
+    sinks: tuple[str, ...],
+    run_name: str | None,
+    into_daemon: bool,
+    runtime_dir: str | None,
+    endpoint: str | None,
+) -> None:
+    """Deliver a client spool (offline mode) or a daemon data dir to sinks."""
+    from trackd.daemon import replay as replaying
+
+    try:
+        files = replaying.source_files(source)
+    except replaying.SourceError as exc:
+        _fail(str(exc))
+    if into_daemon:
+        _hand_to_daemon(files, runtime_dir, endpoint)
+        return
+    if not sinks:
+        _fail("replay: name at least one --sink SPEC (or use --into-daemon)", 2)
+    from trackd.daemon.settings import SettingsError, load
+
+    try:
+        settings = load(None, sinks=list(sinks))
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    try:
+        asyncio.run(_replay(settings, source, files, run_name))
+    except OSError as exc:
+        _fail(f"replay: cannot read {source}: {exc.strerror or exc}")
+
+
+async def _replay(settings: Any, source: Path, files: list[Path], run_name: str | None) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from trackd.daemon import replay as replaying
+    from trackd.daemon.delivery import Backoff
+
+    ledger = replaying.base_ledger(source, files)
+    total = replaying.count(files, ledger, run_name)
+    backoff = Backoff(settings.retry_base, settings.retry_cap)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        started = time.monotonic()
+        work = []
+        for spec in settings.sinks:
+            task = bar.add_task(spec.text, total=total, rate="")
+
+            def advance(n: int, task: Any = task) -> None:
+                done = bar.tasks[task].completed + n
+                rate = done / max(time.monotonic() - started, 1e-6)
+                bar.update(task, advance=n, rate=f"{rate:,.0f} records/s")
+
+            work.append(
+                replaying.replay_into(
+                    spec, files, ledger, run_name, settings.data_dir / "replay", backoff, advance
+                )
+            )
+        done = await asyncio.gather(*work)
+    for delivery in done:
+        stats = delivery.stats
+        click.echo(
+            f"{delivery.spec.text}: {stats.delivered_records} records delivered "
+            f"({stats.delivered_rows} rows), {stats.dead_letters} dead letters"
+        )
+
+
+def _hand_to_daemon(files: list[Path], runtime_dir: str | None, endpoint: str | None) -> None:
+    """Copy spools into the daemon's spool folder (hidden name, then rename): it ingests them."""
+    import shutil
+
+    from trackd.protocol import SPOOL_SUFFIX
+
+    if any(path.suffix != SPOOL_SUFFIX for path in files):
+        _fail("replay --into-daemon takes spool files (a spool or a folder of them), not a WAL")
+    spool = Path(_ask("status", runtime_dir, endpoint)["data_dir"]) / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        hidden = spool / f".{path.name}.tmp"
+        shutil.copyfile(path, hidden)
+        hidden.rename(spool / path.name)
+    click.echo(f"handed {len(files)} spool(s) to the daemon")
 
 
 @main.group()

@@ -1,0 +1,145 @@
+"""`trackd replay`: deliver a client spool, a folder of spools, or a daemon data dir to sinks.
+
+It is the daemon's delivery without the daemon: the same `Delivery` (retries,
+dead letters) per sink, fed from the source's records instead of the WAL.
+Replaying is idempotent by content, not by path: for each sink, the highest
+sequence number delivered per client session is saved (atomically with the
+sink's checkpoint) under `DATA_DIR/replay/<sink>/`, so a second replay of the
+same data, from wherever it was copied, skips what already arrived, and a
+replay cut short resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from trackd.daemon.delivery import Backoff, Delivery, load_progress
+from trackd.daemon.ledger import Ledger
+from trackd.protocol import SPOOL_SUFFIX, Message, ProtocolError, decode, iter_records
+from trackd.sinks.base import Record, SinkContext, SinkSpec
+
+CHUNK_BYTES = 4 << 20
+BATCH_RECORDS = 2000
+SAVE_SECONDS = 0.5
+
+
+class SourceError(ValueError):
+    """The source is not a spool, a folder of spools or a trackd data dir."""
+
+
+def source_files(source: Path) -> list[Path]:
+    """The record files of a source, oldest first."""
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise SourceError(f"replay: {source} does not exist")
+    wal = sorted((source / "wal").glob("*.wal"))
+    spools = sorted((source / "spool").glob(f"*{SPOOL_SUFFIX}")) + sorted(
+        source.glob(f"*{SPOOL_SUFFIX}")
+    )
+    if not wal and not spools:
+        raise SourceError(f"replay: {source} holds no spool files and no trackd WAL")
+    return wal + spools
+
+
+def read_messages(files: list[Path]) -> Iterator[Message]:
+    """Every valid message in the files, in order; a torn tail or a bad record ends a file."""
+    for path in files:
+        carry = b""
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                buffer = carry + chunk
+                consumed = 0
+                for consumed, payload in iter_records(buffer):  # noqa: B007 - used after the loop
+                    try:
+                        yield decode(payload, max_bytes=len(payload))
+                    except ProtocolError:
+                        continue
+                carry = buffer[consumed:]
+
+
+def base_ledger(source: Path, files: list[Path]) -> Ledger:
+    """Run info for every run in the source: its saved ledger, then its own run_starts."""
+    ledger = Ledger.load(source / "ledger.msgpack") if source.is_dir() else Ledger()
+    for message in read_messages(files):
+        if message["t"] == "run_start":
+            ledger.apply(message)
+    return ledger
+
+
+def wanted(message: Message, ledger: Ledger, run: str | None) -> bool:
+    if message["t"] == "reject":
+        return False
+    if run is None:
+        return True
+    info = ledger.info(message["r"])
+    return run in (info.name, info.id) or info.id.startswith(run)
+
+
+async def replay_into(
+    spec: SinkSpec,
+    files: list[Path],
+    ledger: Ledger,
+    run: str | None,
+    state_root: Path,
+    backoff: Backoff,
+    advance: Callable[[int], None],
+) -> Delivery:
+    """Deliver the source to one sink; `advance(n)` reports n more records handled."""
+    state_dir = state_root / spec.name
+    progress_path = state_dir / "progress.json"
+    saved = load_progress(progress_path)
+    sessions: dict[str, int] = dict(saved.get("sessions", {}))
+    delivery = Delivery(
+        spec, spec.build(), state_root / "deadletter" / f"{spec.name}.jsonl", backoff
+    )
+
+    def progress() -> dict[str, Any]:
+        return {"sessions": dict(sessions)}
+
+    try:
+        if not await delivery.open(SinkContext(saved.get("state"), state_dir)):
+            return delivery
+        batch: list[Message] = []
+        saved_at = time.monotonic()
+        for message in read_messages(files):
+            if not wanted(message, ledger, run):
+                continue
+            if message["q"] <= sessions.get(message["s"], 0):
+                advance(1)
+                continue
+            batch.append(message)
+            if len(batch) >= BATCH_RECORDS:
+                await _deliver(delivery, batch, ledger, sessions)
+                advance(len(batch))
+                batch = []
+                if time.monotonic() - saved_at > SAVE_SECONDS:
+                    await delivery.call(delivery.save, progress_path, progress())
+                    saved_at = time.monotonic()
+        if batch:
+            await _deliver(delivery, batch, ledger, sessions)
+            advance(len(batch))
+    finally:
+        await delivery.close(progress_path, progress)
+    return delivery
+
+
+async def _deliver(
+    delivery: Delivery, batch: list[Message], ledger: Ledger, sessions: dict[str, int]
+) -> None:
+    records = [
+        Record((0, index), message["t"], ledger.info(message["r"]), message["b"])
+        for index, message in enumerate(batch)
+    ]
+    if not await delivery.deliver(records):
+        raise asyncio.CancelledError
+    for message in batch:
+        sessions[message["s"]] = max(sessions.get(message["s"], 0), message["q"])
+
+
+def count(files: list[Path], ledger: Ledger, run: str | None) -> int:
+    return sum(1 for message in read_messages(files) if wanted(message, ledger, run))

@@ -1,0 +1,118 @@
+"""`trackd replay`: spools and data dirs delivered to sinks, idempotently."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import Daemon, finish_client, jsonl_runs, run_client, wait_for
+
+
+def replay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trackd", "replay", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def offline_run(env: dict[str, str], spools: Path, name: str, rows: int) -> None:
+    finish_client(
+        run_client(
+            {**env, "TRACKD_DATA_DIR": str(spools.parent)},
+            "--name",
+            name,
+            "--rows",
+            str(rows),
+            "--mode",
+            "offline",
+        )
+    )
+
+
+def test_offline_spool_replayed_twice_into_jsonl_lands_once(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """An offline run replayed twice into a JSONL sink has every row exactly once."""
+    spools = tmp_path / "air-gapped" / "spool"
+    offline_run(env, spools, "off", 5000)
+    assert len(list(spools.glob("*.spool"))) == 1
+    out = tmp_path / "out"
+    for _ in range(2):
+        result = replay(env, str(spools), "--sink", f"jsonl:{out}")
+        assert result.returncode == 0, result.stderr
+    runs = jsonl_runs(out)
+    assert len(runs) == 1
+    assert [row["step"] for row in next(iter(runs.values()))] == list(range(5000))
+    assert "5000 rows" not in result.stdout, "the second replay delivered nothing new"
+
+
+def test_copied_spool_is_still_replayed_once(tmp_path: Path, env: dict[str, str]) -> None:
+    """Idempotence is by content: the same spool copied elsewhere is not delivered again."""
+    spools = tmp_path / "a" / "spool"
+    offline_run(env, spools, "copied", 1000)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in spools.glob("*.spool"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    for source in (spools, copy):
+        assert replay(env, str(source), "--sink", f"jsonl:{out}").returncode == 0
+    assert [len(rows) for rows in jsonl_runs(out).values()] == [1000]
+
+
+def test_run_filter_replays_only_that_run(tmp_path: Path, env: dict[str, str]) -> None:
+    """--run delivers one run of a spool folder holding two."""
+    spools = tmp_path / "a" / "spool"
+    offline_run(env, spools, "keep", 300)
+    offline_run(env, spools, "skip", 300)
+    out = tmp_path / "out"
+    assert replay(env, str(spools), "--run", "keep", "--sink", f"jsonl:{out}").returncode == 0
+    assert [name.rsplit("-", 1)[0] for name in jsonl_runs(out)] == ["keep"]
+
+
+def test_daemon_data_dir_replays_into_a_new_sink(daemon: Daemon, env: dict[str, str]) -> None:
+    """A daemon's data dir (its WAL) replays, after the daemon stopped, into another sink."""
+    daemon.start()
+    finish_client(run_client(env, "--name", "live", "--rows", "4000"))
+    daemon.flush()
+    assert daemon.stop() == 0
+    out = daemon.data_dir.parent / "elsewhere"
+    result = replay(env, str(daemon.data_dir), "--sink", f"jsonl:{out}")
+    assert result.returncode == 0, result.stderr
+    assert [row["step"] for row in next(iter(jsonl_runs(out).values()))] == list(range(4000))
+
+
+def test_into_daemon_hands_the_spool_to_the_running_daemon(
+    tmp_path: Path, daemon: Daemon, env: dict[str, str]
+) -> None:
+    """--into-daemon copies the spool where the daemon picks it up and delivers it."""
+    spools = tmp_path / "a" / "spool"
+    offline_run(env, spools, "handed", 2000)
+    daemon.start()
+    result = replay(env, str(spools), "--into-daemon")
+    assert result.returncode == 0, result.stderr
+    daemon.flush()
+    wait_for(lambda: daemon.status()["ingest"]["rows"] == 2000)
+    daemon.flush()
+    runs = jsonl_runs(daemon.data_dir / "runs")
+    assert [row["step"] for row in next(iter(runs.values()))] == list(range(2000))
+
+
+def test_unreadable_source_and_bad_spec_fail_in_one_line(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A missing source exits 1, a bad spec exits 2, each with one line and no traceback."""
+    missing = replay(env, str(tmp_path / "nope"), "--sink", f"jsonl:{tmp_path}")
+    assert missing.returncode == 1
+    assert len(missing.stderr.strip().splitlines()) == 1
+    spools = tmp_path / "a" / "spool"
+    offline_run(env, spools, "x", 10)
+    bad = replay(env, str(spools), "--sink", "nosuchkind:x")
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in missing.stderr + bad.stderr
