@@ -5,6 +5,7 @@ Both store through the real JSONL sink, so a test can count what arrived.
 
 from __future__ import annotations
 
+import os
 import time
 
 from trackd.sinks.base import Record, SinkError
@@ -31,4 +32,15 @@ class SlowSink(JsonlSink):
 
     def write(self, batch: list[Record]) -> None:
         time.sleep(float(self.options.get("delay", "1")))
+        super().write(batch)
+
+
+class GatedSink(JsonlSink):
+    """Fails (retriably) while the file named by `gate` exists: a sink down until a test says."""
+
+    kind = "gated"
+
+    def write(self, batch: list[Record]) -> None:
+        if os.path.exists(self.options["gate"]):
+            raise SinkError("gated: the gate is closed", retriable=True)
         super().write(batch)

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import msgpack
@@ -16,6 +17,7 @@ import zmq.asyncio
 from trackd import __version__
 from trackd.daemon.fanout import Fanout
 from trackd.daemon.ingest import Ingest
+from trackd.daemon.retention import Retention
 from trackd.daemon.settings import Settings
 
 log = logging.getLogger("trackd.control")
@@ -27,11 +29,13 @@ class Control:
         settings: Settings,
         ingest: Ingest,
         fanout: Fanout,
+        retention: Retention,
         shutdown: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.fanout = fanout
+        self.retention = retention
         self._shutdown = shutdown
         self._started = time.time()
 
@@ -95,6 +99,7 @@ class Control:
                 "rows_per_second": round(stats.rate(now), 1),
                 "duplicates": stats.duplicates,
                 "gaps": stats.gaps,
+                "blocked": stats.blocked,
                 "errors": dict(stats.errors),
                 "errors_total": sum(stats.errors.values()),
                 "last_error": stats.last_error,
@@ -104,6 +109,9 @@ class Control:
                 "segments": len(wal.segments()),
                 "durable_end": list(wal.durable_end),
                 "last_error": wal.last_error,
+                "max_bytes": self.settings.max_wal_bytes,
+                "on_full": self.settings.on_full,
+                **asdict(self.retention.stats),
             },
             "runs": {
                 "total": len(self.ingest.ledger.runs),

@@ -38,6 +38,7 @@ class SinkWorker:
         self.batcher = batcher
         self.wal: WriteAheadLog = batcher.wal
         self.cursor: Position = self.wal.start
+        self.holding: Position = self.cursor  # the end of the batch in hand, being delivered
         self._state_dir = state_dir
         self._cursor_path = state_dir / "cursor.json"
         self._linger = linger
@@ -82,7 +83,7 @@ class SinkWorker:
         delivery, stats = self.delivery, self.delivery.stats
         saved = load_progress(self._cursor_path)
         if "position" in saved:
-            self.cursor = max(tuple(saved["position"]), self.wal.start)
+            self.cursor = self.holding = max(tuple(saved["position"]), self.wal.start)
         try:
             if not await delivery.open(SinkContext(saved.get("state"), self._state_dir)):
                 return
@@ -105,6 +106,7 @@ class SinkWorker:
                     self.batcher.read, self.cursor, self.wal.durable_end
                 )
                 full = self.wal.bytes_between(end, self.wal.durable_end) > 0
+                self.holding = end
                 if records and not await delivery.deliver(records):
                     return
                 self.cursor = end

@@ -41,6 +41,7 @@ class IngestStats:
     bytes: int = 0
     duplicates: int = 0
     gaps: int = 0
+    blocked: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     last_error: str | None = None
     last_error_at: float | None = None
@@ -79,30 +80,36 @@ class Ingest:
         self._max_frame_bytes = max_frame_bytes
         self._accepted: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
+        self.full: Callable[[], bool] = lambda: False
 
     def start(self) -> None:
         self.wal.start_writer(self._from_writer)
 
-    def receive(self, frame: bytes, reply: Reply | None, from_spool: bool = False) -> None:
+    def receive(self, frame: bytes, reply: Reply | None, from_spool: bool = False) -> bool:
+        """Take one frame; False only when it was turned away for now (the WAL is full)."""
         try:
             message = decode(frame, self._max_frame_bytes)
         except ProtocolError as exc:
             self._refuse(exc, reply)
-            return
+            return True
         session, seq = message["s"], message["q"]
         high = self._high(session)
         if seq <= high:
             self.stats.duplicates += 1
             if reply is not None and seq <= self.ledger.sessions.get(session, 0):
                 reply(_ack(self.ledger.sessions[session]))
-            return
+            return True
+        if self.full():
+            self.stats.blocked += 1  # not acked: the client keeps it and sends it again later
+            return False
         if seq > high + 1 and not from_spool:
             self.stats.gaps += 1
             if reply is not None:
                 reply(_ack(self.ledger.sessions.get(session, 0), gap=True))
-            return
+            return True
         self._accepted[session] = seq
         self.wal.append(frame, _Accepted(frame, message, reply))
+        return True
 
     def _high(self, session: str) -> int:
         accepted = self._accepted.get(session)

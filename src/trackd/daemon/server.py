@@ -29,6 +29,7 @@ from trackd.daemon.fanout import Fanout, SinkWorker
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.notify import Notifier
+from trackd.daemon.retention import Retention
 from trackd.daemon.settings import Settings
 from trackd.daemon.spools import pick_up
 from trackd.daemon.wal import Position, WriteAheadLog
@@ -84,7 +85,7 @@ async def serve(settings: Settings) -> int:
     if settings.endpoint is None:
         locks.append(_lock(settings.runtime_dir / "daemon.lock"))
 
-    wal = WriteAheadLog(data / "wal")
+    wal = WriteAheadLog(data / "wal", settings.wal_segment_bytes)
     ledger_path = data / "ledger.msgpack"
     ledger = recover_ledger(wal, ledger_path)
     specs = settings.sinks or [settings.default_sink]
@@ -129,10 +130,19 @@ async def serve(settings: Settings) -> int:
             stream.send_multipart([topic, frame, msgpack.packb(position)], zmq.NOBLOCK)
 
     ingest = Ingest(wal, ledger, publish, fanout.wake, settings.max_frame_bytes)
+    retention = Retention(
+        wal,
+        fanout,
+        lambda: Ledger.save(ledger.snapshot(), ledger_path),
+        settings.retain,
+        settings.max_wal_bytes,
+        settings.on_full,
+    )
+    ingest.full = lambda: retention.blocked
     ingest.start()
     fanout.start()
     stop = asyncio.Event()
-    control = Control(settings, ingest, fanout, stop.set)
+    control = Control(settings, ingest, fanout, retention, stop.set)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -144,6 +154,7 @@ async def serve(settings: Settings) -> int:
         asyncio.create_task(_pick_up_spools(data, ingest, settings.spool_scan_seconds)),
         asyncio.create_task(_save_ledger(ledger, ledger_path)),
         asyncio.create_task(_tell_systemd(notifier, ingest, fanout)),
+        asyncio.create_task(retention.run()),
     ]
     log.info(
         "trackd serving on %s; WAL at %s; sinks: %s",

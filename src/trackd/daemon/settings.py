@@ -36,6 +36,10 @@ class Settings:
     checkpoint_seconds: float = 0.5
     spool_scan_seconds: float = 2.0
     max_frame_bytes: int = MAX_FRAME_BYTES
+    retain: float = 7 * 24 * 3600.0
+    max_wal_bytes: int = 10 * 1024**3
+    on_full: str = "block"
+    wal_segment_bytes: int = 64 * 1024**2
 
     @property
     def endpoints(self) -> paths.Endpoints:
@@ -54,7 +58,11 @@ _SCALARS = {
     "checkpoint_seconds": float,
     "spool_scan_seconds": float,
     "max_frame_bytes": int,
+    "retain": float,
+    "max_wal_bytes": int,
+    "wal_segment_bytes": int,
 }
+_ON_FULL = ("block", "drop_oldest")
 
 
 _URL_PASSWORD = re.compile(r"//([^:/@]+):([^@/]+)@")
@@ -141,6 +149,12 @@ def _build(values: dict[str, Any]) -> Settings:
                 raise SettingsError(str(exc)) from exc
         elif key == "sinks":
             settings.sinks = _sinks(value)
+        elif key == "on_full":
+            if value not in _ON_FULL:
+                raise SettingsError(
+                    f"on_full: expected one of {', '.join(_ON_FULL)}, got {value!r}"
+                )
+            settings.on_full = str(value)
         elif key in _SCALARS:
             try:
                 number = _SCALARS[key](value)

@@ -40,9 +40,9 @@ async def pick_up(directory: Path, ingest: Ingest) -> int:
                 continue  # its client is still alive and will deliver it itself
             if not path.exists():
                 continue  # removed by the previous pick-up between our glob and our lock
-            await _ingest_file(fd, path, ingest)
-            path.unlink()
-            taken += 1
+            if await _ingest_file(fd, path, ingest):
+                path.unlink()
+                taken += 1
         except OSError as exc:
             ingest.stats.error("spool", f"spool {path.name}: {exc}")
         finally:
@@ -50,16 +50,20 @@ async def pick_up(directory: Path, ingest: Ingest) -> int:
     return taken
 
 
-async def _ingest_file(fd: int, path: Path, ingest: Ingest) -> None:
+async def _ingest_file(fd: int, path: Path, ingest: Ingest) -> bool:
+    """Ingest a spool; False if the WAL was full and the file must be read again later."""
     carry = b""
     async with aiofiles.open(fd, "rb", closefd=False) as handle:
         while chunk := await handle.read(CHUNK_BYTES):
             buffer = carry + chunk
             consumed = 0
             for consumed, payload in iter_records(buffer):  # noqa: B007 - used after the loop
-                ingest.receive(payload, None, from_spool=True)
+                if not ingest.receive(payload, None, from_spool=True):
+                    await ingest.barrier()
+                    return False
             carry = buffer[consumed:]
             await ingest.barrier()
     if carry:
         ingest.stats.error("spool", f"spool {path.name}: {len(carry)} bytes of torn tail dropped")
         log.warning("spool %s: dropped a torn tail of %d bytes", path.name, len(carry))
+    return True

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from trackd.protocol import frame_record, iter_records
+from trackd.protocol import HEADER_BYTES, frame_record, iter_records
 
 log = logging.getLogger("trackd.wal")
 
@@ -43,6 +43,7 @@ class WriteAheadLog:
         self.segment_bytes = segment_bytes
         directory.mkdir(parents=True, exist_ok=True)
         self.durable_end: Position = self._recover()
+        self._bytes = sum(self.path(number).stat().st_size for number in self.segments())
         self.last_error: str | None = None
         self._cond = threading.Condition()
         self._pending: list[tuple[bytes | None, object]] = []
@@ -79,12 +80,23 @@ class WriteAheadLog:
         return (self.segments()[0], 0)
 
     def read(self, start: Position, end: Position, max_bytes: int) -> list[tuple[Position, bytes]]:
-        """Whole records in [start, end), about `max_bytes` of them, as (end position, payload)."""
-        segment, offset = start
+        """Whole records in [start, end), about `max_bytes` of them, as (end position, payload).
+
+        A start in a segment that retention or the disk budget has removed moves to the
+        oldest segment still there: what was in between is gone (and was counted).
+        """
+        try:
+            return self._read(start, end, max_bytes)
+        except FileNotFoundError:  # removed while we were reading: start again from what is left
+            return self._read(start, end, max_bytes)
+
+    def _read(self, start: Position, end: Position, max_bytes: int) -> list[tuple[Position, bytes]]:
+        first = self.segments()[0]
+        segment, offset = start if start[0] >= first else (first, 0)
         if (segment, offset) >= end:
             return []
         if segment < end[0] and offset >= self.path(segment).stat().st_size:
-            return self.read((self._next_segment(segment), 0), end, max_bytes)
+            return self._read((self._next_segment(segment), 0), end, max_bytes)
         limit = end[1] if segment == end[0] else self.path(segment).stat().st_size
         with self.path(segment).open("rb") as handle:
             handle.seek(offset)
@@ -124,7 +136,19 @@ class WriteAheadLog:
         return total
 
     def size(self) -> int:
-        return sum(self.path(number).stat().st_size for number in self.segments())
+        """Bytes on disk plus bytes queued for the next commit: what the disk budget weighs."""
+        return self._bytes
+
+    def remove(self, segment: int) -> list[tuple[int, bytes]]:
+        """Delete a closed segment; return its records as (end offset, payload), for counting."""
+        if segment >= self.durable_end[0]:
+            raise ValueError(f"wal: segment {segment} is still being written")
+        path = self.path(segment)
+        data = path.read_bytes()
+        path.unlink()
+        with self._cond:
+            self._bytes -= len(data)
+        return list(iter_records(data))
 
     # --- appending -----------------------------------------------------------------
 
@@ -146,6 +170,8 @@ class WriteAheadLog:
         """Queue a record; `payload=None` queues only a token, returned at the next commit."""
         with self._cond:
             self._pending.append((payload, token))
+            if payload is not None:
+                self._bytes += HEADER_BYTES + len(payload)
             self._cond.notify()
 
     def close(self) -> None:
