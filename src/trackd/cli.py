@@ -80,6 +80,7 @@ def main() -> None:
 @click.option("--config", "config", default=None, help="TOML config file.")
 @click.option("--data-dir", default=None, help="WAL, spools, cursors and default JSONL runs.")
 @click.option("--sink", "sinks", multiple=True, help="Sink spec, e.g. jsonl:PATH (repeatable).")
+@click.option("--metrics-addr", default=None, help="Serve Prometheus metrics on HOST:PORT.")
 @click.option("--log-level", default="INFO", show_default=True)
 @_connection
 @_guard
@@ -87,6 +88,7 @@ def serve(
     config: str | None,
     data_dir: str | None,
     sinks: tuple[str, ...],
+    metrics_addr: str | None,
     log_level: str,
     runtime_dir: str | None,
     endpoint: str | None,
@@ -105,6 +107,7 @@ def serve(
             runtime_dir=runtime_dir,
             endpoint=endpoint,
             sinks=list(sinks) or None,
+            metrics_addr=metrics_addr,
         )
     except SettingsError as exc:
         _fail(str(exc), 2)

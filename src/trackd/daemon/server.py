@@ -143,6 +143,13 @@ async def serve(settings: Settings) -> int:
     fanout.start()
     stop = asyncio.Event()
     control = Control(settings, ingest, fanout, retention, stop.set)
+    if settings.metrics_addr:
+        from trackd.daemon import metrics
+
+        try:
+            metrics.serve(settings.metrics_addr, control.status)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {settings.metrics_addr}: {exc}") from exc
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

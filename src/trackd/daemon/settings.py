@@ -40,6 +40,7 @@ class Settings:
     max_wal_bytes: int = 10 * 1024**3
     on_full: str = "block"
     wal_segment_bytes: int = 64 * 1024**2
+    metrics_addr: str | None = None
 
     @property
     def endpoints(self) -> paths.Endpoints:
@@ -149,6 +150,11 @@ def _build(values: dict[str, Any]) -> Settings:
                 raise SettingsError(str(exc)) from exc
         elif key == "sinks":
             settings.sinks = _sinks(value)
+        elif key == "metrics_addr":
+            host, _, port = str(value).rpartition(":")
+            if not host or not port.isdigit():
+                raise SettingsError(f"metrics_addr: expected HOST:PORT, got {value!r}")
+            settings.metrics_addr = str(value)
         elif key == "on_full":
             if value not in _ON_FULL:
                 raise SettingsError(
