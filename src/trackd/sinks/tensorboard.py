@@ -1,0 +1,475 @@
+"""TensorBoard sink: each trackd run is one TensorBoard run directory.
+
+    LOGDIR/PROJECT/RUNNAME-RUNID8/events.out.tfevents.trackd.RUNID8
+
+What lands where, all of it readable by TensorBoard's own EventAccumulator:
+
+* metrics rows -> scalars (`simple_value`, as tensorboardX and tf.summary v1
+  write them), one event per row, at the row's step and its client wall time;
+* the run_start config -> the HParams dashboard (a session start info, in the
+  session group of the trackd group, else of the run alone) and, whole, the
+  text `trackd/config`; later `log_config()` values -> more `trackd/config`
+  text at the run's current step, since TensorBoard keeps the first session
+  info of a run and would not show a changed one;
+* the run's identity, tags, summary and artifacts (by reference: TensorBoard
+  stores no files) -> the texts `trackd/run`, `trackd/tags`, `trackd/summary`,
+  `trackd/artifacts`;
+* run_end -> the text `trackd/status` and an HParams session end info
+  (STATUS_SUCCESS or STATUS_FAILURE), the status column of the HParams table.
+
+TensorBoard has no run ids: the directory follows from the run, so there is no
+RunMap, and a resumed run (same trackd id) appends to the same file.
+
+Exactly once across crashes. TensorBoard reads every record of an events file,
+so a batch the fan-out re-sends after a crash must not be appended twice.
+Skipping re-sent rows up to a per-run (step, wall time) watermark kept in the
+checkpoint would not do: rows written after the last checkpoint are already in
+the file when the saved cursor says they are not. So files are cut back instead:
+
+* `checkpoint()` fsyncs what was appended since the last one and returns the
+  size of every file still being appended to, with an epoch number;
+* before the first append to a file that checkpoint does not cover (a new run,
+  a resumed one), the file's size goes to a journal in the state directory,
+  fsynced, after a marker of the current epoch;
+* `open()` cuts each file back to its size in the saved checkpoint, or else to
+  its first journal entry after the saved epoch, and the fan-out re-sends
+  from the saved cursor;
+* a batch that fails midway is undone the same way before it is retried.
+
+Every recorded size is a frame boundary, so a frame torn by a crash mid-write is
+cut with the rest. A TensorBoard watching the directory live may already have
+read what recovery cuts; it shows those points twice until it is reloaded.
+
+The SDK (tensorboard) is imported in `open()`; tensorboardX is not needed, since
+its writer's background thread and self-named files would defeat the cutting.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trackd.sinks.base import (
+    Notices,
+    Record,
+    RunInfo,
+    Sink,
+    SinkContext,
+    SinkError,
+    is_retriable_os_error,
+)
+
+_UNSAFE = re.compile(r"[^\w.@+=-]+")
+_OPEN_FILES = 64
+_JOURNAL_NAME = "presizes.jsonl"
+
+
+class TensorboardSink(Sink):
+    kind = "tensorboard"
+    target_key = "logdir"
+
+    def open(self, context: SinkContext) -> None:
+        self._encoder = _Encoder()
+        self.root = Path(self.target).expanduser()
+        state = context.state or {}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            context.state_dir.mkdir(parents=True, exist_ok=True)
+            self._files = _EventFiles(self.root, context.state_dir / _JOURNAL_NAME, state)
+        except OSError as exc:
+            raise _storage_error(f"cannot prepare {self.root}", exc) from exc
+        # The last step of each open run, so that texts land at the step they belong to.
+        self._steps: dict[str, int] = {str(k): int(v) for k, v in state.get("steps", {}).items()}
+        self._notices = Notices(self.kind)
+
+    def write(self, batch: list[Record]) -> None:
+        pending: dict[str, _Pending] = {}
+        try:
+            for record in batch:
+                run = record.run
+                if run.id not in pending:
+                    pending[run.id] = _Pending(_relative_file(run))
+                self._encode(record, pending[run.id])
+        except (TypeError, ValueError) as exc:
+            raise SinkError(f"tensorboard: cannot encode a record: {exc}", retriable=False) from exc
+        try:
+            self._files.begin()
+            for entry in pending.values():
+                self._files.append(entry.relative, self._encoder.header(), entry.buffer.getvalue())
+        except OSError as exc:
+            self._files.undo()
+            raise _storage_error("cannot append", exc) from exc
+        for run_id, entry in pending.items():
+            if entry.ended:
+                self._steps.pop(run_id, None)
+                self._files.finish(entry.relative)
+
+    def _encode(self, record: Record, out: _Pending) -> None:
+        run, body, encoder = record.run, record.body, self._encoder
+        out.ended = record.type == "run_end"
+        step = self._steps.get(run.id, 0)
+        now = time.time()
+        if record.type == "metrics":
+            for row_step, ts, values in body["rows"]:
+                numbers = self._numbers(values)
+                if numbers:
+                    out.add(encoder.scalars(row_step, ts, numbers))
+                step = row_step
+            self._steps[run.id] = step
+        elif record.type == "run_start":
+            out.add(encoder.text("trackd/run", step, run.started, _table(_identity(run))))
+            out.add(encoder.hparams(_hparams(run.config), run.group or out.group, run.started))
+            if run.config:
+                out.add(encoder.text("trackd/config", step, run.started, _table(run.config)))
+            if run.tags:
+                out.add(encoder.text("trackd/tags", step, run.started, _table(run.tags)))
+        elif record.type in ("config", "tags", "summary"):
+            tag = f"trackd/{record.type}"
+            out.add(encoder.text(tag, step, now, _table(body["values"])))
+        elif record.type == "artifact":
+            text = _table({body["name"]: body["path"]})
+            out.add(encoder.text("trackd/artifacts", step, now, text))
+        elif record.type == "run_end":
+            failed = body["status"] != "finished"
+            error = "".join(f"\n    {line}" for line in (body.get("error") or "").splitlines())
+            status = body["status"] + (f"\n{error}" if error else "")  # the error as code
+            out.add(encoder.text("trackd/status", step, body["ended"], status))
+            out.add(encoder.session_end(failed, body["ended"]))
+        else:
+            self._notices(f"{record.type} records have no TensorBoard form; skipped")
+
+    def _numbers(self, values: dict[str, Any]) -> dict[str, float]:
+        numbers = {}
+        for key, value in values.items():
+            if isinstance(value, int | float):
+                numbers[key] = float(value)
+            else:
+                self._notices(f"{type(value).__name__} values are not scalars; skipped")
+        return numbers
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Make the appended events durable, then describe the files as they now are."""
+        return {**self._files.checkpoint(), "steps": dict(self._steps)}
+
+    def close(self) -> None:
+        files = getattr(self, "_files", None)
+        if files is not None:
+            files.close_all()
+
+
+@dataclass
+class _Pending:
+    """One run's events of a batch, framed, to be appended in one write."""
+
+    relative: str
+    buffer: io.BytesIO = field(default_factory=io.BytesIO)
+    ended: bool = False
+
+    @property
+    def group(self) -> str:
+        """The HParams session group of a run without a trackd group: its own directory."""
+        return self.relative.rsplit("/", 1)[0]
+
+    def add(self, framed: bytes) -> None:
+        self.buffer.write(framed)
+
+
+class _Encoder:
+    """TensorBoard's own protos and record framing, imported when the sink opens."""
+
+    def __init__(self) -> None:
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2  # type: ignore[import-untyped]
+            from tensorboard.plugins.hparams import (  # type: ignore[import-untyped]
+                api_pb2,
+                plugin_data_pb2,
+                summary_v2,
+            )
+            from tensorboard.plugins.hparams import metadata as hparams_metadata
+            from tensorboard.plugins.text import metadata as text_metadata  # type: ignore[import-untyped]
+            from tensorboard.summary.writer.record_writer import (  # type: ignore[import-untyped]
+                RecordWriter,
+            )
+            from tensorboard.util import tensor_util  # type: ignore[import-untyped]
+        except ImportError as exc:
+            raise SinkError(
+                f"tensorboard: {exc}; install it with pip install 'trackd[tensorboard]'",
+                retriable=False,
+            ) from exc
+        self._event = event_pb2.Event
+        self._summary = summary_pb2.Summary
+        self._api = api_pb2
+        self._plugin_data = plugin_data_pb2
+        self._hparams_pb = summary_v2.hparams_pb
+        self._hparams_metadata = hparams_metadata
+        self._text_metadata = text_metadata.create_summary_metadata("", "")
+        self._tensor = tensor_util.make_tensor_proto
+        self._record_writer = RecordWriter
+
+    def _frame(self, event: Any) -> bytes:
+        buffer = io.BytesIO()
+        self._record_writer(buffer).write(event.SerializeToString())
+        return buffer.getvalue()
+
+    def header(self) -> bytes:
+        """The first record of every events file; its version also stops TensorBoard
+        from purging points it would otherwise take for orphans of a restart."""
+        return self._frame(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def scalars(self, step: int, wall_time: float, values: dict[str, float]) -> bytes:
+        summary = self._summary(
+            value=[self._summary.Value(tag=key, simple_value=v) for key, v in values.items()]
+        )
+        return self._frame(self._event(wall_time=wall_time, step=step, summary=summary))
+
+    def text(self, tag: str, step: int, wall_time: float, markdown: str) -> bytes:
+        value = self._summary.Value(
+            tag=tag, metadata=self._text_metadata, tensor=self._tensor([markdown])
+        )
+        summary = self._summary(value=[value])
+        return self._frame(self._event(wall_time=wall_time, step=step, summary=summary))
+
+    def hparams(self, values: dict[str, bool | float | str], group: str, started: float) -> bytes:
+        summary = self._hparams_pb(values, trial_id=group, start_time_secs=started)
+        return self._frame(self._event(wall_time=started, summary=summary))
+
+    def session_end(self, failed: bool, ended: float) -> bytes:
+        api, metadata = self._api, self._hparams_metadata
+        status = api.STATUS_FAILURE if failed else api.STATUS_SUCCESS
+        info = self._plugin_data.SessionEndInfo(status=status, end_time_secs=ended)
+        content = self._plugin_data.HParamsPluginData(session_end_info=info)
+        value = self._summary.Value(
+            tag=metadata.SESSION_END_INFO_TAG,
+            metadata=metadata.create_summary_metadata(content),
+            tensor=metadata.NULL_TENSOR,
+        )
+        summary = self._summary(value=[value])
+        return self._frame(self._event(wall_time=ended, summary=summary))
+
+
+class _EventFiles:
+    """Append-only files made exactly-once by cutting them back (see the module docstring)."""
+
+    def __init__(self, root: Path, journal: Path, state: dict[str, Any]) -> None:
+        self._root = root
+        self._journal_path = journal
+        # Files being appended to -> their size; the checkpoint's own entries cover its files.
+        self._sizes: dict[str, int] = {str(k): int(v) for k, v in state.get("sizes", {}).items()}
+        self._epoch = int(state.get("epoch", 0))
+        self._recover()
+        self._journal = journal.open("w", encoding="utf-8")
+        self._marked = False
+        self._handles: OrderedDict[str, io.FileIO] = OrderedDict()
+        self._dirty: set[str] = set()
+        self._batch_start: dict[str, int] = {}
+        self._cuts: dict[str, int] = {}
+        self._finished: set[str] = set()
+
+    def _recover(self) -> None:
+        """Cut every file back to what the saved cursor corresponds to.
+
+        Epoch markers are written lazily (before the first journal entry after each
+        checkpoint), so the entries that matter are those after any marker at or past
+        the saved epoch, and for each file the first of them.
+        """
+        cuts: dict[str, int] = {}
+        if self._journal_path.exists():
+            after_saved = False
+            for line in self._journal_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line: its file had not been appended to yet
+                if "epoch" in entry:
+                    after_saved = entry["epoch"] >= self._epoch
+                elif after_saved:
+                    cuts.setdefault(entry["file"], entry["size"])
+        cuts.update(self._sizes)
+        for relative, size in cuts.items():
+            path = self._root / relative
+            if path.exists() and path.stat().st_size > size:
+                os.truncate(path, size)
+
+    def begin(self) -> None:
+        """Start a batch; first finish cutting back a failed one, if that failed too."""
+        for relative, size in list(self._cuts.items()):
+            self._cut(relative, size)
+        self._batch_start = {}
+
+    def append(self, relative: str, header: bytes, data: bytes) -> None:
+        handle = self._handle(relative)
+        size = self._sizes[relative]
+        self._batch_start.setdefault(relative, size)
+        payload = data if size else header + data
+        view = memoryview(payload)
+        self._sizes[relative] = size + len(payload)  # before writing: undo must cut a partial one
+        self._dirty.add(relative)
+        self._finished.discard(relative)  # a resumed run appends again
+        while view:
+            written = handle.write(view)
+            view = view[written or 0 :]
+
+    def undo(self) -> None:
+        """Cut the files a failed batch appended to back to where the batch started."""
+        for relative, start in self._batch_start.items():
+            if self._sizes.get(relative, start) != start:
+                self._cuts[relative] = start
+        self._batch_start = {}
+        for relative, size in list(self._cuts.items()):
+            try:
+                self._cut(relative, size)
+            except OSError:
+                return  # kept in _cuts: begin() tries again before anything is appended
+
+    def _cut(self, relative: str, size: int) -> None:
+        handle = self._handles.pop(relative, None)
+        if handle is not None:
+            handle.close()
+        path = self._root / relative
+        if path.exists():
+            os.truncate(path, size)
+        self._sizes[relative] = size
+        del self._cuts[relative]
+
+    def _handle(self, relative: str) -> io.FileIO:
+        handle = self._handles.get(relative)
+        if handle is not None:
+            self._handles.move_to_end(relative)
+            return handle
+        if len(self._handles) >= _OPEN_FILES:
+            oldest, evicted = self._handles.popitem(last=False)
+            if oldest in self._dirty:
+                os.fsync(evicted.fileno())
+                self._dirty.discard(oldest)
+            evicted.close()
+        path = self._root / relative
+        created = not path.exists()
+        if created:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if relative not in self._sizes:
+            self._journal_size(relative, 0 if created else path.stat().st_size)
+        handle = io.FileIO(path, "a")
+        if created:
+            _fsync_directory(path.parent)
+        # The file is the truth: a checkpointed size is too large if someone removed it.
+        self._sizes[relative] = os.fstat(handle.fileno()).st_size
+        self._handles[relative] = handle
+        return handle
+
+    def _journal_size(self, relative: str, size: int) -> None:
+        if not self._marked:
+            self._journal.write(json.dumps({"epoch": self._epoch}) + "\n")
+            self._marked = True
+        self._journal.write(json.dumps({"file": relative, "size": size}) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+        self._sizes[relative] = size
+
+    def finish(self, relative: str) -> None:
+        """A run ended: the next checkpoint makes its file durable and stops covering it."""
+        self._finished.add(relative)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """fsync what was appended; files of ended runs are then complete and left alone."""
+        for relative in sorted(self._dirty):
+            handle = self._handles.get(relative)
+            if handle is not None:
+                os.fsync(handle.fileno())
+        self._dirty.clear()
+        for relative in self._finished:
+            handle = self._handles.pop(relative, None)
+            if handle is not None:
+                handle.close()
+            self._sizes.pop(relative, None)
+        self._finished.clear()
+        self._epoch += 1
+        self._marked = False
+        return {"sizes": dict(self._sizes), "epoch": self._epoch}
+
+    def close_all(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+        if not self._journal.closed:
+            self._journal.close()
+
+
+def _relative_file(run: RunInfo) -> str:
+    run_dir = f"{_component(run.project)}/{_component(run.name)}-{run.id[:8]}"
+    return f"{run_dir}/events.out.tfevents.trackd.{run.id[:8]}"
+
+
+def _component(name: str) -> str:
+    """A path component from a project or run name: no separators, no leading dot."""
+    return _UNSAFE.sub("_", name).lstrip(".") or "_"
+
+
+def _identity(run: RunInfo) -> dict[str, Any]:
+    fields = {
+        "id": run.id,
+        "project": run.project,
+        "name": run.name,
+        "group": run.group,
+        "host": run.host,
+        "pid": run.pid,
+        "rank": run.rank,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(run.started)),
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config maps as "a/b" keys, the way the client flattens logged values."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _hparams(config: dict[str, Any]) -> dict[str, bool | float | str]:
+    """What the HParams plugin can hold: bools, numbers and strings; the rest as JSON."""
+    hparams: dict[str, bool | float | str] = {}
+    for key, value in _flatten(config).items():
+        if value is None:
+            continue
+        if isinstance(value, bool | int | float | str):
+            hparams[key] = value
+        else:
+            hparams[key] = json.dumps(value, default=str)
+    return hparams
+
+
+def _table(values: dict[str, Any]) -> str:
+    """A Markdown table, which TensorBoard's text dashboard renders."""
+    rows = ["| key | value |", "| --- | --- |"]
+    for key, value in _flatten(values).items():
+        shown = value if isinstance(value, str) else json.dumps(value, default=str)
+        rows.append(f"| {_cell(key)} | {_cell(shown)} |")
+    return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _fsync_directory(path: Path) -> None:
+    """A new file's directory entry must be durable before a checkpoint may count on it."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _storage_error(what: str, exc: OSError) -> SinkError:
+    return SinkError(f"tensorboard: {what}: {exc}", retriable=is_retriable_os_error(exc))

@@ -1,0 +1,273 @@
+"""Trackio sink: each trackd run is one run in the local Trackio store.
+
+It writes through Trackio's own storage layer, `trackio.sqlite_storage.SQLiteStorage`
+(`bulk_log`, what `trackio.init()`/`log()` end in when logging locally), so there is
+no `trackio.init()` background thread, no dashboard and no server, and what it writes
+is what Trackio's dashboard and `trackio.Api` read. The store is `TRACKIO_DIR`, which
+Trackio reads when it is imported (in `open()`, so from the daemon's environment),
+else `$HF_HOME/trackio`.
+
+How runs appear:
+
+* project: the trackd project, as for every sink (DESIGN.md, "How runs appear in each
+  backend"), so one daemon serves every training script under the project it names.
+  The spec's target (`trackio:PROJECT`) is the fallback project for a run whose
+  trackd project Trackio refuses (a `registry-` prefix, a suffix such as `_system`
+  that would collide with another project's files): its records go there, with a
+  warning, rather than to the dead letters.
+* run name: the trackd run name. Run id: the trackd run id. Trackio lets its writer
+  choose run ids, so the id itself is the mapping: nothing to keep in a RunMap, and
+  it stays the same after a state directory is lost or a `trackd replay`.
+* metrics: one Trackio row per trackd row, with its step and the client's timestamp;
+  keys Trackio reserves ("step", "time", ...) become "__key", as `trackio.log()` does.
+* config: the run's config merged with later `log_config()` values, plus Trackio's
+  run metadata `_Created` and `_Group` and, since Trackio has no tags, summary, run
+  status or artifact store of its own, `_Tags`, `_Summary`, `_Status` ("running",
+  "finished", "failed"), `_Error`, `_Ended` and `_Artifacts` (references). Keys
+  starting with "_" are Trackio's run metadata, which `trackio.init()` refuses in a
+  user's config, so these do not collide with config logged through Trackio itself.
+
+Idempotence. Trackio dedupes metric rows by `log_id` (an `INSERT OR IGNORE` on a
+unique index: how it makes its own re-sends and fragment imports idempotent). Each
+row's log_id here is a hash of the trackd run id, the step, the client timestamp and
+the keys, all fixed when `log()` was called, so a row re-sent after a daemon crash,
+or delivered again by a replay, is ignored by the database; metrics need no
+checkpoint. The config is replaced whole, so writing it again is harmless, but
+Trackio writes a run's config only within a `bulk_log` of at least one row. The
+sink sends it with the run's rows when it changed; when it changed without new rows
+(log_config, set_tags, set_summary, finish) it sends one of the run's stored rows
+again (its "anchor", whose log_id makes the insert a no-op) to carry the config. A
+run with no rows yet keeps its config pending until it has some: Trackio lists no
+run without metrics. The checkpoint holds each open run's merged config, whether it
+is pending and its anchor; the records after the saved cursor, applied again in
+order, rebuild the same config.
+
+Durability is Trackio's: its SQLite runs in WAL mode with synchronous=NORMAL, which
+survives a killed process but may lose the last commits to a power cut; set
+TRACKIO_SQLITE_SYNCHRONOUS=full in the daemon's environment to close that window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from trackd.sinks.base import (
+    Notices,
+    Record,
+    RunInfo,
+    Sink,
+    SinkContext,
+    SinkError,
+    is_retriable_os_error,
+)
+
+
+class TrackioSink(Sink):
+    kind = "trackio"
+    target_key = "project"
+
+    def open(self, context: SinkContext) -> None:
+        try:
+            from trackio.sqlite_storage import SQLiteStorage
+            from trackio.utils import RESERVED_KEYS
+        except ImportError as exc:
+            raise SinkError(
+                f"trackio: {exc}; install it with pip install 'trackd[trackio]'", retriable=False
+            ) from exc
+        # Trackio's functions are untyped; held as Any so that strict typing stops here.
+        self._storage: Any = SQLiteStorage
+        self._reserved = frozenset(RESERVED_KEYS)
+        self._notices = Notices(self.kind)
+        try:
+            self._storage.validate_project_name(self.target)
+        except ValueError as exc:
+            raise SinkError(f"trackio: fallback project: {exc}", retriable=False) from exc
+        state = context.state or {}
+        self._runs: dict[str, _Run] = {
+            run_id: _Run.restore(saved) for run_id, saved in state.get("runs", {}).items()
+        }
+
+    def write(self, batch: list[Record]) -> None:
+        rows: dict[str, _Rows] = {}
+        ended: set[str] = set()
+        try:
+            for record in batch:
+                run = self._run(record.run)
+                if record.type == "metrics":
+                    out = rows.setdefault(record.run.id, _Rows())
+                    for step, ts, values in record.body["rows"]:
+                        out.add(record.run.id, step, ts, self._metrics(values))
+                else:
+                    self._apply(run, record)
+                if record.type == "run_end":
+                    ended.add(record.run.id)
+                elif record.type == "run_start":
+                    ended.discard(record.run.id)
+            for run_id, run in self._runs.items():
+                self._store(run_id, run, rows.get(run_id))
+        except SinkError:
+            raise
+        except Exception as exc:
+            raise _mapped(exc) from exc
+        for run_id in ended:
+            run = self._runs.pop(run_id)
+            if run.pending:
+                self._notices("a run ended without metrics; Trackio lists no run without them")
+
+    def _run(self, info: RunInfo) -> _Run:
+        run = self._runs.get(info.id)
+        if run is None:
+            project = info.project
+            try:
+                self._storage.validate_project_name(project)
+            except ValueError as exc:
+                self._notices(f"{exc}; such runs go to project {self.target!r}")
+                project = self.target
+            stored = self._storage.get_run_config(project, run_id=info.id)
+            run = _Run(project=project, name=info.name, config=dict(stored or {}))
+            self._runs[info.id] = run
+        return run
+
+    def _apply(self, run: _Run, record: Record) -> None:
+        """Merge a record other than metrics into the run's config."""
+        info, body, config = record.run, record.body, run.config
+        if record.type == "run_start":
+            config.update(info.config)
+            config.setdefault("_Created", _iso(info.started))  # a resumed run keeps its own
+            config["_Group"] = info.group
+            if info.tags:
+                config["_Tags"] = {**config.get("_Tags", {}), **info.tags}
+            config.update(_Status="running", _Error=None, _Ended=None)
+        elif record.type == "config":
+            config.update(body["values"])
+        elif record.type in ("tags", "summary"):
+            key = f"_{record.type.title()}"
+            config[key] = {**config.get(key, {}), **body["values"]}
+        elif record.type == "artifact":
+            config["_Artifacts"] = {**config.get("_Artifacts", {}), body["name"]: body["path"]}
+        elif record.type == "run_end":
+            config.update(_Status=body["status"], _Error=body.get("error"))
+            config["_Ended"] = _iso(body["ended"])
+        else:
+            self._notices(f"{record.type} records have no Trackio form; skipped")
+            return
+        run.pending = True
+
+    def _metrics(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Rename the keys Trackio reserves for its own columns, as trackio.log() does."""
+        reserved = self._reserved
+        return {
+            f"__{key}" if key in reserved or key.startswith("__") else key: value
+            for key, value in values.items()
+        }
+
+    def _store(self, run_id: str, run: _Run, rows: _Rows | None) -> None:
+        """One transaction per run: its new rows, and its config if that changed."""
+        if rows is None:
+            if not run.pending or run.anchor is None:
+                return  # nothing new, or no stored row yet to carry the config
+            rows = _Rows()
+            rows.carry(run.anchor)
+        self._storage.bulk_log(
+            project=run.project,
+            run=run.name,
+            run_id=run_id,
+            metrics_list=rows.metrics,
+            steps=rows.steps,
+            timestamps=rows.timestamps,
+            log_ids=rows.log_ids,
+            config=run.config if run.pending else None,
+        )
+        run.pending = False
+        run.anchor = rows.last()
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"runs": {run_id: run.save() for run_id, run in self._runs.items()}}
+
+    def close(self) -> None:
+        """Nothing is held open: Trackio opens and closes a connection per call."""
+
+
+@dataclass
+class _Run:
+    """An open run as the sink knows it: where it goes, its merged config, its anchor."""
+
+    project: str
+    name: str
+    config: dict[str, Any]
+    pending: bool = False
+    anchor: tuple[str, int, str] | None = None  # (log_id, step, timestamp) of a stored row
+
+    def save(self) -> dict[str, Any]:
+        return {
+            "project": self.project,
+            "name": self.name,
+            "config": self.config,
+            "pending": self.pending,
+            "anchor": None if self.anchor is None else list(self.anchor),
+        }
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any]) -> _Run:
+        anchor = saved.get("anchor")
+        return cls(
+            project=saved["project"],
+            name=saved["name"],
+            config=dict(saved["config"]),
+            pending=bool(saved["pending"]),
+            anchor=None if anchor is None else (str(anchor[0]), int(anchor[1]), str(anchor[2])),
+        )
+
+
+@dataclass
+class _Rows:
+    """One run's rows of a batch, in the column lists `bulk_log` takes."""
+
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    timestamps: list[str] = field(default_factory=list)
+    log_ids: list[str] = field(default_factory=list)
+
+    def add(self, run_id: str, step: int, ts: float, values: dict[str, Any]) -> None:
+        self.metrics.append(values)
+        self.steps.append(step)
+        self.timestamps.append(_iso(ts))
+        self.log_ids.append(_log_id(run_id, step, ts, values))
+
+    def carry(self, anchor: tuple[str, int, str]) -> None:
+        """A stored row again: the database ignores it, its config is written."""
+        log_id, step, timestamp = anchor
+        self.metrics.append({})
+        self.steps.append(step)
+        self.timestamps.append(timestamp)
+        self.log_ids.append(log_id)
+
+    def last(self) -> tuple[str, int, str]:
+        return self.log_ids[-1], self.steps[-1], self.timestamps[-1]
+
+
+def _log_id(run_id: str, step: int, ts: float, values: dict[str, Any]) -> str:
+    """The same for the same `log()` call however often it is delivered, else different."""
+    identity = "\0".join([run_id, str(step), repr(ts), *sorted(values)])
+    return "trackd-" + hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+
+
+def _mapped(exc: Exception) -> SinkError:
+    """Trackio's and SQLite's errors as retriable (the store may recover) or permanent."""
+    message = f"trackio: {type(exc).__name__}: {exc}"
+    if isinstance(exc, sqlite3.OperationalError):
+        return SinkError(message, retriable=True)  # locked, busy, disk I/O, cannot open
+    if isinstance(exc, OSError):
+        # Trackio's file lock gives up after 10 s with an IOError that has no errno.
+        return SinkError(message, retriable=exc.errno is None or is_retriable_os_error(exc))
+    if isinstance(exc, sqlite3.Error | ValueError | TypeError | KeyError):
+        return SinkError(message, retriable=False)
+    raise exc
