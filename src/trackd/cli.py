@@ -174,11 +174,13 @@ def tail(
     import zmq
 
     from trackd import paths
+    from trackd.client.curve import secure
 
     _ask("status", runtime_dir, endpoint)
     socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, 0)
+    secure(socket)
     socket.connect(paths.endpoints(endpoint, runtime_dir).stream)
     prefix = f"{project}/" + (f"{run_name}/" if run_name else "") if project else ""
     socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
@@ -351,6 +353,28 @@ def _hand_to_daemon(files: list[Path], runtime_dir: str | None, endpoint: str | 
         shutil.copyfile(path, hidden)
         hidden.rename(spool / path.name)
     click.echo(f"handed {len(files)} spool(s) to the daemon")
+
+
+@main.group()
+def keys() -> None:
+    """CURVE keys for a daemon listening beyond loopback."""
+
+
+@keys.command("generate")
+@click.option("--dir", "directory", default=None, help="Where to write them (DATA_DIR/keys).")
+@_guard
+def keys_generate(directory: str | None) -> None:
+    """Write a server keypair; print what the daemon and its clients need."""
+    import zmq.auth
+
+    from trackd import paths
+
+    target = Path(directory or Path(paths.data_dir()) / "keys").expanduser()
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    public_file, secret_file = zmq.auth.create_certificates(str(target), "server")
+    public, _ = zmq.auth.load_certificate(public_file)
+    click.echo(f"daemon:  TRACKD_CURVE_SECRET_KEY_FILE={secret_file}")
+    click.echo(f"clients: TRACKD_CURVE_SERVER_KEY={public.decode()}")
 
 
 @main.group()

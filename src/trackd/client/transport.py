@@ -21,6 +21,7 @@ from collections import deque
 
 import msgpack
 
+from trackd.client.curve import secure
 from trackd.client.spool import Spool
 from trackd.protocol import MAX_FRAME_BYTES, VERSION, encode
 
@@ -191,6 +192,7 @@ class Transport:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        secure(socket)
         socket.connect(str(self.endpoint))
         return socket
 

@@ -76,7 +76,43 @@ def recover_ledger(wal: WriteAheadLog, path: Path) -> Ledger:
     return ledger
 
 
+def _curve_keys(settings: Settings) -> tuple[bytes, bytes] | None:
+    """The daemon's CURVE keypair; required for a tcp:// endpoint beyond loopback."""
+    if settings.curve_secret_key_file is None:
+        host = settings.endpoints.ingest.removeprefix("tcp://").rpartition(":")[0]
+        if settings.endpoint and not _is_loopback(host):
+            raise StartupError(
+                f"refusing to listen on {settings.endpoint} without encryption: "
+                "run `trackd keys generate` and set curve_secret_key_file"
+            )
+        return None
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(str(settings.curve_secret_key_file))
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"curve_secret_key_file: cannot load: {exc}") from exc
+    if secret is None:
+        raise StartupError(
+            f"curve_secret_key_file: {settings.curve_secret_key_file} has no secret key"
+        )
+    return public, secret
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def serve(settings: Settings) -> int:
+    curve = _curve_keys(settings)
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     if settings.endpoint is None:
@@ -112,6 +148,10 @@ async def serve(settings: Settings) -> int:
     control_socket = context.socket(zmq.ROUTER)
     for socket in (ingest_socket, stream_socket, control_socket):
         socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            socket.setsockopt(zmq.CURVE_SERVER, 1)
+            socket.setsockopt(zmq.CURVE_PUBLICKEY, curve[0])
+            socket.setsockopt(zmq.CURVE_SECRETKEY, curve[1])
     try:
         ingest_socket.bind(endpoints.ingest)
         stream_socket.bind(endpoints.stream)

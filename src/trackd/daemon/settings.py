@@ -41,6 +41,7 @@ class Settings:
     on_full: str = "block"
     wal_segment_bytes: int = 64 * 1024**2
     metrics_addr: str | None = None
+    curve_secret_key_file: Path | None = None
 
     @property
     def endpoints(self) -> paths.Endpoints:
@@ -140,7 +141,7 @@ def _from_file(table: dict[str, Any], path: Path) -> dict[str, Any]:
 def _build(values: dict[str, Any]) -> Settings:
     settings = Settings()
     for key, value in values.items():
-        if key in ("data_dir", "runtime_dir"):
+        if key in ("data_dir", "runtime_dir", "curve_secret_key_file"):
             setattr(settings, key, Path(str(value)).expanduser())
         elif key == "endpoint":
             settings.endpoint = str(value)
