@@ -7,14 +7,11 @@
 `init(tags=...)` and `set_tags`), since a plain-files sink has nowhere else to
 keep them.
 
-`metrics.jsonl` is the only file appended to; the others are replaced whole
-(write to a temporary name, rename), so they are never half-written and
-writing them again is harmless. Appends are made exactly-once across crashes
-by truncation: the checkpoint saved with the cursor holds each open file's
-size, and before the first append to a file the checkpoint does not cover,
-its size is written to a small journal (fsynced). On open, every file is cut
-back to the size the cursor corresponds to, and the fan-out re-sends from the
-cursor.
+`metrics.jsonl` is the only file appended to, through `AppendOnlyFiles`,
+which makes the appends exactly-once across crashes and all-or-nothing per
+batch by cutting files back; the other files are replaced whole (write to a
+temporary name, rename), so they are never half-written and writing them
+again is harmless.
 
 Sink files are written from the sink's own worker thread (every sink runs
 in one, since SDKs block), so plain file calls never block the daemon's
@@ -25,15 +22,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from trackd.sinks.base import Record, RunInfo, Sink, SinkContext, SinkError
-
-_UNSAFE = re.compile(r"[^\w.@+=-]+")
-_OPEN_FILES = 64
+from trackd.sinks.base import (
+    AppendOnlyFiles,
+    Record,
+    RunInfo,
+    Sink,
+    SinkContext,
+    SinkError,
+    path_component,
+)
 
 
 class JsonlSink(Sink):
@@ -48,46 +49,11 @@ class JsonlSink(Sink):
         except OSError as exc:
             raise SinkError(f"jsonl: cannot create {self.root}: {exc}", retriable=True) from exc
         state = context.state or {}
-        self._sizes: dict[str, int] = dict(state.get("sizes", {}))
         self._pinned: dict[str, list[str]] = dict(state.get("pinned", {}))
-        self._epoch: int = state.get("epoch", 0)
-        self._journal_path = context.state_dir / "presizes.jsonl"
-        self._recover()
-        self._journal = self._journal_path.open("w", encoding="utf-8")
-        self._mark_epoch()
-        self._files: dict[str, IO[str]] = {}
-        self._dirty: set[str] = set()
+        self._files = AppendOnlyFiles(self.root, context.state_dir / "presizes.jsonl", state)
         self._summaries: dict[str, dict[str, Any]] = {}
         self._summary_dirty: set[str] = set()
-        self._batch_start: dict[str, int] = {}
         self._configs: dict[str, dict[str, Any]] = {}
-
-    def _recover(self) -> None:
-        """Cut every metrics file back to the size the saved cursor corresponds to.
-
-        The journal holds epoch markers (one per checkpoint) and, after each, the
-        size of every file before its first append since that checkpoint. Only the
-        entries after the saved checkpoint's marker matter, and for each file the
-        first of them.
-        """
-        sizes: dict[str, int] = {}
-        if self._journal_path.exists():
-            after_saved = False
-            for line in self._journal_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line: its file had not been appended to yet
-                if "epoch" in entry:
-                    after_saved = after_saved or entry["epoch"] == self._epoch
-                elif after_saved:
-                    sizes.setdefault(entry["file"], entry["size"])
-        sizes.update(self._sizes)
-        for relative, size in sizes.items():
-            path = self.root / relative
-            if path.exists() and path.stat().st_size > size:
-                os.truncate(path, size)
-        self._sizes = {rel: size for rel, size in sizes.items() if rel in self._sizes}
 
     def write(self, batch: list[Record]) -> None:
         """All or nothing: a batch that fails midway leaves the metrics files as they were.
@@ -95,22 +61,12 @@ class JsonlSink(Sink):
         The fan-out re-sends a failed batch (whole, or record by record after a
         permanent error), so rows appended before the failure would otherwise land twice.
         """
-        self._batch_start = dict(self._sizes)
         try:
+            self._files.begin()
             self._write(batch)
         except BaseException:
-            self._undo_appends()
+            self._files.undo()
             raise
-
-    def _undo_appends(self) -> None:
-        for relative, size in self._sizes.items():
-            start = self._batch_start[relative]
-            if start != size:
-                handle = self._files.pop(relative.rsplit("/", 1)[0], None)
-                if handle is not None:
-                    handle.close()
-                os.truncate(self.root / relative, start)
-                self._sizes[relative] = start
 
     def _write(self, batch: list[Record]) -> None:
         lines: dict[str, list[str]] = {}
@@ -172,34 +128,11 @@ class JsonlSink(Sink):
     def _flush_lines(self, lines: dict[str, list[str]]) -> None:
         for run_dir, rows in lines.items():
             if rows:
-                handle = self._metrics_file(run_dir)
-                handle.write("\n".join(rows) + "\n")
-                handle.flush()
-                self._sizes[f"{run_dir}/metrics.jsonl"] = handle.tell()
-                self._dirty.add(run_dir)
-
-    def _metrics_file(self, run_dir: str) -> IO[str]:
-        handle = self._files.get(run_dir)
-        if handle is None:
-            if len(self._files) >= _OPEN_FILES:
-                oldest = next(iter(self._files))
-                self._files.pop(oldest).close()
-            relative = f"{run_dir}/metrics.jsonl"
-            path = self.root / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if relative not in self._sizes:
-                size = path.stat().st_size if path.exists() else 0
-                self._journal.write(json.dumps({"file": relative, "size": size}) + "\n")
-                self._journal.flush()
-                os.fsync(self._journal.fileno())
-                self._sizes[relative] = size
-                self._batch_start[relative] = size
-            handle = path.open("a", encoding="utf-8")
-            self._files[run_dir] = handle
-        return handle
+                data = ("\n".join(rows) + "\n").encode()
+                self._files.append(f"{run_dir}/metrics.jsonl", b"", data)
 
     def _run_dir(self, run: RunInfo) -> str:
-        return f"{_safe(run.project)}/{_safe(run.name)}-{run.id[:8]}"
+        return f"{path_component(run.project)}/{path_component(run.name)}-{run.id[:8]}"
 
     def _summary(self, run_dir: str) -> dict[str, Any]:
         if run_dir not in self._summaries:
@@ -250,7 +183,7 @@ class JsonlSink(Sink):
         os.replace(temporary, directory / name)
 
     def _copy_artifact(self, run_dir: str, source: str, name: str) -> None:
-        target = self.root / run_dir / "artifacts" / _safe(name)
+        target = self.root / run_dir / "artifacts" / path_component(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copyfile(source, target)
@@ -260,42 +193,15 @@ class JsonlSink(Sink):
             ) from exc
 
     def _close_run(self, run_dir: str) -> None:
-        handle = self._files.pop(run_dir, None)
-        if handle is not None:
-            os.fsync(handle.fileno())
-            handle.close()
+        self._files.finish(f"{run_dir}/metrics.jsonl")
         if run_dir in self._summaries:
             self._replace(run_dir, "summary.json", self._summaries.pop(run_dir))
         self._summary_dirty.discard(run_dir)
         self._configs.pop(run_dir, None)
         self._pinned.pop(run_dir, None)
-        self._dirty.discard(run_dir)
 
     def checkpoint(self) -> dict[str, Any]:
-        """Make appended lines durable, then describe the files as they now are."""
-        for run_dir in self._dirty:
-            handle = self._files.get(run_dir)
-            if handle is not None:
-                os.fsync(handle.fileno())
-        self._dirty.clear()
-        open_files = {f"{run_dir}/metrics.jsonl" for run_dir in self._files}
-        self._sizes = {rel: size for rel, size in self._sizes.items() if rel in open_files}
-        self._epoch += 1
-        self._mark_epoch()
-        return {"sizes": dict(self._sizes), "pinned": dict(self._pinned), "epoch": self._epoch}
-
-    def _mark_epoch(self) -> None:
-        self._journal.write(json.dumps({"epoch": self._epoch}) + "\n")
-        self._journal.flush()
+        return {**self._files.checkpoint(), "pinned": dict(self._pinned)}
 
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
-        if not self._journal.closed:
-            self._journal.close()
-
-
-def _safe(name: str) -> str:
-    """A path component from a project or run name: no separators, no leading dot."""
-    return _UNSAFE.sub("_", name).lstrip(".") or "_"
+        self._files.close_all()
