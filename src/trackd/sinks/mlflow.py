@@ -1,0 +1,432 @@
+"""The MLflow sink: `mlflow:http://HOST:PORT`, `mlflow:sqlite:///path.db`, `mlflow:file:/path`.
+
+One trackd run is one MLflow run, in the experiment named after the project,
+with `runName` the run name. The pairing is kept in a `RunMap` and the MLflow
+run carries the tag `trackd.run_id`, so a restart, a replay or a resume finds
+the run again (by the map, else by searching for the tag) instead of making a
+second one. Mapping of the records:
+
+* run_start: create (or reuse, setting it RUNNING again) the run; config ->
+  params, nested keys joined with "/"; tags plus `trackd.run_id`,
+  `trackd.host`, `trackd.group`, `trackd.pid`, `trackd.rank`;
+* metrics: MLflow metrics with their step and timestamp (ms); config: params;
+  tags: tags; artifact: an uploaded file or directory;
+* summary: tags `summary/KEY` (summary values may be any JSON, and a tag is
+  overwritten in place, where a metric would add a point to the history);
+* run_end: `set_terminated` FINISHED or FAILED, the error in tag `trackd.error`.
+
+Limits: every `log_batch` call carries one kind of entity, at most 1000 metrics
+or 100 params or 100 tags (so also under the server's 1 MB request cap). Param
+values over 6000 characters and tag values over 8000 are truncated (a counted
+notice). Params are immutable in MLflow: the sink knows each run's params
+(fetched once per run), skips a key re-logged with the same value and refuses
+a changed value. A refused value, or a key MLflow would reject, does not cost
+the record's other values: those are stored, then the record goes to the dead
+letters with the reason.
+
+Errors: MLflow raises `MlflowException` for everything, a refused connection
+included, with an error code that maps to an HTTP status; 5xx, 429 and 408
+are retriable, other 4xx permanent. Its REST client retries internally for
+minutes by default, so `open()` sets `MLFLOW_HTTP_REQUEST_MAX_RETRIES` (0) and
+`MLFLOW_HTTP_REQUEST_TIMEOUT` (5 s) unless the environment or the spec options
+`http_retries` / `http_timeout` say otherwise: a failing call returns at once
+and trackd's own backoff does the retrying, without holding up other sinks.
+
+Exactly once: params (same value) and tags (overwritten) are idempotent, and so
+is `set_terminated`. Metric points are not (the file store appends them again;
+SQL stores ignore exact duplicates, remote servers may not), so before each
+write the sink records, in a 64-byte file fsynced in its state directory, the
+WAL position of the batch's last record: everything up to that mark may already
+be in MLflow. After `open()`, and after any failed write (which may have stored
+part of its batch), records up to the mark are *suspect*: for each run and key
+they touch, the metric history is fetched once and points already there (same
+key, step, timestamp and value) are skipped. The first batch past the mark ends
+the window and drops the fetched histories, so the checkpoint holds nothing and
+the extra reads happen only after a crash or a failure. Runs found by their tag
+rather than the map (a replay from another data dir) are checked throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trackd.sinks.base import (
+    Notices,
+    Record,
+    RunInfo,
+    RunMap,
+    Sink,
+    SinkContext,
+    SinkError,
+    is_retriable_os_error,
+    retriable_status,
+)
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+MAX_METRICS_PER_CALL = 1000
+MAX_PARAMS_TAGS_PER_CALL = 100
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+HTTP_SETTINGS = {  # spec option -> (MLflow environment variable, default)
+    "http_retries": ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+    "http_timeout": ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
+}
+_KEY = re.compile(r"^[/\w.\- :]*$")
+_UNSAFE = re.compile(r"[^\w.@+=-]+")
+_MARK_BYTES = 64
+
+Position = tuple[int, int]
+Point = tuple[int, int, float | str]  # step, timestamp in ms, value (NaN as a string)
+
+
+class MlflowSink(Sink):
+    kind = "mlflow"
+    target_key = "tracking_uri"
+
+    def open(self, context: SinkContext) -> None:
+        if self.target.startswith(("http:", "https:")):
+            for option, (variable, default) in HTTP_SETTINGS.items():
+                os.environ[variable] = self.options.get(option) or os.environ.get(variable, default)
+        elif self.target.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the spec asked for it
+        self._artifact_root: Path | None = None
+        if self.target.startswith("sqlite:///"):
+            database = Path(self.target.removeprefix("sqlite:///")).expanduser().absolute()
+            database.parent.mkdir(parents=True, exist_ok=True)
+            self._artifact_root = database.parent / "mlartifacts"  # not the daemon's cwd
+        try:
+            from mlflow.tracking import MlflowClient
+
+            self._client: MlflowClient = MlflowClient(tracking_uri=self.target)
+        except Exception as exc:
+            mapped = _sink_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        context.state_dir.mkdir(parents=True, exist_ok=True)
+        self._runs = RunMap(context.state_dir / "runs.json")
+        self._notices = Notices("mlflow")
+        self._experiments: dict[str, str] = {}
+        self._params: dict[str, dict[str, str]] = {}  # MLflow run -> params stored
+        self._history: dict[tuple[str, str], set[Point]] = {}  # (MLflow run, key) -> points
+        self._verify: set[str] = set()  # runs found by tag: every point is checked
+        self._problems: list[str] = []
+        self._good_keys: set[str] = set()
+        mark_path = context.state_dir / "written.json"
+        self._suspect_until = self._read_mark(mark_path)
+        self._mark = self._suspect_until
+        self._mark_fd = os.open(mark_path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def _read_mark(self, path: Path) -> Position | None:
+        try:
+            text = path.read_bytes().strip()
+            if not text:
+                return None
+            segment, offset = json.loads(text)
+            return int(segment), int(offset)
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError):
+            self._notices(f"unreadable {path.name}; points written just before a crash may repeat")
+            return None
+
+    def write(self, batch: list[Record]) -> None:
+        if not batch:
+            return
+        if self._suspect_until is not None and batch[0].position > self._suspect_until:
+            self._suspect_until = None
+            self._history = {key: v for key, v in self._history.items() if key[0] in self._verify}
+        last = batch[-1].position
+        if self._mark is None or last > self._mark:
+            try:
+                os.pwrite(self._mark_fd, json.dumps(list(last)).encode().ljust(_MARK_BYTES), 0)
+                os.fdatasync(self._mark_fd)
+            except OSError as exc:  # nothing may be sent unless the mark is durable
+                message = f"mlflow: cannot record the delivery mark: {exc}"
+                raise SinkError(message, retriable=True) from exc
+            self._mark = last
+        try:
+            self._write(batch)
+        except Exception as exc:
+            # Part of the batch may be stored: check it point by point when it comes again.
+            self._suspect_until = max(last, self._suspect_until or last)
+            self._history.clear()
+            self._params.clear()
+            mapped = None if isinstance(exc, SinkError) else _sink_error(exc)
+            if mapped is None:
+                raise  # ours, or else not MLflow's nor the network's: a bug, for the fan-out
+            raise mapped from exc
+
+    def _write(self, batch: list[Record]) -> None:
+        from mlflow.entities import Metric
+
+        pending: dict[str, list[Metric]] = {}
+        for record in batch:
+            self._problems = []
+            run_id, created = self._run_for(record.run)
+            if created and record.type != "run_start":
+                self._set_tags(run_id, _run_tags(record.run))  # a run whose start was not seen
+            if record.type == "metrics":
+                suspect = run_id in self._verify or (
+                    self._suspect_until is not None and record.position <= self._suspect_until
+                )
+                points = pending.setdefault(run_id, [])
+                for step, ts, values in record.body["rows"]:
+                    millis = int(ts * 1000)
+                    for key, value in values.items():
+                        if not self._valid_key(key, "metric"):
+                            continue
+                        number = float(value)
+                        if suspect and (step, millis, _identity(number)) in self._stored(
+                            run_id, key
+                        ):
+                            continue
+                        points.append(Metric(key, number, millis, step))
+            else:
+                self._flush(pending)
+                self._apply(run_id, created, record)
+            if self._problems:
+                self._flush(pending)
+                raise SinkError("mlflow: " + "; ".join(self._problems), retriable=False)
+        self._flush(pending)
+
+    def _flush(self, pending: dict[str, list[Metric]]) -> None:
+        for run_id, points in pending.items():
+            for start in range(0, len(points), MAX_METRICS_PER_CALL):
+                chunk = points[start : start + MAX_METRICS_PER_CALL]
+                self._client.log_batch(run_id, metrics=chunk, synchronous=True)
+        pending.clear()
+
+    def _apply(self, run_id: str, created: bool, record: Record) -> None:
+        body = record.body
+        if record.type == "run_start":
+            if not created:
+                self._client.update_run(run_id, status="RUNNING")
+            self._set_tags(run_id, _run_tags(record.run))
+            self._log_params(run_id, _flatten(record.run.config))
+        elif record.type == "config":
+            self._log_params(run_id, _flatten(body["values"]))
+        elif record.type == "tags":
+            self._set_tags(run_id, body["values"])
+        elif record.type == "summary":
+            summary = _flatten(body["values"])
+            self._set_tags(run_id, {f"summary/{key}": value for key, value in summary.items()})
+        elif record.type == "artifact":
+            self._log_artifact(run_id, body["path"], body["name"])
+        elif record.type == "run_end":
+            if body.get("error"):
+                self._set_tags(run_id, {"trackd.error": body["error"]})
+            status = "FINISHED" if body["status"] == "finished" else "FAILED"
+            self._client.set_terminated(run_id, status, end_time=int(body["ended"] * 1000))
+            self._params.pop(run_id, None)
+            self._verify.discard(run_id)
+            for stored in [key for key in self._history if key[0] == run_id]:
+                del self._history[stored]
+
+    # --- runs and experiments ----------------------------------------------------------
+
+    def _run_for(self, run: RunInfo) -> tuple[str, bool]:
+        """The MLflow run of a trackd run, and whether it was created just now."""
+        run_id = self._runs.get(run.id)
+        if run_id is not None:
+            return run_id, False
+        experiment_id = self._experiment(run.project)
+        found = self._client.search_runs(
+            [experiment_id], filter_string=f"tags.`trackd.run_id` = '{run.id}'", max_results=1
+        )
+        created = not found
+        if found:
+            run_id = found[0].info.run_id
+            self._verify.add(run_id)
+        else:
+            started = int(run.started * 1000) or None
+            tag = {"trackd.run_id": run.id}  # the other tags go through _set_tags' checks
+            new = self._client.create_run(
+                experiment_id, start_time=started, tags=tag, run_name=run.name
+            )
+            run_id = new.info.run_id
+            self._params[run_id] = {}
+        self._runs.set(run.id, run_id)
+        return run_id, created
+
+    def _experiment(self, project: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        if project not in self._experiments:
+            experiment = self._client.get_experiment_by_name(project)
+            if experiment is None:
+                location = None
+                if self._artifact_root is not None:
+                    location = (self._artifact_root / _UNSAFE.sub("_", project)).as_uri()
+                try:
+                    self._experiments[project] = self._client.create_experiment(
+                        project, artifact_location=location
+                    )
+                except MlflowException as exc:  # created meanwhile by someone else
+                    experiment = self._client.get_experiment_by_name(project)
+                    if experiment is None:
+                        raise exc from None
+            if experiment is not None:
+                if experiment.lifecycle_stage != "active":
+                    raise SinkError(
+                        f"mlflow: experiment {project!r} is deleted; restore it", retriable=False
+                    )
+                self._experiments[project] = experiment.experiment_id
+        return self._experiments[project]
+
+    # --- params, tags, artifacts -------------------------------------------------------
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        if run_id not in self._params:
+            self._params[run_id] = dict(self._client.get_run(run_id).data.params)
+        stored = self._params[run_id]
+        new: dict[str, str] = {}
+        for key, value in params.items():
+            if not self._valid_key(key, "param"):
+                continue
+            text = self._truncate(value, MAX_PARAM_VALUE, "param")
+            if key not in stored:
+                new[key] = text
+            elif stored[key] != text:
+                self._problems.append(
+                    f"param {key!r} is {stored[key][:100]!r} and MLflow params cannot change;"
+                    f" {text[:100]!r} not stored"
+                )
+        items = list(new.items())
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_CALL):
+            chunk = items[start : start + MAX_PARAMS_TAGS_PER_CALL]
+            self._client.log_batch(run_id, params=[Param(k, v) for k, v in chunk], synchronous=True)
+            stored.update(chunk)
+
+    def _set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [
+            RunTag(key, self._truncate(value, MAX_TAG_VALUE, "tag"))
+            for key, value in tags.items()
+            if self._valid_key(key, "tag")
+        ]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_CALL):
+            chunk = items[start : start + MAX_PARAMS_TAGS_PER_CALL]
+            self._client.log_batch(run_id, tags=chunk, synchronous=True)
+
+    def _log_artifact(self, run_id: str, path: str, name: str) -> None:
+        """Upload under `name` (MLflow names a file by its basename, so copy when they differ)."""
+        source = Path(path)
+        if source.is_dir():
+            self._client.log_artifacts(run_id, path, artifact_path=name)
+            return
+        if not source.is_file():
+            raise SinkError(f"mlflow: artifact {path!r} no longer exists", retriable=False)
+        folder = posixpath.dirname(name) or None
+        if source.name == posixpath.basename(name):
+            self._client.log_artifact(run_id, path, artifact_path=folder)
+            return
+        with tempfile.TemporaryDirectory(prefix="trackd-mlflow-") as temporary:
+            copy = Path(temporary) / posixpath.basename(name)
+            shutil.copyfile(source, copy)
+            self._client.log_artifact(run_id, str(copy), artifact_path=folder)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _stored(self, run_id: str, key: str) -> set[Point]:
+        """The points of one metric already in MLflow (fetched once per suspect window)."""
+        stored = self._history.get((run_id, key))
+        if stored is None:
+            stored = {
+                (metric.step, metric.timestamp, _identity(metric.value))
+                for metric in self._client.get_metric_history(run_id, key)
+            }
+            self._history[(run_id, key)] = stored
+        return stored
+
+    def _valid_key(self, key: str, what: str) -> bool:
+        """MLflow's own rules for metric, param and tag names; a broken one is a problem."""
+        if key in self._good_keys:
+            return True
+        normal = posixpath.normpath(key)
+        if (
+            _KEY.match(key)
+            and len(key) <= MAX_KEY
+            and normal == key
+            and normal != "."
+            and not normal.startswith(("..", "/"))
+        ):
+            if len(self._good_keys) < 100_000:
+                self._good_keys.add(key)
+            return True
+        problem = f"{what} name {key[:MAX_KEY]!r} is not valid in MLflow; not stored"
+        if problem not in self._problems:
+            self._problems.append(problem)
+        return False
+
+    def _truncate(self, value: str, limit: int, what: str) -> str:
+        if len(value) <= limit:
+            return value
+        self._notices(f"{what} values over MLflow's {limit}-character limit are truncated")
+        return value[:limit]
+
+    def close(self) -> None:
+        if getattr(self, "_mark_fd", -1) >= 0:
+            os.close(self._mark_fd)
+            self._mark_fd = -1
+
+
+def _run_tags(run: RunInfo) -> dict[str, str]:
+    trackd: dict[str, object] = {"trackd.run_id": run.id, "trackd.host": run.host}
+    trackd |= {"trackd.group": run.group, "trackd.pid": run.pid, "trackd.rank": run.rank}
+    return {**run.tags, **{key: str(value) for key, value in trackd.items() if value is not None}}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config as MLflow params: keys joined with "/", values as MLflow prints them."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, list | dict):
+            flat[prefix + key] = json.dumps(value, default=str)
+        else:
+            flat[prefix + key] = str(value)
+    return flat
+
+
+def _identity(value: float) -> float | str:
+    """A value as stored: SQL stores keep NaN as a flag and clamp infinities to the float max."""
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return math.copysign(1.7976931348623157e308, value)
+    return value
+
+
+def _sink_error(exc: BaseException) -> SinkError | None:
+    """MLflow's and its HTTP stack's exceptions as retriable or permanent; None for others."""
+    import requests
+    from mlflow.exceptions import ERROR_CODE_TO_HTTP_STATUS, MlflowException
+
+    message = f"mlflow: {type(exc).__name__}: {exc}"[:1000]
+    if isinstance(exc, MlflowException):
+        status = ERROR_CODE_TO_HTTP_STATUS.get(exc.error_code, 500)
+        return SinkError(message, retriable=retriable_status(status))
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return SinkError(message, retriable=retriable_status(exc.response.status_code))
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return SinkError(message, retriable=True)
+    if isinstance(exc, OSError):
+        return SinkError(message, retriable=is_retriable_os_error(exc))
+    return None

@@ -1,0 +1,437 @@
+"""The MLflow sink against the real thing: an `mlflow server` on 127.0.0.1, sqlite and file stores.
+
+One server (sqlite store in the module's tmp dir) is started per module, by
+PID, in its own process group (its uvicorn worker is a child); the outage test
+SIGKILLs it and starts it again on the same store and port, and every test
+first makes sure it is up. Each test uses its own MLflow experiment (project).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Daemon, finish_client, wait_for
+from trackd.sinks.base import Record, RunInfo, SinkContext, SinkError, SinkSpec
+
+pytestmark = pytest.mark.filterwarnings(
+    # reading a sqlite store in this process goes through SQLAlchemy 2.1, which warns about
+    # MLflow's queries; the sink itself runs in the daemon, where warnings are not errors
+    "ignore::sqlalchemy.exc.SADeprecationWarning"
+)
+
+# A training script: config (nested), tags, paced log() calls timed one by one, summary,
+# an artifact; "fail" raises inside `with`, "conflict" re-logs a param with a new value
+# and a metric name MLflow refuses.
+CLIENT = r"""
+import json, sys, time
+import trackd
+
+project, name, rows, pace, mode, artifact = sys.argv[1:7]
+rows, pace = int(rows), float(pace)
+worst = 0.0
+run = trackd.init(
+    project=project, name=name, tags={"team": "vision"},
+    config={"rows": rows, "optimizer": {"name": "adam", "lr": 0.001}, "note": "x" * 7000},
+)
+try:
+    with run:
+        run.set_tags({"stage": "test"})
+        for step in range(rows):
+            began = time.perf_counter()
+            run.log({"loss": 1.0 / (step + 1), "i": step})
+            worst = max(worst, time.perf_counter() - began)
+            if pace and step % 100 == 99:
+                time.sleep(pace)
+        if mode == "conflict":
+            # flushed first: the client queues run_start's config by reference, and an
+            # update to it before it is sent would be sent as part of it
+            run.flush(timeout=10)
+            run.log_config({"optimizer": {"lr": 0.5}, "epochs": 3})
+            run.log({"bad//key": 1.0, "ok": 2.0}, step=rows)
+        run.set_summary({"best_acc": 0.99})
+        if artifact != "-":
+            run.log_artifact(artifact, name="notes.txt")
+        if mode == "fail":
+            raise RuntimeError("loss diverged")
+except RuntimeError:
+    pass
+print(json.dumps({"id": run.id, "worst_log_seconds": worst}))
+"""
+
+
+class Clients:
+    """Training scripts (CLIENT) started by a test; any still running at its end are killed."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        project: str,
+        name: str,
+        rows: int,
+        pace: float = 0.0,
+        mode: str = "ok",
+        artifact: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        arguments = [project, name, str(rows), str(pace), mode, str(artifact or "-")]
+        process = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, *arguments],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.started.append(process)
+        return process
+
+
+@pytest.fixture
+def clients(env: dict[str, str]) -> Iterator[Clients]:
+    handle = Clients(env)
+    yield handle
+    for process in handle.started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class MlflowServer:
+    """`mlflow server` with an sqlite store; started, SIGKILLed and restarted by PID."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = root / "server.log"
+
+    def start(self) -> None:
+        command = [
+            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
+            *("--port", str(self.port), "--workers", "1"),
+            *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
+            *("--artifacts-destination", str(self.root / "artifacts")),
+        ]
+        # the job runner would start a dozen huey consumers nothing here needs
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for(self._answers, timeout=120, interval=0.2)
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"mlflow server exited:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def ensure_running(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+
+    def kill(self) -> None:
+        """SIGKILL the server and its worker: the process group of the PID started here."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def server(server_process: MlflowServer) -> MlflowServer:
+    server_process.ensure_running()
+    return server_process
+
+
+def mlflow_client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def runs_of(uri: str, project: str) -> dict[str, Any]:
+    """{run name: MLflow run} of the experiment named `project`; one run per name."""
+    client = mlflow_client(uri)
+    experiment = client.get_experiment_by_name(project)
+    assert experiment is not None, f"no experiment {project!r}"
+    runs = client.search_runs([experiment.experiment_id])
+    names = [run.info.run_name for run in runs]
+    assert len(names) == len(set(names)), f"a trackd run became several MLflow runs: {names}"
+    return {run.info.run_name: run for run in runs}
+
+
+def assert_complete(uri: str, run: Any, rows: int, status: str = "FINISHED") -> None:
+    client = mlflow_client(uri)
+    for key in ("loss", "i"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(metric.step for metric in history) == list(range(rows)), key
+    values = {
+        metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, "i")
+    }
+    assert values == {step: float(step) for step in range(rows)}
+    assert run.data.params["rows"] == str(rows)
+    assert run.data.params["optimizer/name"] == "adam"
+    assert run.data.params["optimizer/lr"] == "0.001"
+    assert run.data.params["note"] == "x" * 6000, "a long param is truncated, not dropped"
+    tags = run.data.tags
+    assert (tags["team"], tags["stage"], tags["summary/best_acc"]) == ("vision", "test", "0.99")
+    assert all(tags[f"trackd.{name}"] for name in ("run_id", "host", "pid"))
+    assert run.info.status == status
+
+
+def sink_status(daemon: Daemon) -> dict[str, Any]:
+    (status,) = daemon.status()["sinks"].values()
+    result: dict[str, Any] = status
+    return result
+
+
+def test_runs_arrive_whole_with_params_tags_status_and_artifact(
+    server: MlflowServer, daemon: Daemon, clients: Clients, tmp_path: Path
+) -> None:
+    """Two runs at once through the daemon: every step once, params, tags, FINISHED / FAILED."""
+    notes = tmp_path / "notes-source.txt"
+    notes.write_text("hello")
+    daemon.start("--sink", f"mlflow:{server.uri}")
+    good = clients.start("whole", "good", 5000, artifact=notes)
+    bad = clients.start("whole", "bad", 1000, mode="fail")
+    finish_client(good)
+    finish_client(bad)
+    daemon.flush()
+    runs = runs_of(server.uri, "whole")
+    assert sorted(runs) == ["bad", "good"]
+    assert_complete(server.uri, runs["good"], 5000)
+    assert_complete(server.uri, runs["bad"], 1000, status="FAILED")
+    assert "loss diverged" in runs["bad"].data.tags["trackd.error"]
+    assert "trackd.error" not in runs["good"].data.tags
+    artifacts = mlflow_client(server.uri).list_artifacts(runs["good"].info.run_id)
+    assert [artifact.path for artifact in artifacts] == ["notes.txt"]
+    assert sink_status(daemon)["dead_letters"] == 0
+    assert daemon.stop() == 0
+
+
+def test_server_killed_mid_run_and_back_15s_later_loses_and_duplicates_nothing(
+    server: MlflowServer, daemon: Daemon, clients: Clients
+) -> None:
+    """The issue's outage: SIGKILL 4 s into 20,000 steps, restart 15 s later, all there once."""
+    daemon.start("--sink", f"mlflow:{server.uri}")
+    client = clients.start("outage", "long", 20_000, pace=0.04)
+    time.sleep(4)
+    assert client.poll() is None, "the run should still be logging when the server dies"
+    server.kill()
+    killed = time.monotonic()
+    failing = wait_for(
+        lambda: (status := sink_status(daemon))["retries"] > 0 and status["last_error"] and status,
+        timeout=12,
+    )
+    assert "mlflow" in failing["last_error"]
+    time.sleep(max(0.0, 15 - (time.monotonic() - killed)))
+    assert sink_status(daemon)["lag_bytes"] > 0, "the sink should be behind while MLflow is down"
+    server.start()
+    result = finish_client(client)
+    daemon.flush(timeout=120)
+    assert result["worst_log_seconds"] < 0.05, "log() must never wait on MLflow"
+    runs = runs_of(server.uri, "outage")
+    assert list(runs) == ["long"]
+    assert_complete(server.uri, runs["long"], 20_000)
+    assert sink_status(daemon)["dead_letters"] == 0
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("store", ["server", "file"])
+def test_daemon_killed_mid_delivery_still_exactly_once(
+    store: str,
+    request: pytest.FixtureRequest,
+    daemon: Daemon,
+    clients: Clients,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGKILL the daemon twice while its sink delivers, with the cursor saved at most every
+    5 s so that what it delivered is sent again: every point once, one MLflow run per trackd
+    run, also in the file store, which would store a repeated point twice."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read it back here
+    uri = request.getfixturevalue("server").uri if store == "server" else f"file:{tmp_path}/mlruns"
+    serve = ("--sink", f"mlflow:{uri}")
+    settings = {"TRACKD_CHECKPOINT_SECONDS": "5"}
+    daemon.start(*serve, extra_env=settings)
+    running = [clients.start(f"crash-{store}", name, 6000, pace=0.12) for name in "ab"]
+    for _ in range(2):
+        wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=30)
+        time.sleep(0.3)
+        daemon.kill()
+        daemon.start(*serve, extra_env=settings)
+    for client in running:
+        finish_client(client)
+    daemon.flush(timeout=120)
+    runs = runs_of(uri, f"crash-{store}")
+    assert sorted(runs) == ["a", "b"]
+    for run in runs.values():
+        assert_complete(uri, run, 6000)
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_sqlite_and_file_targets(
+    store: str, daemon: Daemon, clients: Clients, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlflow:sqlite:///...` (a directory made for it) and `mlflow:file:...` in the daemon."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read it back here
+    uri = f"sqlite:///{tmp_path}/new/mlflow.db" if store == "sqlite" else f"file:{tmp_path}/mlruns"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    daemon.start("--sink", f"mlflow:{uri}")
+    finish_client(clients.start("local", "short", 1500, artifact=notes))
+    finish_client(clients.start("local", "failed", 200, mode="fail"))
+    daemon.flush()
+    runs = runs_of(uri, "local")
+    assert_complete(uri, runs["short"], 1500)
+    assert_complete(uri, runs["failed"], 200, status="FAILED")
+    artifacts = mlflow_client(uri).list_artifacts(runs["short"].info.run_id)
+    assert [artifact.path for artifact in artifacts] == ["notes.txt"]
+    assert daemon.stop() == 0
+
+
+def test_permanent_errors_go_to_dead_letters_and_the_rest_arrives(
+    server: MlflowServer, daemon: Daemon, clients: Clients
+) -> None:
+    """A param re-logged with a new value and a metric name MLflow refuses: two dead letters
+    with their reasons; every other value of the run, of those records too, is stored."""
+    spec = f"mlflow:{server.uri}"
+    daemon.start("--sink", spec)
+    finish_client(clients.start("refused", "conflict", 3000, mode="conflict"))
+    daemon.flush()
+    run = runs_of(server.uri, "refused")["conflict"]
+    assert_complete(server.uri, run, 3000)
+    assert run.data.params["epochs"] == "3"
+    assert mlflow_client(server.uri).get_metric_history(run.info.run_id, "ok")[0].step == 3000
+    path = daemon.data_dir / "deadletter" / f"{SinkSpec.parse(spec).name}.jsonl"
+    letters = {entry["type"]: entry for entry in map(json.loads, path.read_text().splitlines())}
+    assert sorted(letters) == ["config", "metrics"]
+    assert "optimizer/lr" in letters["config"]["reason"]
+    assert "bad//key" in letters["metrics"]["reason"]
+    status = sink_status(daemon)
+    assert status["dead_letters"] == 2
+    assert daemon.stop() == 0
+
+
+def test_sink_limits_truncation_and_redelivery_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, on a file store: log_batch calls within MLflow's limits; a batch written
+    again after a "crash" (no checkpoint) adds nothing; a batch past it is written whole."""
+    from trackd.sinks.mlflow import MlflowSink
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{tmp_path}/mlruns"
+    config = {f"k{index}": index for index in range(250)}
+    run = RunInfo("f" * 32, "unit", "limits", started=time.time(), config=config)
+    tags = {f"t{index}": "v" * 9000 for index in range(150)}
+    rows = [[step, 1.7e9 + step, {"a": float(step), "b": float("nan")}] for step in range(2500)]
+    batch = [
+        Record((0, 1), "run_start", run, {}),
+        Record((0, 2), "tags", run, {"values": tags}),
+        Record((0, 3), "metrics", run, {"rows": rows[:1800]}),
+        Record((0, 4), "metrics", run, {"rows": rows[1800:]}),
+    ]
+    calls: list[tuple[int, int, int]] = []
+
+    def opened() -> MlflowSink:
+        sink = MlflowSink(uri)
+        sink.open(SinkContext(None, tmp_path / "state"))
+        log_batch = sink._client.log_batch
+
+        def counted(
+            run_id: str, metrics: Any = (), params: Any = (), tags: Any = (), **kw: Any
+        ) -> Any:
+            calls.append((len(metrics), len(params), len(tags)))
+            return log_batch(run_id, metrics=metrics, params=params, tags=tags, **kw)
+
+        monkeypatch.setattr(sink._client, "log_batch", counted)
+        return sink
+
+    sink = opened()
+    sink.write(batch[:3])
+    sink.close()  # the fan-out saved no cursor: all of it comes again
+    sink = opened()
+    sink.write(batch)
+    end = Record((0, 5), "run_end", run, {"status": "finished", "error": None, "ended": 2e9})
+    sink.write([Record((0, 5), "metrics", run, {"rows": [[9, 1.8e9, {"a": 9.0}]]}), end])
+    assert sink._notices.counts, "truncated tag values are noticed"
+    sink.close()
+    assert all(m <= 1000 and p <= 100 and t <= 100 for m, p, t in calls), calls
+    client = mlflow_client(uri)
+    (found,) = runs_of(uri, "unit").values()
+    history = client.get_metric_history(found.info.run_id, "a")
+    assert sorted((m.step, m.timestamp) for m in history) == sorted(
+        [(step, int((1.7e9 + step) * 1000)) for step in range(2500)] + [(9, int(1.8e12))]
+    )
+    assert len(client.get_metric_history(found.info.run_id, "b")) == 2500
+    assert len(found.data.params) == 250
+    assert found.data.tags["t149"] == "v" * 8000
+    assert found.info.status == "FINISHED"
+
+
+def test_errors_map_to_retriable_or_permanent_and_fail_fast(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connection refused is retriable and returns in seconds, not MLflow's minutes of retries;
+    MLflow's validation codes are permanent, 5xx and 429 retriable."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    from trackd.sinks.mlflow import MlflowSink, _sink_error
+
+    for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(variable, "-")  # so that it is restored after the test
+        monkeypatch.delenv(variable)  # and the sink's own default applies
+    sink = MlflowSink(f"http://127.0.0.1:{free_port()}")
+    sink.open(SinkContext(None, tmp_path / "state"))
+    run = RunInfo("e" * 32, "nowhere", "r", started=time.time())
+    began = time.monotonic()
+    with pytest.raises(SinkError) as caught:
+        sink.write([Record((0, 1), "run_start", run, {})])
+    assert caught.value.retriable
+    assert time.monotonic() - began < 10
+    sink.close()
+    for code, retriable in [
+        (codes.INVALID_PARAMETER_VALUE, False),
+        (codes.RESOURCE_DOES_NOT_EXIST, False),
+        (codes.INTERNAL_ERROR, True),
+        (codes.TEMPORARILY_UNAVAILABLE, True),
+        (codes.REQUEST_LIMIT_EXCEEDED, True),
+    ]:
+        error = _sink_error(MlflowException("x", error_code=code))
+        assert error is not None
+        assert error.retriable is retriable, code
+    assert _sink_error(KeyError("a bug")) is None
