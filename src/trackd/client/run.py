@@ -61,7 +61,7 @@ class Run:
             "name": self.name,
             "group": group,
             "resume": resume,
-            "config": self.config,
+            "config": dict(self.config),  # log_config() updates self.config before this is sent
             "tags": string_map(tags or {}, "init(): tags"),
             "host": os.uname().nodename,
             "pid": os.getpid(),

@@ -118,10 +118,15 @@ class SinkWorker:
         return {"position": list(self.cursor)}
 
     async def _save_if_due(self) -> None:
+        """Save the cursor now and then; a failed save (a full disk) is retried at the next."""
         now = time.monotonic()
         if now - self._saved_at >= self._checkpoint_seconds:
             self._saved_at = now
-            await self.delivery.call(self.delivery.save, self._cursor_path, self._progress())
+            try:
+                await self.delivery.call(self.delivery.save, self._cursor_path, self._progress())
+            except OSError as exc:
+                stats = self.delivery.stats
+                stats.last_error, stats.last_error_at = f"saving the cursor: {exc}", time.time()
 
 
 class Fanout:

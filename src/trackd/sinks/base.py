@@ -166,24 +166,16 @@ def retriable_status(code: int) -> bool:
 
 
 def is_retriable_os_error(exc: BaseException) -> bool:
-    """Connection refused or reset, timeouts, a full disk: the backend may come back."""
-    return isinstance(exc, ConnectionError | TimeoutError) or (
-        isinstance(exc, OSError) and exc.errno in _RETRIABLE_ERRNOS
-    )
+    """Whether an OS-level failure may pass: refused or reset connections, timeouts, a full or
+    read-only disk, permissions an operator can fix, I/O errors. Only errors that name a bad
+    request (an invalid or too-long name) are permanent: retrying costs a wait, while giving
+    up sends every record to the dead letters."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS
 
 
-_RETRIABLE_ERRNOS = frozenset(
-    {
-        errno.ECONNREFUSED,
-        errno.ECONNRESET,
-        errno.ETIMEDOUT,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ENOSPC,
-        errno.EAGAIN,
-        errno.EPIPE,
-    }
-)
+_PERMANENT_ERRNOS = frozenset({errno.EINVAL, errno.ENAMETOOLONG})
 
 
 class RunMap:
