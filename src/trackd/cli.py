@@ -219,7 +219,10 @@ def tail(
 def _tail_lines(
     project: str, run: str, message: dict[str, Any], keys: tuple[str, ...], as_json: bool
 ) -> list[str]:
-    kind, body = message["t"], message["b"]
+    from trackd.daemon.settings import redact
+
+    kind = message["t"]
+    body = message["b"] if kind == "metrics" else redact(message["b"])
     if kind == "reject":
         return []
     if kind != "metrics":

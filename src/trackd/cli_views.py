@@ -43,7 +43,10 @@ def print_status(status: dict[str, Any]) -> None:
         + (f" (last: {ingest['last_error']})" if ingest["last_error"] else "")
     )
     console.print(
-        f"wal: {_bytes(wal['bytes'])} in {wal['segments']} segment(s)"
+        f"wal: {_bytes(wal['bytes'])} in {wal['segments']} segment(s) of "
+        f"{_bytes(wal['max_bytes'])} allowed (on_full={wal['on_full']})"
+        + (", [red]ingest blocked: the WAL is full[/]" if wal["blocked"] else "")
+        + (f", [red]{wal['dropped_rows']} rows dropped[/]" if wal["dropped_rows"] else "")
         + (f", [red]{wal['last_error']}[/]" if wal["last_error"] else "")
     )
     console.print(f"runs: {status['runs']['running']} running, {status['runs']['total']} known")
@@ -53,7 +56,7 @@ def print_status(status: dict[str, Any]) -> None:
     for sink in status["sinks"].values():
         table.add_row(
             sink["spec"],
-            f"{_bytes(sink['lag_bytes'])} / {sink['lag_seconds']:.1f}s",
+            f"{sink['lag_records']} rec, {_bytes(sink['lag_bytes'])}, {sink['lag_seconds']:.1f}s",
             str(sink["delivered_rows"]),
             str(sink["retries"]),
             str(sink["dead_letters"]),

@@ -74,6 +74,7 @@ class SinkWorker:
             **asdict(stats),
             "cursor": list(self.cursor),
             "lag_bytes": self.wal.bytes_between(self.cursor, self.wal.durable_end),
+            "lag_records": self.wal.count_between(self.cursor, self.wal.durable_end),
             "lag_seconds": 0.0 if behind is None else round(time.time() - behind, 3),
         }
 

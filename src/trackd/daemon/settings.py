@@ -76,6 +76,15 @@ def looks_secret(name: str) -> bool:
     return any(word in lowered for word in _SECRET_WORDS)
 
 
+def redact(tree: Any) -> Any:
+    """A copy of config-like data with the values of secret-looking keys masked."""
+    if isinstance(tree, dict):
+        return {k: "***" if looks_secret(str(k)) else redact(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(item) for item in tree]
+    return tree
+
+
 def redacted(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data, with every secret-looking sink option masked."""
     shown: dict[str, Any] = {}
