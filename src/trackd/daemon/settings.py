@@ -140,10 +140,13 @@ def _from_file(table: dict[str, Any], path: Path) -> dict[str, Any]:
     if "sinks" in values:
         if not isinstance(values["sinks"], list):
             raise SettingsError("sinks: expected [[sinks]] tables or a list of spec strings")
-        values["sinks"] = [
-            SinkSpec.parse(item) if isinstance(item, str) else SinkSpec.from_table(item)
-            for item in values["sinks"]
-        ]
+        try:
+            values["sinks"] = [
+                SinkSpec.parse(item) if isinstance(item, str) else SinkSpec.from_table(item)
+                for item in values["sinks"]
+            ]
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from exc
     return values
 
 
