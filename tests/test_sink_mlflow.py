@@ -55,9 +55,6 @@ try:
             if pace and step % 100 == 99:
                 time.sleep(pace)
         if mode == "conflict":
-            # flushed first: the client queues run_start's config by reference, and an
-            # update to it before it is sent would be sent as part of it
-            run.flush(timeout=10)
             run.log_config({"optimizer": {"lr": 0.5}, "epochs": 3})
             run.log({"bad//key": 1.0, "ok": 2.0}, step=rows)
         run.set_summary({"best_acc": 0.99})
