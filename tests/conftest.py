@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,14 @@ from trackd.client.control import DaemonUnreachable, request
 
 HELPERS = Path(__file__).parent / "helpers"
 PLUGINS = Path(__file__).parent / "plugins"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bound and released; fine for tests on loopback)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:

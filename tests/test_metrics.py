@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Daemon, finish_client, run_client
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+from conftest import Daemon, finish_client, free_port, run_client
 
 
 def test_metrics_endpoint_reports_the_status_figures(daemon: Daemon, env: dict[str, str]) -> None:

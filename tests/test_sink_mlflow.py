@@ -9,20 +9,17 @@ first makes sure it is up. Each test uses its own MLflow experiment (project).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Daemon, finish_client, wait_for
+from conftest import Daemon, finish_client, free_port, wait_for
+from mlflow_server import MlflowServer
 from trackd.sinks.base import Record, RunInfo, SinkContext, SinkError, SinkSpec
 
 pytestmark = pytest.mark.filterwarnings(
@@ -103,59 +100,6 @@ def clients(env: dict[str, str]) -> Iterator[Clients]:
         if process.poll() is None:
             process.kill()
             process.wait(10)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class MlflowServer:
-    """`mlflow server` with an sqlite store; started, SIGKILLed and restarted by PID."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = root / "server.log"
-
-    def start(self) -> None:
-        command = [
-            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
-            *("--port", str(self.port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
-            *("--artifacts-destination", str(self.root / "artifacts")),
-        ]
-        # the job runner would start a dozen huey consumers nothing here needs
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        wait_for(self._answers, timeout=120, interval=0.2)
-
-    def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"mlflow server exited:\n{self.log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def ensure_running(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            self.start()
-
-    def kill(self) -> None:
-        """SIGKILL the server and its worker: the process group of the PID started here."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
 
 
 @pytest.fixture(scope="module")
