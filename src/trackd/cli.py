@@ -220,10 +220,11 @@ def _tail_lines(
     project: str, run: str, message: dict[str, Any], keys: tuple[str, ...], as_json: bool
 ) -> list[str]:
     from trackd.daemon.settings import redact
+    from trackd.protocol import INTERNAL_TYPES
 
     kind = message["t"]
     body = message["b"] if kind == "metrics" else redact(message["b"])
-    if kind == "reject":
+    if kind in INTERNAL_TYPES:
         return []
     if kind != "metrics":
         if keys:

@@ -10,7 +10,9 @@ shape depends on `t` (see `validate`). The daemon answers on the same
 socket with `{"t": "ack", "q": highest durable seq}` or
 `{"t": "error", "q": seq or None, "error": text}`. A `reject` message is
 written to the WAL by the daemon in place of a message it refused, so that
-the refused sequence number stays used up across restarts.
+the refused sequence number stays used up across restarts; likewise `joined`
+replaces the run_start of a process joining a run the daemon already has (its
+`b.join` is true), so that a late rank never reopens a finished run.
 
 On disk (the daemon's WAL and the client's spool) frames are wrapped in
 records: a little-endian u32 length, a u32 CRC-32 of the payload, then the
@@ -39,8 +41,11 @@ else:
 VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 MESSAGE_TYPES: Final = frozenset(
-    {"run_start", "metrics", "config", "tags", "summary", "artifact", "run_end", "reject"}
+    {"run_start", "metrics", "config", "tags", "summary", "artifact", "run_end", "reject", "joined"}
 )
+# Written by the daemon, never delivered to sinks: a refused message, and the run_start of a
+# process joining a run the daemon already has (a non-zero rank of a distributed job).
+INTERNAL_TYPES: Final = frozenset({"reject", "joined"})
 RUN_STATUSES: Final = frozenset({"finished", "failed"})
 _MAX_DEPTH: Final = 32
 
@@ -106,6 +111,7 @@ def _validate_run_start(body: Message) -> None:
     _require(body, "name", str, "b.")
     _optional(body, "group", str)
     _optional(body, "resume", str)
+    _optional(body, "join", bool)
     _optional(body, "host", str)
     for field in ("pid", "rank", "local_rank", "world_size"):
         _optional(body, field, int)
@@ -174,6 +180,7 @@ _BODY_VALIDATORS: Final = {
     "artifact": _validate_artifact,
     "run_end": _validate_run_end,
     "reject": _validate_reject,
+    "joined": _validate_values,
 }
 
 

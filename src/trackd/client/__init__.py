@@ -24,9 +24,15 @@ def init(
     mode: Mode = "online",
     endpoint: str | None = None,
     dir: str | os.PathLike[str] | None = None,
+    ranks: str = "zero",
 ) -> Run:
-    """Start a run and make it the current one for the module-level `log` and `finish`."""
-    run = Run(project, name, group, config, tags, resume, mode, endpoint, dir)
+    """Start a run and make it the current one for the module-level `log` and `finish`.
+
+    In a distributed job (RANK and WORLD_SIZE > 1 in the environment) every process of the
+    job joins one run: with `ranks="zero"` only rank 0 logs; with `ranks="all"` every rank
+    does, its keys prefixed `rank{N}/`.
+    """
+    run = Run(project, name, group, config, tags, resume, mode, endpoint, dir, ranks)
     registry.register(run)
     return run
 

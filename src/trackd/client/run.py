@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     Mode = Literal["online", "offline", "disabled"]
 MODES = ("online", "offline", "disabled")
 RESUME_QUERY_SECONDS = 2.0
+RANKS = ("zero", "all")
 RESUME = (None, "allow", "must")
 
 
@@ -36,6 +37,7 @@ class Run:
         mode: Mode = "online",
         endpoint: str | None = None,
         dir: str | os.PathLike[str] | None = None,
+        ranks: str = "zero",
     ) -> None:
         if not isinstance(project, str) or not project:
             raise TypeError(f"init(): project must be a non-empty string, got {project!r}")
@@ -49,10 +51,23 @@ class Run:
             raise ValueError(f"init(): resume must be one of {RESUME}, got {resume!r}")
         if resume is not None and name is None:
             raise ValueError("init(): resume needs a name: a run is resumed by project and name")
+        if ranks not in RANKS:
+            raise ValueError(f"init(): ranks must be one of {RANKS}, got {ranks!r}")
+        rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        job = _distributed_job() if rank is not None and (world or 0) > 1 else None
         self.project = project
-        self.name = name or time.strftime("run-%Y%m%d-%H%M%S")
+        self.name = name or (
+            f"job-{_digest(job)[:8]}" if job else time.strftime("run-%Y%m%d-%H%M%S")
+        )
         self.group = group
-        self.id = _resumable_id(project, self.name) if resume else os.urandom(16).hex()
+        if job is not None:  # every process of the job logs into one run
+            self.id = _digest(f"trackd:{project}/{self.name}/{job}")
+            if ranks == "zero" and rank != 0:
+                mode = "disabled"
+        else:
+            self.id = _digest(f"trackd:{project}/{self.name}") if resume else os.urandom(16).hex()
+        self._prefix = f"rank{rank}/" if job is not None and ranks == "all" else ""
+        self._ends_run = job is None or rank == 0
         self.mode: Mode = mode
         self.config: dict[str, Any] = json_tree(config or {}, "init(): config")
         started = time.time()
@@ -65,9 +80,10 @@ class Run:
             "tags": string_map(tags or {}, "init(): tags"),
             "host": os.uname().nodename,
             "pid": os.getpid(),
-            "rank": _env_int("RANK"),
+            "rank": rank,
             "local_rank": _env_int("LOCAL_RANK"),
-            "world_size": _env_int("WORLD_SIZE"),
+            "world_size": world,
+            "join": job is not None and rank != 0,
             "started": started,
         }
         self._owner_pid = os.getpid()
@@ -125,6 +141,8 @@ class Run:
         if enqueue is None:
             return
         row = metric_row(values)
+        if self._prefix:
+            row = {self._prefix + key: value for key, value in row.items()}
         with self._lock:
             if step is None:
                 step = self._step
@@ -182,7 +200,7 @@ class Run:
         transport = self._transport
         if transport is None:
             return
-        if os.getpid() == self._owner_pid:
+        if os.getpid() == self._owner_pid and self._ends_run:
             transport.send("run_end", {"status": status, "error": error, "ended": time.time()})
         transport.close(timeout)
         registry.forget(self)
@@ -216,11 +234,20 @@ class Run:
         return f"<trackd.Run {self.project}/{self.name} id={self.id[:8]} mode={self.mode}>"
 
 
-def _resumable_id(project: str, name: str) -> str:
-    """The same project and name always give the same run id, so a resumed run continues."""
+def _digest(text: str) -> str:
+    """A run id from a name: the same project and name (and job) always give the same id, so a
+    resumed run, or every rank of a distributed job, continues one run."""
     import hashlib
 
-    return hashlib.sha256(f"trackd:{project}/{name}".encode()).hexdigest()[:32]
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _distributed_job() -> str:
+    """What the processes of one launch share: torchrun's run id, else the rendezvous address."""
+    explicit = os.environ.get("TORCHELASTIC_RUN_ID")
+    if explicit and explicit != "none":
+        return explicit
+    return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
 
 
 def _env_int(name: str) -> int | None:

@@ -12,6 +12,7 @@ import msgpack
 
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.wal import Position, WriteAheadLog
+from trackd.protocol import INTERNAL_TYPES
 from trackd.sinks.base import Record
 
 MAX_BATCH_BYTES = 4 * 1024 * 1024
@@ -37,7 +38,7 @@ class Batcher:
         records = []
         for position, payload in raw:
             message = msgpack.unpackb(payload)  # validated when it was accepted
-            if message["t"] != "reject":
+            if message["t"] not in INTERNAL_TYPES:
                 run = self.ledger.info(message["r"])
                 records.append(Record(position, message["t"], run, message["b"]))
         return records, (raw[-1][0] if raw else start)

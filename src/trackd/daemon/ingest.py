@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.wal import Position, WriteAheadLog
-from trackd.protocol import MAX_FRAME_BYTES, VERSION, Message, ProtocolError, decode, encode
+from trackd.protocol import (
+    INTERNAL_TYPES,
+    MAX_FRAME_BYTES,
+    VERSION,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+)
 
 Reply = Callable[[bytes], None]
 
@@ -81,6 +89,7 @@ class Ingest:
         self._accepted: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self.full: Callable[[], bool] = lambda: False
+        self._started: set[str] = set(ledger.runs)  # runs whose run_start is in the WAL
 
     def start(self) -> None:
         self.wal.start_writer(self._from_writer)
@@ -108,6 +117,11 @@ class Ingest:
                 reply(_ack(self.ledger.sessions.get(session, 0), gap=True))
             return True
         self._accepted[session] = seq
+        if message["t"] == "run_start":
+            if message["b"].get("join") and message["r"] in self._started:
+                message = {**message, "t": "joined", "b": {"values": {}}}
+                frame = encode(message)
+            self._started.add(message["r"])
         self.wal.append(frame, _Accepted(frame, message, reply))
         return True
 
@@ -172,7 +186,7 @@ class Ingest:
                     stats.count_rows(now, len(message["b"]["rows"]))
                 if token.reply is not None:
                     replies[message["s"]] = token.reply
-                if message["t"] != "reject":
+                if message["t"] not in INTERNAL_TYPES:
                     self._publish(ledger.topic(message["r"]), token.frame, position)
             elif isinstance(token, asyncio.Future) and not token.done():
                 token.set_result(None)

@@ -19,7 +19,14 @@ from typing import Any
 
 from trackd.daemon.delivery import Backoff, Delivery, load_progress
 from trackd.daemon.ledger import Ledger
-from trackd.protocol import SPOOL_SUFFIX, Message, ProtocolError, decode, iter_records
+from trackd.protocol import (
+    INTERNAL_TYPES,
+    SPOOL_SUFFIX,
+    Message,
+    ProtocolError,
+    decode,
+    iter_records,
+)
 from trackd.sinks.base import Record, SinkContext, SinkSpec
 
 CHUNK_BYTES = 4 << 20
@@ -72,8 +79,10 @@ def base_ledger(source: Path, files: list[Path]) -> Ledger:
 
 
 def wanted(message: Message, ledger: Ledger, run: str | None) -> bool:
-    if message["t"] == "reject":
+    if message["t"] in INTERNAL_TYPES:
         return False
+    if message["t"] == "run_start" and message["b"].get("join"):
+        return False  # another process of the job started this run (see Ingest.receive)
     if run is None:
         return True
     info = ledger.info(message["r"])
