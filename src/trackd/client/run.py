@@ -140,9 +140,7 @@ class Run:
         enqueue = self._enqueue
         if enqueue is None:
             return
-        row = metric_row(values)
-        if self._prefix:
-            row = {self._prefix + key: value for key, value in row.items()}
+        row = metric_row(values, self._prefix)
         with self._lock:
             if step is None:
                 step = self._step

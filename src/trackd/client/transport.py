@@ -23,6 +23,7 @@ import msgpack
 
 from trackd.client.curve import secure
 from trackd.client.spool import Spool
+from trackd.client.values import PendingRow
 from trackd.protocol import MAX_FRAME_BYTES, VERSION, encode
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
@@ -203,6 +204,8 @@ class Transport:
         while queue:
             item = queue.popleft()
             if type(item) is tuple:
+                if type(item[2]) is PendingRow:
+                    item = (item[0], item[1], item[2].resolved())
                 rows.append(item)
                 if len(rows) >= MAX_ROWS_PER_MESSAGE:
                     self._add_rows(rows)

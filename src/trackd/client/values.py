@@ -21,8 +21,51 @@ if TYPE_CHECKING:
     Scalar = int | float | bool
 
 
-def metric_row(values: object) -> dict[str, Scalar]:
-    if type(values) is dict:
+class Pending:
+    """A value on the GPU on its way to host memory, resolved by the delivery thread.
+
+    Reading a CUDA tensor with `.item()` waits for every kernel queued before it: the
+    training loop would stall on each `log()`. Instead the value is copied with
+    `non_blocking=True` into pinned host memory behind a CUDA event, and the delivery
+    thread waits on that event when it packs the row, long after the caller moved on.
+    """
+
+    __slots__ = ("_event", "_host", "_what")
+
+    def __init__(self, tensor: Any, what: str) -> None:
+        from importlib import import_module
+
+        torch: Any = import_module("torch")  # the caller has it: only a torch tensor gets here
+
+        if tensor.numel() != 1:
+            raise ValueError(f"{what} must be a single number, got a tensor of {tensor.numel()}")
+        self._host = torch.empty(tuple(tensor.shape), dtype=tensor.dtype, pin_memory=True)
+        self._host.copy_(tensor.detach(), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self._what = what
+
+    def resolve(self) -> Scalar:
+        self._event.synchronize()
+        return scalar(self._host.item(), self._what)
+
+
+if TYPE_CHECKING:
+    _Row = dict[str, Scalar | Pending]
+else:
+    _Row = dict
+
+
+class PendingRow(_Row):
+    """A row holding at least one `Pending` value (so the delivery thread knows to resolve)."""
+
+    def resolved(self) -> dict[str, Scalar]:
+        return {k: v.resolve() if isinstance(v, Pending) else v for k, v in self.items()}
+
+
+def metric_row(values: object, prefix: str = "") -> dict[str, Scalar] | PendingRow:
+    """The row for `log(values)`, its keys prefixed with `prefix` (a rank's `rank{N}/`)."""
+    if type(values) is dict and not prefix:
         for key, value in values.items():
             kind = type(value)
             if type(key) is not str or not (
@@ -35,18 +78,24 @@ def metric_row(values: object) -> dict[str, Scalar]:
         raise TypeError(
             f"log(): values must be a dict of name -> number, got {type(values).__name__}"
         )
-    row: dict[str, Scalar] = {}
-    _flatten_metrics(values, "", row)
-    return row
+    row: dict[str, Scalar | Pending] = {}
+    _flatten_metrics(values, prefix, row)
+    if any(isinstance(value, Pending) for value in row.values()):
+        return PendingRow(row)
+    return row  # type: ignore[return-value]  # no Pending in it: all plain numbers
 
 
-def _flatten_metrics(values: Mapping[Any, Any], prefix: str, row: dict[str, Scalar]) -> None:
+def _flatten_metrics(
+    values: Mapping[Any, Any], prefix: str, row: dict[str, Scalar | Pending]
+) -> None:
     for key, value in values.items():
         if not isinstance(key, str):
             raise TypeError(f"log(): key {key!r} must be a string, not {type(key).__name__}")
         name = prefix + key
         if isinstance(value, Mapping):
             _flatten_metrics(value, name + "/", row)
+        elif getattr(value, "is_cuda", False) is True:
+            row[name] = Pending(value, f"log(): {name!r}")
         else:
             row[name] = scalar(value, f"log(): {name!r}")
 
