@@ -95,14 +95,18 @@ def test_the_flaky_sinks_retries_are_counted_in_status(daemon: Daemon, env: dict
 
 
 def deliver_run_with_missing_artifact(daemon: Daemon, env: dict[str, str]) -> tuple[str, Path]:
-    """Log a run offline with an artifact, delete the artifact's file, then start the daemon.
+    """Log a run offline with an artifact, lose the stored copy, then start the daemon.
 
-    Returns (the JSONL sink's name, its root) once the daemon has delivered the spool.
+    log_artifact() stores the file in DATA_DIR/artifacts before it returns, so deleting
+    the original is harmless; removing the stored copy is what makes a record that
+    no sink can ever deliver. Returns (the JSONL sink's name, its root) once the
+    daemon has delivered the spool.
     """
     artifact = daemon.data_dir.parent / "weights.bin"
     artifact.write_bytes(b"\0" * 1000)
     subprocess.run([sys.executable, "-c", ARTIFACT_CLIENT, str(artifact)], env=env, check=True)
-    artifact.unlink()
+    (stored,) = [path for path in (daemon.data_dir / "artifacts").rglob("*") if path.is_file()]
+    stored.unlink()
     root = daemon.data_dir.parent / "sink"
     daemon.start("--sink", f"jsonl:{root}")
     wait_for(lambda: not list((daemon.data_dir / "spool").glob("*.spool")))

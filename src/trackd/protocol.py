@@ -156,6 +156,8 @@ def _validate_tags(body: Message) -> None:
 def _validate_artifact(body: Message) -> None:
     _require(body, "path", str, "b.")
     _require(body, "name", str, "b.")
+    _optional(body, "sha256", str)
+    _optional(body, "size", int)
 
 
 def _validate_reject(body: Message) -> None:

@@ -8,6 +8,7 @@ import time
 
 from trackd import paths
 from trackd.client import registry
+from trackd.client.artifacts import store_artifact
 from trackd.client.transport import Transport
 from trackd.client.values import json_tree, metric_row, scalar, string_map
 
@@ -165,11 +166,24 @@ class Run:
         )
 
     def log_artifact(self, path: str | os.PathLike[str], name: str | None = None) -> None:
-        """Record a file as an artifact of the run (a reference to its path for now)."""
-        target = os.path.abspath(os.path.expanduser(path))
-        if not os.path.exists(target):
-            raise ValueError(f"log_artifact(): {target!r} does not exist")
-        self._send("artifact", {"path": target, "name": name or os.path.basename(target)})
+        """Store a file with the run; the original may be deleted as soon as this returns.
+
+        The file goes into trackd's content-addressed store (DATA_DIR/artifacts) here, in
+        the caller's thread, because only that makes it safe the moment the call returns:
+        a hard link where the store is on the same filesystem, else a streamed copy. This
+        call therefore takes time in proportion to the file (hashing it, and copying it
+        across filesystems), unlike `log()`. A hard-linked file changed *in place* later
+        changes the stored artifact too; deleting or replacing it (as checkpoints are) is
+        safe.
+        """
+        if self._transport is None or self._finished:
+            return
+        source = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(source):
+            raise ValueError(f"log_artifact(): {source!r} is not a file")
+        stored, digest, size = store_artifact(source, paths.data_dir())
+        body = {"path": stored, "name": name or os.path.basename(source), "sha256": digest}
+        self._send("artifact", {**body, "size": size})
 
     def _send(self, type_: str, body: dict[str, Any]) -> None:
         if self._transport is not None and not self._finished:

@@ -1,0 +1,83 @@
+"""Artifacts: stored (content-addressed) before log_artifact returns, streamed, delivered."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import trackd
+from conftest import Daemon
+
+
+def run_dir(daemon: Daemon) -> Path:
+    (project,) = (daemon.data_dir / "runs").iterdir()
+    (directory,) = project.iterdir()
+    return directory
+
+
+def test_original_deleted_right_after_the_call_still_arrives(
+    tmp_path: Path, daemon: Daemon
+) -> None:
+    """The file is safe once log_artifact returns: deleted at once, it still reaches the sink."""
+    daemon.start()
+    original = tmp_path / "model.ckpt"
+    content = os.urandom(300_000)
+    original.write_bytes(content)
+    run = trackd.init(project="art", name="r")
+    run.log_artifact(original, name="best.ckpt")
+    original.unlink()
+    run.finish()
+    daemon.flush()
+    assert (run_dir(daemon) / "artifacts" / "best.ckpt").read_bytes() == content
+    digest = hashlib.sha256(content).hexdigest()
+    stored = daemon.data_dir / "artifacts" / digest[:2] / digest
+    assert stored.read_bytes() == content
+
+
+def test_same_content_twice_is_stored_once(tmp_path: Path, daemon: Daemon) -> None:
+    """Two files with the same bytes share one entry in the store."""
+    daemon.start()
+    for name in ("a.bin", "b.bin"):
+        (tmp_path / name).write_bytes(b"same bytes" * 1000)
+    run = trackd.init(project="art", name="twice")
+    run.log_artifact(tmp_path / "a.bin")
+    run.log_artifact(tmp_path / "b.bin")
+    run.finish()
+    daemon.flush()
+    stored = [p for p in (daemon.data_dir / "artifacts").rglob("*") if p.is_file()]
+    assert len(stored) == 1
+    assert sorted(p.name for p in (run_dir(daemon) / "artifacts").iterdir()) == ["a.bin", "b.bin"]
+
+
+def test_a_large_file_is_streamed_not_read_into_memory(
+    tmp_path: Path, daemon: Daemon, env: dict[str, str]
+) -> None:
+    """A 512 MiB artifact passes through a client whose peak memory stays far below its size."""
+    daemon.start()
+    big = tmp_path / "big.bin"
+    with big.open("wb") as handle:
+        handle.truncate(512 * 1024 * 1024)
+    script = (
+        "import json, resource, sys, trackd\n"
+        "run = trackd.init(project='art', name='big')\n"
+        "run.log_artifact(sys.argv[1])\n"
+        "run.finish()\n"
+        "print(json.dumps({'peak_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(big)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    peak_mib = json.loads(done.stdout)["peak_kib"] / 1024
+    assert peak_mib < 200, f"the client peaked at {peak_mib:.0f} MiB for a 512 MiB file"
+    daemon.flush(timeout=120)
+    assert (run_dir(daemon) / "artifacts" / "big.bin").stat().st_size == 512 * 1024 * 1024
