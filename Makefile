@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck clean
+.PHONY: run test lint typecheck fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,17 @@ run: $(VENV)/.installed-run
 	$(BIN)/trackd serve
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks fuzz
+	$(BIN)/ruff format --check src tests benchmarks fuzz
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 test: lint typecheck
 	$(BIN)/pytest
+
+fuzz: $(VENV)/.installed-test
+	$(BIN)/python fuzz/decode_frames.py -max_total_time=300
 
 clean:
 	rm -rf $(VENV)
