@@ -148,6 +148,18 @@ def run_client(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     )
 
 
+def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `trackd ARGS...` to completion with the test's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "trackd", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def finish_client(process: subprocess.Popen[bytes], timeout: float = 120) -> dict[str, Any]:
     out, err = process.communicate(timeout=timeout)
     assert process.returncode == 0, err.decode(errors="replace")

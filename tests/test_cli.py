@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import trackd
-from conftest import Daemon, finish_client, jsonl_runs, run_client, wait_for
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, wait_for
 from trackd.client import registry
 
 
@@ -22,17 +22,6 @@ def _no_run_left_open() -> Iterator[None]:
     yield
     for run in list(registry._open):
         run.finish(timeout=1)
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trackd", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def assert_one_line_failure(result: subprocess.CompletedProcess[str]) -> str:

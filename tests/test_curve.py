@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, jsonl_runs, run_client
+from conftest import Daemon, cli, jsonl_runs, run_client
 
 
 def free_port_block() -> int:
@@ -32,20 +30,9 @@ def _free(port: int) -> bool:
     return True
 
 
-def trackd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trackd", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-
-
 def keys(tmp_path: Path, env: dict[str, str]) -> tuple[str, str]:
     """(secret key file, public key text) from `trackd keys generate`."""
-    result = trackd(env, "keys", "generate", "--dir", str(tmp_path / "keys"))
+    result = cli(env, "keys", "generate", "--dir", str(tmp_path / "keys"))
     assert result.returncode == 0, result.stderr
     lines = dict(
         line.split(":  " if line.startswith("daemon") else ": ", 1)
@@ -84,7 +71,7 @@ def test_curve_pair_on_loopback_delivers_and_a_keyless_client_is_refused(
     assert len(list((elsewhere / "spool").glob("*.spool"))) == 1, (
         "refused, its run waits in its spool"
     )
-    refused = trackd(env, "status")
+    refused = cli(env, "status")
     assert refused.returncode == 1
     assert len(refused.stderr.strip().splitlines()) == 1
 
@@ -92,7 +79,7 @@ def test_curve_pair_on_loopback_delivers_and_a_keyless_client_is_refused(
     keyed = run_client(keyed_env, "--name", "keyed", "--rows", "300")
     _, err = keyed.communicate(timeout=60)
     assert keyed.returncode == 0, err
-    status = trackd(keyed_env, "status", "--json")
+    status = cli(keyed_env, "status", "--json")
     assert status.returncode == 0, status.stderr
     assert daemon.process is not None
     assert daemon.process.poll() is None
@@ -106,7 +93,7 @@ def test_curve_pair_on_loopback_delivers_and_a_keyless_client_is_refused(
 
 def test_non_loopback_tcp_without_keys_is_refused(env: dict[str, str]) -> None:
     """Listening on every interface without CURVE keys exits non-zero with one line."""
-    result = trackd(env, "serve", "--endpoint", "tcp://0.0.0.0:1")
+    result = cli(env, "serve", "--endpoint", "tcp://0.0.0.0:1")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("trackd: refusing to listen on")
     assert len([line for line in result.stderr.splitlines() if line.startswith("trackd:")]) == 1

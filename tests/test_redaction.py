@@ -8,18 +8,7 @@ import sys
 from pathlib import Path
 
 import trackd
-from conftest import Daemon
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trackd", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-    )
+from conftest import Daemon, cli
 
 
 def test_tail_redacts_secret_config_values(daemon: Daemon, env: dict[str, str]) -> None:

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import Daemon, finish_client, jsonl_runs, run_client, wait_for
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, wait_for
 
 
 def replay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trackd", "replay", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    return cli(env, "replay", *args, timeout=120)
 
 
 def offline_run(env: dict[str, str], spools: Path, name: str, rows: int) -> None:

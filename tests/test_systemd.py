@@ -8,17 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Daemon
-
-
-def trackd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trackd", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+from conftest import Daemon, cli
 
 
 def verify(unit: Path) -> subprocess.CompletedProcess[str]:
@@ -31,7 +21,7 @@ def verify(unit: Path) -> subprocess.CompletedProcess[str]:
 
 def test_user_unit_as_installed_verifies(tmp_path: Path, env: dict[str, str]) -> None:
     """`service install --user` writes a unit with this trackd's path that verifies."""
-    result = trackd("service", "install", "--user", env={**env, "XDG_CONFIG_HOME": str(tmp_path)})
+    result = cli({**env, "XDG_CONFIG_HOME": str(tmp_path)}, "service", "install", "--user")
     assert result.returncode == 0, result.stderr
     unit = tmp_path / "systemd" / "user" / "trackd.service"
     text = unit.read_text()
@@ -54,7 +44,7 @@ def test_user_unit_as_installed_verifies(tmp_path: Path, env: dict[str, str]) ->
 
 def test_system_template_verifies_for_an_instance(tmp_path: Path, env: dict[str, str]) -> None:
     """The system template, instantiated for a user, verifies; its stop timeout exceeds drain."""
-    result = trackd("service", "install", "--system", "--print", env=env)
+    result = cli(env, "service", "install", "--system", "--print")
     assert result.returncode == 0, result.stderr
     template = tmp_path / "trackd@.service"
     template.write_text(result.stdout)
