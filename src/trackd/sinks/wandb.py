@@ -101,6 +101,7 @@ SERVICE_EXIT_SECONDS = 30.0
 # The transaction log: LevelDB log format after a 7-byte header (":W&B", magic 0xBEE1,
 # version 0) that opens the first block; chunks have a CRC-32 (IEEE) of type + payload.
 BLOCK = 32 * 1024
+TAIL_BLOCKS = 8
 FILE_HEADER = 7
 CHUNK = struct.Struct("<IHB")
 FULL, FIRST, LAST = 1, 2, 4
@@ -152,7 +153,11 @@ class WandbSink(Sink):
         _wait_for_service_exit(state.get("pid"))
         for run_id, run_state in self._states.items():
             if run_state.pending and run_state.pending[-1][0] > self._stored_step(run_state):
-                self._call(run_id, self._attach, run_id, run_state)
+                try:
+                    self._call(run_id, self._attach, run_id, run_state)
+                except SinkError as error:
+                    if error.retriable:
+                        raise  # open() is tried again; a refused run waits for its records
 
     # --- delivery -----------------------------------------------------------------------
 
@@ -453,19 +458,22 @@ class _LogFollower:
 
 
 def _last_step_in(path: Path, history_step: HistoryStep) -> int:
-    """The last history step in a log no one writes to any more, reading from its end:
-    from the last block back, until the blocks read hold a history record."""
+    """The last history step in a log no one writes to any more (-1: none). Steps only
+    grow, so the last few blocks usually tell; a log with no history there is read whole."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            for first in (max(0, size // BLOCK - TAIL_BLOCKS), 0):
+                handle.seek(first * BLOCK)
+                parser = _LogParser(history_step)
+                for start in range(first * BLOCK, size, BLOCK):
+                    block = handle.read(BLOCK)
+                    if not parser.feed(block, FILE_HEADER if start == 0 else 0):
+                        break
+                if parser.last_step >= 0 or first == 0:
+                    return parser.last_step
     except OSError:
-        return -1
-    for first in range((len(data) - 1) // BLOCK, -1, -1):
-        parser = _LogParser(history_step)
-        for start in range(first * BLOCK, len(data), BLOCK):
-            if not parser.feed(data[start : start + BLOCK], FILE_HEADER if start == 0 else 0):
-                break
-        if parser.last_step >= 0:
-            return parser.last_step
+        pass
     return -1
 
 

@@ -1,0 +1,109 @@
+"""A reader for W&B transaction logs (`run-ID.wandb`), which wandb no longer ships.
+
+The file is a 7-byte header (":W&B", magic 0xBEE1, version 0) followed by the LevelDB
+log format: 32 KiB blocks of chunks, each with a 7-byte header (CRC-32 of type and
+payload, little-endian length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4); a record too
+big for the rest of a block is split FIRST, MIDDLE..., LAST; fewer than 7 bytes left
+in a block are zero padding. Each record is a serialized `wandb_internal_pb2.Record`.
+Written independently of the sink's own reader, so a test does not trust what it checks.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+HEADER = struct.Struct("<4sHB")
+CHUNK = struct.Struct("<IHB")
+
+
+def payloads(data: bytes) -> Iterator[bytes]:
+    ident, magic, version = HEADER.unpack_from(data)
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), "not a W&B transaction log"
+    position, record = HEADER.size, b""
+    while position + CHUNK.size <= len(data):
+        room = BLOCK - position % BLOCK
+        if room < CHUNK.size:
+            position += room
+            continue
+        checksum, length, kind = CHUNK.unpack_from(data, position)
+        start = position + CHUNK.size
+        chunk = data[start : start + length]
+        if kind == 0 or len(chunk) < length:
+            return  # the unwritten end of a log its writer did not finish
+        assert zlib.crc32(bytes([kind]) + chunk) == checksum, f"bad checksum at {position}"
+        position = start + length
+        record = chunk if kind in (1, 2) else record + chunk
+        if kind in (1, 4):
+            yield record
+
+
+def _key(item: Any) -> str:
+    return str(item.key) if item.key else "/".join(item.nested_key)
+
+
+@dataclass
+class Session:
+    """What one transaction log (one session of a run) holds."""
+
+    path: Path
+    run_id: str = ""
+    project: str = ""
+    name: str = ""
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: int | None = None
+
+
+def read_session(path: Path) -> Session:
+    session = Session(path)
+    for payload in payloads(path.read_bytes()):
+        record = wandb_internal_pb2.Record.FromString(payload)  # type: ignore[attr-defined]
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            session.run_id, session.project = run.run_id, run.project
+            session.name, session.group, session.tags = (
+                run.display_name,
+                run.run_group,
+                list(run.tags),
+            )
+            for item in run.config.update:
+                session.config[_key(item)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                session.config[_key(item)] = json.loads(item.value_json)
+        elif kind == "summary":
+            for item in record.summary.update:
+                session.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "history":
+            row = {_key(item): json.loads(item.value_json) for item in record.history.item}
+            assert row["_step"] == record.history.step.num
+            session.history.append(row)
+        elif kind == "exit":
+            session.exit_code = record.exit.exit_code
+    return session
+
+
+def read_runs(wandb_dir: Path) -> dict[str, list[Session]]:
+    """{W&B run id: its sessions, oldest first} for every log under `wandb_dir`."""
+    runs: dict[str, list[Session]] = {}
+    logs = sorted(wandb_dir.glob("*run-*/run-*.wandb"), key=lambda path: path.stat().st_mtime_ns)
+    for path in logs:
+        if path.parent.is_symlink():
+            continue  # "latest-run"
+        session = read_session(path)
+        if session.run_id:  # else wandb-core died before it stored anything of the session
+            runs.setdefault(session.run_id, []).append(session)
+    return runs

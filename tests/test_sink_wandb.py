@@ -1,0 +1,145 @@
+"""W&B sink, offline, through a real daemon and real clients, read back from the runs'
+own transaction logs under WANDB_DIR (tests/helpers/wandb_log.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
+from helpers.wandb_log import Session, read_runs
+
+ROWS = 2000
+SLOW_CLIENT = """
+import json, sys, time
+import trackd
+
+rows = int(sys.argv[1])
+run = trackd.init(project="p", name="slow", config={"rows": rows})
+for step in range(rows):
+    run.log({"i": step}, step=step)
+    time.sleep(0.02)
+run.finish()
+print(json.dumps({"id": run.id}))
+"""
+
+
+def wandb_env(root: Path) -> dict[str, str]:
+    """Offline, and every directory wandb may write to inside the test's own."""
+    (root / "wandb").mkdir(parents=True, exist_ok=True)
+    return {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(root / "wandb"),
+        "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+        "WANDB_CACHE_DIR": str(root / "wandb-cache"),
+        "WANDB_DATA_DIR": str(root / "wandb-data"),
+        "WANDB_SILENT": "true",
+    }
+
+
+def meta_client(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, str(HELPERS / "meta_client.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def steps(sessions: list[Session]) -> list[int]:
+    return [row["_step"] for session in sessions for row in session.history]
+
+
+def assert_every_step_once(sessions: list[Session], rows: int) -> None:
+    assert steps(sessions) == list(range(rows))
+    assert [row["i"] for s in sessions for row in s.history] == list(range(rows))
+
+
+def test_runs_at_once_are_w_and_b_runs_with_steps_config_summary_and_status(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Two runs logged at once and a run using every record type: three W&B runs, each
+    with the trackd run id, project and name; every step once; config, tags, summary
+    and the exit code (failed -> 1) in its log."""
+    daemon.start("--sink", "wandb:*", extra_env=wandb_env(tmp_path))
+    names = ["alpha", "beta"]
+    clients = [run_client(env, "--name", name, "--rows", str(ROWS)) for name in names]
+    meta = meta_client(env, "--name", "meta")
+    ids = {name: finish_client(client)["id"] for name, client in zip(names, clients, strict=True)}
+    meta_id = finish_client(meta)["id"]
+    daemon.flush()
+    assert daemon.stop() == 0
+
+    runs = read_runs(tmp_path / "wandb" / "wandb")
+    assert sorted(runs) == sorted([*ids.values(), meta_id])
+    for name, run_id in ids.items():
+        (session,) = runs[run_id]
+        assert (session.project, session.name) == ("p", name)
+        assert_every_step_once([session], ROWS)
+        assert session.history[5]["_timestamp"] > 1e9
+        assert session.config["rows"] == ROWS
+        assert session.config["trackd"]["run_id"] == run_id
+        assert session.summary["i"] == ROWS - 1
+        assert session.summary["trackd/status"] == "finished"
+        assert session.exit_code == 0
+
+    (meta_run,) = runs[meta_id]
+    assert (meta_run.project, meta_run.name) == ("vision", "meta")
+    assert [row["_step"] for row in meta_run.history] == list(range(50))
+    assert meta_run.config["lr"] == 0.001
+    assert meta_run.config["optimizer"] == {"name": "adam", "betas": [0.9, 0.99]}
+    assert meta_run.config["epochs"] == 3
+    assert sorted(meta_run.tags) == ["stage:ablation", "team:cv"]
+    assert meta_run.summary["best_loss"] == 0.02
+    assert meta_run.summary["trackd/status"] == "failed"
+    assert meta_run.exit_code == 1
+
+
+def test_sigkill_mid_run_and_restart_still_every_step_once(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The daemon SIGKILLed twice while three runs log. wandb-core may lose the unfinished
+    block of each log; the sink re-logs what was lost into the resumed W&B run and skips
+    what is there: across each run's sessions every step is there once."""
+    extra_env = wandb_env(tmp_path)
+    wandb_dir = tmp_path / "wandb" / "wandb"
+    rows = {"k0": 12_000, "k1": 12_000, "slow": 500}
+    daemon.start("--sink", "wandb:*", extra_env=extra_env)
+    clients = [
+        run_client(env, "--name", name, "--rows", str(rows[name]), "--pace", "0.08")
+        for name in ("k0", "k1")
+    ]
+    # A row every 20 ms: its rows sit in an unfinished block of the log long after the
+    # checkpoint has passed them; only the rows the sink keeps can bring those back.
+    clients.append(
+        subprocess.Popen(
+            [sys.executable, "-c", SLOW_CLIENT, str(rows["slow"])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
+    for kill in (1, 2):
+        # Kill once every run has logged into a session of this daemon.
+        logged = 3 * kill
+        wait_for(lambda: len(list(wandb_dir.glob("offline-run-*/*.wandb"))) >= logged, 60)  # noqa: B023
+        time.sleep(0.7)
+        assert all(client.poll() is None for client in clients), "clients finished too early"
+        daemon.kill()
+        daemon.start("--sink", "wandb:*", extra_env=extra_env)
+    ids = [finish_client(client)["id"] for client in clients]
+    daemon.flush()
+    assert daemon.stop() == 0
+
+    runs = read_runs(wandb_dir)
+    assert sorted(runs) == sorted(ids)
+    for name, run_id in zip(rows, ids, strict=True):
+        sessions = runs[run_id]
+        # (The slow run's first sessions may have lost everything: nothing to resume.)
+        assert name == "slow" or len(sessions) >= 2, "the run was resumed after a kill"
+        assert {(s.project, s.name) for s in sessions} == {("p", name)}
+        assert_every_step_once(sessions, rows[name])
+        assert sessions[0].config["rows"] == rows[name]
+        assert sessions[-1].exit_code == 0
