@@ -26,6 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,10 @@ class Profile:
             raise ValueError(f"TRACKD_CHAOS_ROWS must be a multiple of {CLIENTS}, got {rows}")
         if rows <= 100_000:  # the short variant, in the normal suite
             return cls(rows, 15.0, (2.0, 5.0), 1, 4.0, 240.0)
-        # the full one: the rows at about what one sqlite-backed MLflow server absorbs
-        return cls(rows, max(30.0, rows / 4500), (2.0, 6.0), 2, 8.0, 570.0)
+        # The full one. Each daemon restart costs seconds of CPU (Python, trackd and mlflow
+        # imports) and MLflow's delivery restarts with it, so the kills are kept to the
+        # logging phase (about 150 s for a million rows); after it the sinks catch up calmly.
+        return cls(rows, max(30.0, rows / 6500), (2.0, 6.0), 2, 5.0, 570.0)
 
 
 PROFILE = Profile.from_env()
@@ -258,13 +261,13 @@ def test_chaos_every_row_exactly_once_in_jsonl_and_mlflow(
         # Calm: what dead clients left in spools is picked up, then every sink catches up.
         spool = daemon.data_dir / "spool"
         wait_for(lambda: not list(spool.glob("*.spool")), timeout=clock.left())
-        daemon.flush(timeout=clock.left())
-        results["delivered_seconds"] = round(clock.now(), 2)
+        left = clock.left()
+        caught_up = daemon.request("flush", timeout=left + 5, wait=left)
         sinks = {s["spec"].split(":")[0]: s for s in daemon.status()["sinks"].values()}
-        results["sinks"] = {
-            kind: {k: sink[k] for k in ("retries", "dead_letters", "last_error")}
-            for kind, sink in sinks.items()
-        }
+        shown = ("delivered_rows", "lag_records", "retries", "dead_letters", "last_error")
+        results["sinks"] = {kind: {k: sink[k] for k in shown} for kind, sink in sinks.items()}
+        assert caught_up, f"the sinks did not catch up within the budget: {results['sinks']}"
+        results["delivered_seconds"] = round(clock.now(), 2)
 
         # Every row once in JSONL.
         ids = {name: reports[name]["id"] for name in names}
@@ -285,14 +288,18 @@ def test_chaos_every_row_exactly_once_in_jsonl_and_mlflow(
         assert experiment is not None
         found = api.search_runs([experiment.experiment_id], max_results=100)
         results["mlflow_runs"] = sorted(run.info.run_name for run in found)
-        mlflow = {}
-        for run in found:
+
+        def read_back(run: Any) -> dict[str, Any]:
             history = api.get_metric_history(run.info.run_id, "i")
-            mlflow[run.info.run_name] = miscount((point.step for point in history), per_client)
-            mlflow[run.info.run_name]["values_match"] = all(
-                point.value == float(point.step) for point in history
-            )
-            mlflow[run.info.run_name]["status"] = run.info.status
+            counted = miscount((point.step for point in history), per_client)
+            counted["values_match"] = all(point.value == float(point.step) for point in history)
+            counted["status"] = run.info.status
+            return counted
+
+        # one thread per run: the server serialises its share, but decoding overlaps it
+        with ThreadPoolExecutor(len(found) or 1) as pool:
+            counts = list(pool.map(read_back, found))
+        mlflow = {run.info.run_name: counted for run, counted in zip(found, counts, strict=True)}
         results["mlflow"] = mlflow
         results["checked_seconds"] = round(clock.now(), 2)
 
