@@ -249,6 +249,10 @@ def test_chaos_every_row_exactly_once_in_jsonl_and_mlflow(
         results["client_reports"] = reports
         results["worst_log_seconds"] = max(r["worst_log_seconds"] for r in reports.values())
         results["p999_log_seconds"] = max(r["p999_log_seconds"] for r in reports.values())
+        results["log_calls_over_10ms"] = sum(r["log_calls_over_10ms"] for r in reports.values())
+        for report in reports.values():  # when, on the test's clock: compare with the kills
+            at = logging_began + report["worst_log_step"] / per_client * profile.log_seconds
+            report["worst_log_at_seconds"] = round(at, 2)
 
         chaos.join(clock.left())
         assert not chaos.is_alive(), "the MLflow chaos thread did not end"
@@ -336,6 +340,7 @@ def test_chaos_every_row_exactly_once_in_jsonl_and_mlflow(
                 "mlflow_kills",
                 "worst_log_seconds",
                 "p999_log_seconds",
+                "log_calls_over_10ms",
                 "delivered_seconds",
                 "wall_seconds",
             )
