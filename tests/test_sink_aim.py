@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
+from helpers import until_client
 from trackd.sinks.base import SinkSpec
 
 ROWS = 3000
@@ -126,17 +127,16 @@ def test_local_repo_sigkill_mid_run_still_every_step_once(
 ) -> None:
     """The daemon SIGKILLed twice mid-run: the next daemon reopens the run (its stale
     lock is cleared) and the re-sent rows land on their own steps: every step once."""
-    repo = tmp_path / "aim"
-    rows = 5000
+    repo, stop = tmp_path / "aim", tmp_path / "stop"
     daemon.start("--sink", f"aim:{repo}")
-    client = run_client(env, "--name", "k", "--rows", str(rows), "--pace", "0.3")
+    client = until_client.start(env, "k", stop, per_tick=100, tick=0.2)
     for _ in range(2):
         wait_for(lambda: daemon.status()["sinks"][sink_name(repo)]["delivered_rows"] > 0)
         time.sleep(0.7)
-        assert client.poll() is None, "the client finished too early"
         daemon.kill()
         daemon.start("--sink", f"aim:{repo}")
-    finish_client(client)
+    stop.touch()
+    rows = finish_client(client)["rows"]
     daemon.flush()
     assert daemon.stop() == 0
     found = read_aim(env, repo)
@@ -212,7 +212,7 @@ def aim_server(tmp_path: Path) -> Iterator[AimServer]:
 
 
 def test_aim_server_stopped_and_restarted_mid_run_loses_nothing(
-    daemon: Daemon, env: dict[str, str], aim_server: AimServer
+    daemon: Daemon, env: dict[str, str], aim_server: AimServer, tmp_path: Path
 ) -> None:
     """A real `aim server` stopped mid-run and started again on its repo, twice: the
     first time the daemon counts retries and goes on when it is back; the second time
@@ -220,14 +220,14 @@ def test_aim_server_stopped_and_restarted_mid_run_loses_nothing(
     send) and the next daemon delivers the rest. Every step is in the repo, once."""
     spec = f"aim:aim://127.0.0.1:{aim_server.port}?timeout=2"
     name = SinkSpec.parse(spec).name
-    rows = 2400
+    stop = tmp_path / "stop"
 
     def delivered() -> int:
         return int(daemon.status()["sinks"][name]["delivered_rows"])
 
     quick = {"TRACKD_DRAIN_TIMEOUT": "2"}  # a stop during the outage drains nothing anyway
     daemon.start("--sink", spec, extra_env=quick)
-    client = run_client(env, "--name", "remote", "--rows", str(rows), "--pace", "0.8")
+    client = until_client.start(env, "remote", stop, per_tick=10, tick=0.05)
     wait_for(lambda: delivered() > 300, timeout=60)
     aim_server.stop()
     wait_for(lambda: daemon.status()["sinks"][name]["retries"] >= 2, timeout=60)
@@ -235,11 +235,11 @@ def test_aim_server_stopped_and_restarted_mid_run_loses_nothing(
     aim_server.start()
     wait_for(lambda: delivered() > before + 100, timeout=60)
     aim_server.stop()
-    assert client.poll() is None, "the client finished too early"
     assert daemon.stop() == 0
     aim_server.start()
     daemon.start("--sink", spec, extra_env=quick)
-    finish_client(client)
+    stop.touch()
+    rows = finish_client(client)["rows"]
     daemon.flush(timeout=120)
     assert daemon.status()["sinks"][name]["dead_letters"] == 0
     assert daemon.stop() == 0

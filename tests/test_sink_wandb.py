@@ -9,21 +9,10 @@ import time
 from pathlib import Path
 
 from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
+from helpers import until_client
 from helpers.wandb_log import Session, read_runs
 
 ROWS = 2000
-SLOW_CLIENT = """
-import json, sys, time
-import trackd
-
-rows = int(sys.argv[1])
-run = trackd.init(project="p", name="slow", config={"rows": rows})
-for step in range(rows):
-    run.log({"i": step}, step=step)
-    time.sleep(0.02)
-run.finish()
-print(json.dumps({"id": run.id}))
-"""
 
 
 def wandb_env(root: Path) -> dict[str, str]:
@@ -105,41 +94,32 @@ def test_sigkill_mid_run_and_restart_still_every_step_once(
     what is there: across each run's sessions every step is there once."""
     extra_env = wandb_env(tmp_path)
     wandb_dir = tmp_path / "wandb" / "wandb"
-    rows = {"k0": 12_000, "k1": 12_000, "slow": 500}
+    stop = tmp_path / "stop"
     daemon.start("--sink", "wandb:*", extra_env=extra_env)
-    clients = [
-        run_client(env, "--name", name, "--rows", str(rows[name]), "--pace", "0.08")
-        for name in ("k0", "k1")
-    ]
-    # A row every 20 ms: its rows sit in an unfinished block of the log long after the
-    # checkpoint has passed them; only the rows the sink keeps can bring those back.
-    clients.append(
-        subprocess.Popen(
-            [sys.executable, "-c", SLOW_CLIENT, str(rows["slow"])],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    )
+    # Two fast runs, and a slow one (a row every 20 ms) whose rows sit in an unfinished
+    # block of its log long after the checkpoint has passed them: only the rows the
+    # sink keeps in its checkpoint can bring those back.
+    paces = {"k0": (100, 0.1), "k1": (100, 0.1), "slow": (1, 0.02)}
+    clients = [until_client.start(env, name, stop, *pace) for name, pace in paces.items()]
     for kill in (1, 2):
         # Kill once every run has logged into a session of this daemon.
         logged = 3 * kill
         wait_for(lambda: len(list(wandb_dir.glob("offline-run-*/*.wandb"))) >= logged, 60)  # noqa: B023
         time.sleep(0.7)
-        assert all(client.poll() is None for client in clients), "clients finished too early"
         daemon.kill()
         daemon.start("--sink", "wandb:*", extra_env=extra_env)
-    ids = [finish_client(client)["id"] for client in clients]
+    stop.touch()
+    results = [finish_client(client) for client in clients]
     daemon.flush()
     assert daemon.stop() == 0
 
     runs = read_runs(wandb_dir)
-    assert sorted(runs) == sorted(ids)
-    for name, run_id in zip(rows, ids, strict=True):
-        sessions = runs[run_id]
+    assert sorted(runs) == sorted(result["id"] for result in results)
+    for name, result in zip(paces, results, strict=True):
+        sessions = runs[result["id"]]
         # (The slow run's first sessions may have lost everything: nothing to resume.)
         assert name == "slow" or len(sessions) >= 2, "the run was resumed after a kill"
         assert {(s.project, s.name) for s in sessions} == {("p", name)}
-        assert_every_step_once(sessions, rows[name])
-        assert sessions[0].config["rows"] == rows[name]
+        assert_every_step_once(sessions, result["rows"])
+        assert sessions[0].config["until"] == str(stop)
         assert sessions[-1].exit_code == 0

@@ -1,0 +1,53 @@
+"""A training script stand-in that logs until told to stop: `--per-tick` rows (keys i and
+loss, consecutive steps) every `--tick` seconds, until the `--stop` file exists; then it
+finishes the run and prints {"id", "rows"}. A test ends the run when it has done what it
+wanted mid-run, however slow the machine is, instead of hoping a fixed count lasts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trackd
+
+
+def start(
+    env: dict[str, str], name: str, stop: Path, per_tick: int = 10, tick: float = 0.05
+) -> subprocess.Popen[bytes]:
+    """Run this script in its own process (for a test; conftest.finish_client reads it)."""
+    pacing = ["--per-tick", str(per_tick), "--tick", str(tick)]
+    return subprocess.Popen(
+        [sys.executable, __file__, "--name", name, "--stop", str(stop), *pacing],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--project", default="p")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--stop", required=True)
+    parser.add_argument("--per-tick", type=int, default=10)
+    parser.add_argument("--tick", type=float, default=0.05)
+    args = parser.parse_args()
+
+    run = trackd.init(project=args.project, name=args.name, config={"until": args.stop})
+    step = 0
+    while not os.path.exists(args.stop):
+        for _ in range(args.per_tick):
+            run.log({"i": step, "loss": 1.0 / (step + 1)}, step=step)
+            step += 1
+        time.sleep(args.tick)
+    run.finish(timeout=60)
+    print(json.dumps({"id": run.id, "rows": step}))
+
+
+if __name__ == "__main__":
+    main()
