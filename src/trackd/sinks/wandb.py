@@ -37,12 +37,12 @@ ago and the fan-out's cursor moved past them. The cursor alone cannot be trusted
 
 1. At every checkpoint the sink reads the complete blocks appended to each attached
    run's log and finds the last step whose row is stored there. The checkpoint state
-   keeps, per open run, the rows handed over after that step ("pending") and the run's
-   merged config, summary and tags: what a crash may take from the log.
+   keeps, per open run, the rows handed over after that step ("pending": about a block's
+   worth) and the run's merged config, summary and tags: what a crash may take.
 2. After a crash, ``open()`` first waits for the dead daemon's wandb-core to exit (it
-   may still be writing blocks). Then for each open run with pending rows it reads the
-   run's earlier logs for the last stored step, resumes the W&B run, re-applies config,
-   summary and tags, and re-logs the pending rows after that step. The records the
+   may still be writing blocks). Then for each open run with pending rows past the last
+   step stored in the run's logs, it resumes the W&B run, re-applies config, summary and
+   tags, and re-logs the pending rows after that step. The records the
    fan-out re-sends from its cursor follow, and any row at or below the last step
    stored or handed over is skipped. In online mode the server's resume step
    (``starting_step``) counts too; rows that reached a local log but not the server stay
@@ -53,8 +53,9 @@ ago and the fan-out's cursor moved past them. The cursor alone cannot be trusted
    resumed trackd run). Without this a re-sent run_end would resume a finished run only
    to finish it again.
 
-A daemon that stops cleanly marks its open runs preempting and finishes them (W&B's
-way of saying "will be resumed"); the next session resumes them.
+A daemon that stops cleanly marks its open runs preempting and finishes them with exit
+code 1 (W&B's way of saying "will be resumed"), which completes their logs; the next
+session resumes them.
 
 Errors: ``UsageError``/``AuthenticationError``, a 4xx from the server, a bad value:
 permanent. Other wandb errors, timeouts, 5xx/429 and OS errors: retriable; an error
@@ -337,7 +338,8 @@ class WandbSink(Sink):
     def _config(self, run: RunInfo) -> dict[str, Any]:
         meta: dict[str, object] = {"run_id": run.id, "project": run.project, "host": run.host}
         meta.update(pid=run.pid, rank=run.rank)
-        return {**run.config, "trackd": {key: value for key, value in meta.items() if value}}
+        known = {key: value for key, value in meta.items() if value is not None}
+        return {**run.config, "trackd": known}
 
     def _labels(self, tags: dict[str, str]) -> list[str]:
         labels = [f"{name}:{value}" if value else name for name, value in tags.items()]
