@@ -153,6 +153,7 @@ def runs(as_json: bool, runtime_dir: str | None, endpoint: str | None) -> None:
 @click.option("--key", "keys", multiple=True, help="Only metrics whose name matches this glob.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--since-start", is_flag=True, help="Replay the WAL from its start, then follow.")
+@click.option("--lines", is_flag=True, help="Plain lines even on a terminal (no live view).")
 @_connection
 @_guard
 def tail(
@@ -161,11 +162,14 @@ def tail(
     keys: tuple[str, ...],
     as_json: bool,
     since_start: bool,
+    lines: bool,
     runtime_dir: str | None,
     endpoint: str | None,
 ) -> None:
     """Print the live stream of everything logged.
 
+    On a terminal it is a compact live view: per run and key, the latest value and a
+    sparkline of the recent ones; piped (or with --lines or --json), one line per row.
     With --since-start the stream is subscribed to first, then the WAL is read
     through the control socket up to its durable end; live messages at or before
     the last position read are dropped, so the seam has no gap and no duplicate.
@@ -185,14 +189,26 @@ def tail(
     prefix = f"{project}/" + (f"{run_name}/" if run_name else "") if project else ""
     socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
 
+    view = None
+    if sys.stdout.isatty() and not (as_json or lines):
+        from trackd.cli_views import LiveView
+
+        view = LiveView(keys)
+
     def show(topic: str, frame: bytes) -> None:
         topic_project, topic_run, _ = topic.split("/", 2)
         if (project is None or topic_project == project) and (
             run_name is None or topic_run == run_name
         ):
             message = msgpack.unpackb(frame)
+            if view is not None:
+                view.add(f"{topic_project}/{topic_run}", message)
+                return
             for line in _tail_lines(topic_project, topic_run, message, keys, as_json):
                 click.echo(line)
+
+    if view is not None:
+        view.start()
 
     seen: tuple[int, ...] | None = None
     if since_start:
@@ -213,6 +229,8 @@ def tail(
                 continue
             show(topic.decode(), frame)
     finally:
+        if view is not None:
+            view.stop()
         socket.close()
 
 

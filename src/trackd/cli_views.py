@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import time
+from collections import deque
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
+
+SPARKS = "▁▂▃▄▅▆▇█"
+HISTORY = 40
 
 
 def _ago(timestamp: float | None) -> str:
@@ -79,3 +86,57 @@ def print_runs(runs: list[dict[str, Any]]) -> None:
             _ago(run["started"]),
         )
     Console().print(table)
+
+
+def sparkline(values: deque[float]) -> str:
+    """Recent values as block characters scaled between their own min and max."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return ""
+    low, high = min(finite), max(finite)
+    span = (high - low) or 1.0
+    return "".join(
+        SPARKS[int((v - low) / span * (len(SPARKS) - 1))] if math.isfinite(v) else " "
+        for v in values
+    )
+
+
+class LiveView:
+    """`trackd tail` on a terminal: one line per run and key, the latest value and a sparkline."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self._keys = keys
+        self._series: dict[tuple[str, str], deque[float]] = {}
+        self._steps: dict[tuple[str, str], int] = {}
+        self._events: deque[str] = deque(maxlen=3)
+        self._live = Live(self, refresh_per_second=4, transient=False)
+
+    def add(self, run: str, message: dict[str, Any]) -> None:
+        kind, body = message["t"], message["b"]
+        if kind != "metrics":
+            if kind in ("run_start", "run_end"):
+                self._events.append(f"{run}: {kind} {body.get('status', '')}".rstrip())
+            return
+        for step, _, values in body["rows"]:
+            for key, value in values.items():
+                if self._keys and not any(fnmatch.fnmatch(key, g) for g in self._keys):
+                    continue
+                series = self._series.setdefault((run, key), deque(maxlen=HISTORY))
+                series.append(float(value))
+                self._steps[(run, key)] = step
+
+    def __rich__(self) -> Table:
+        table = Table("run", "key", "step", "latest", "recent", box=None, pad_edge=False)
+        for (run, key), series in sorted(self._series.items()):
+            table.add_row(
+                run, key, str(self._steps[(run, key)]), f"{series[-1]:.6g}", sparkline(series)
+            )
+        if self._events:
+            table.caption = " | ".join(self._events)
+        return table
+
+    def start(self) -> None:
+        self._live.start()
+
+    def stop(self) -> None:
+        self._live.stop()

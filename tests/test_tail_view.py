@@ -1,0 +1,62 @@
+"""`trackd tail` on a terminal: a live view with the latest value and a sparkline per key."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import trackd
+from conftest import Daemon
+from trackd.cli_views import SPARKS
+
+
+def read_screen(fd: int, until: str, seconds: float) -> str:
+    """What the terminal showed until `until` appeared (or the time ran out)."""
+    seen = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and until.encode() not in seen:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                break
+    return seen.decode(errors="replace")
+
+
+def test_terminal_view_shows_latest_values_and_sparklines(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """On a pty, each key gets a line with its latest value and a sparkline of recent ones."""
+    daemon.start()
+    run = trackd.init(project="view", name="r")
+    for step in range(40):
+        run.log({"loss": 1.0 / (step + 1), "acc": step / 40}, step=step)
+    run.flush(10)
+    primary, secondary = pty.openpty()
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "trackd", "tail", "--since-start"],
+        env={**env, "COLUMNS": "120", "TERM": "xterm"},
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        close_fds=True,
+    )
+    os.close(secondary)
+    try:
+        screen = read_screen(primary, "0.025", 20)  # loss at step 39, the last row drawn
+    finally:
+        tail.send_signal(signal.SIGINT)
+        tail.wait(10)
+        os.close(primary)
+        run.finish()
+    assert "loss" in screen
+    assert "acc" in screen
+    assert "0.975" in screen, "the latest acc (39/40) is shown"
+    assert any(mark in screen for mark in SPARKS[1:]), "a sparkline is drawn"
+    assert "Traceback" not in screen
