@@ -5,7 +5,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+from mlflow.tracking import MlflowClient
+
 from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, wait_for
+from mlflow_server import MlflowServer
 
 
 def replay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -108,3 +112,28 @@ def test_unreadable_source_and_bad_spec_fail_in_one_line(
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in missing.stderr + bad.stderr
+
+
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SADeprecationWarning")
+def test_offline_spool_replayed_twice_into_mlflow_lands_once(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The same offline run replayed twice into a real MLflow server: every step once."""
+    spools = tmp_path / "air-gapped" / "spool"
+    offline_run(env, spools, "to-mlflow", 3000)
+    server = MlflowServer(tmp_path / "mlflow")
+    server.root.mkdir()
+    try:
+        server.start()
+        for _ in range(2):
+            result = replay(env, str(spools), "--sink", f"mlflow:{server.uri}")
+            assert result.returncode == 0, result.stderr
+        client = MlflowClient(tracking_uri=server.uri)
+        experiment = client.get_experiment_by_name("p")
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id])
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+        assert steps == list(range(3000))
+        assert run.info.status == "FINISHED"
+    finally:
+        server.kill()
