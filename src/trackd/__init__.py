@@ -4,8 +4,9 @@ This module is the public client API and nothing else (see `__all__`).
 """
 
 from trackd.client import finish, init, log
+from trackd.client.media import Image, Table, Video
 from trackd.client.run import Run
 
 __version__ = "0.1.0"
 
-__all__ = ["Run", "__version__", "finish", "init", "log"]
+__all__ = ["Image", "Run", "Table", "Video", "__version__", "finish", "init", "log"]

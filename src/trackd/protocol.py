@@ -41,12 +41,28 @@ else:
 VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 MESSAGE_TYPES: Final = frozenset(
-    {"run_start", "metrics", "config", "tags", "summary", "artifact", "run_end", "reject", "joined"}
+    {
+        "run_start",
+        "metrics",
+        "config",
+        "tags",
+        "summary",
+        "artifact",
+        "media",
+        "run_end",
+        "reject",
+        "joined",
+    }
 )
 # Written by the daemon, never delivered to sinks: a refused message, and the run_start of a
 # process joining a run the daemon already has (a non-zero rank of a distributed job).
 INTERNAL_TYPES: Final = frozenset({"reject", "joined"})
 RUN_STATUSES: Final = frozenset({"finished", "failed"})
+# A `media` body references a file in the content-addressed store (bytes never travel in
+# frames): {step, ts, key, kind, path, sha256, size, format, caption?, width?, height?,
+# frames?, fps?, columns?, rows?}. `step` is the step of the log() call it came with.
+MEDIA_KINDS: Final = frozenset({"image", "table", "video"})
+MEDIA_FORMATS: Final = {"image": ("png",), "table": ("json",), "video": ("gif", "mp4")}
 _MAX_DEPTH: Final = 32
 
 
@@ -160,6 +176,33 @@ def _validate_artifact(body: Message) -> None:
     _optional(body, "size", int)
 
 
+def _validate_media(body: Message) -> None:
+    step = _require(body, "step", int, "b.")
+    _require(body, "ts", float, "b.")
+    if not _require(body, "key", str, "b."):
+        raise ProtocolError("b.key: expected a non-empty name")
+    kind = _require(body, "kind", str, "b.")
+    if kind not in MEDIA_KINDS:
+        raise ProtocolError(f"b.kind: expected one of {sorted(MEDIA_KINDS)}, got {kind!r}")
+    _require(body, "path", str, "b.")
+    _require(body, "sha256", str, "b.")
+    size = _require(body, "size", int, "b.")
+    fmt = _require(body, "format", str, "b.")
+    if fmt not in MEDIA_FORMATS[kind]:
+        raise ProtocolError(f"b.format: a {kind} is one of {MEDIA_FORMATS[kind]}, got {fmt!r}")
+    if step < 0 or size < 0:
+        raise ProtocolError(f"b.{'step' if step < 0 else 'size'}: must not be negative")
+    _optional(body, "caption", str)
+    for field in ("width", "height", "frames", "rows"):
+        _optional(body, field, int)
+    _optional(body, "fps", float)
+    columns = body.get("columns")
+    if columns is not None and not (
+        isinstance(columns, list) and all(type(c) is str for c in columns)
+    ):
+        raise ProtocolError(f"b.columns: expected a list of strings or nil, got {_kind(columns)}")
+
+
 def _validate_reject(body: Message) -> None:
     _require(body, "error", str, "b.")
 
@@ -180,6 +223,7 @@ _BODY_VALIDATORS: Final = {
     "summary": _validate_values,
     "tags": _validate_tags,
     "artifact": _validate_artifact,
+    "media": _validate_media,
     "run_end": _validate_run_end,
     "reject": _validate_reject,
     "joined": _validate_values,

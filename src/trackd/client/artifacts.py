@@ -34,3 +34,20 @@ def store_artifact(source: str, data_dir: str) -> tuple[str, str, int]:
             shutil.copyfile(source, partial)
         os.replace(partial, stored)
     return stored, name, size
+
+
+def store_bytes(data: bytes, data_dir: str) -> tuple[str, str, int]:
+    """Put encoded bytes (a PNG, a GIF, a table's JSON) in the same store as `store_artifact`."""
+    import hashlib
+
+    name = hashlib.sha256(data).hexdigest()
+    stored = os.path.join(data_dir, "artifacts", name[:2], name)
+    if not os.path.exists(stored):
+        os.makedirs(os.path.dirname(stored), exist_ok=True)
+        partial = f"{stored}.{os.getpid()}.partial"
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, stored)
+    return stored, name, len(data)

@@ -8,9 +8,9 @@ import time
 
 from trackd import paths
 from trackd.client import registry
-from trackd.client.artifacts import store_artifact
+from trackd.client.artifacts import store_artifact, store_bytes
 from trackd.client.transport import Transport
-from trackd.client.values import json_tree, metric_row, scalar, string_map
+from trackd.client.values import WithMedia, json_tree, metric_row, scalar, string_map
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
@@ -141,7 +141,11 @@ class Run:
         enqueue = self._enqueue
         if enqueue is None:
             return
-        row = metric_row(values, self._prefix)
+        try:
+            row = metric_row(values, self._prefix)
+        except WithMedia as found:
+            self._log_media(found, step)
+            return
         with self._lock:
             if step is None:
                 step = self._step
@@ -149,6 +153,36 @@ class Run:
                 step = _step(step)
             self._step = step + 1
             enqueue((step, time.time(), row))
+
+    def _log_media(self, found: WithMedia, step: int | None) -> None:
+        """The slow path of a row with media: store each file, then queue the row's numbers
+        and one `media` message per object under the same step, in that order."""
+        data_dir = paths.data_dir()
+        bodies = []
+        for key, item in found.media:
+            if item.source is not None:
+                stored, digest, size = store_artifact(item.source, data_dir)
+            else:
+                stored, digest, size = store_bytes(item.data, data_dir)
+            body: dict[str, Any] = {"key": key, "kind": item.kind, "format": item.format}
+            body.update(path=stored, sha256=digest, size=size, caption=item.caption)
+            body.update(item.meta())
+            bodies.append(body)
+        transport = self._transport
+        with self._lock:
+            enqueue = self._enqueue
+            if enqueue is None or transport is None:
+                return
+            if step is None:
+                step = self._step
+            elif type(step) is not int:
+                step = _step(step)
+            self._step = step + 1
+            ts = time.time()
+            if found.row:
+                enqueue((step, ts, found.row))
+            for body in bodies:
+                transport.send("media", {"step": step, "ts": ts, **body})
 
     def log_config(self, values: dict[str, Any]) -> None:
         """Merge into the run's config (params in MLflow, config in W&B)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from trackd.client.media import Media
+
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
     from typing import Any, Final
@@ -56,6 +58,16 @@ else:
     _Row = dict
 
 
+class WithMedia(Exception):  # not an error: the slow path's way out of log()
+    """Raised by `metric_row` for a row holding media, so that `log()` pays nothing for media
+    (a `try` costs nothing until it raises) and hands the row to its media path."""
+
+    def __init__(self, row: dict[str, Scalar] | PendingRow, media: list[tuple[str, Media]]):
+        super().__init__("a row with media")
+        self.row = row
+        self.media = media
+
+
 class PendingRow(_Row):
     """A row holding at least one `Pending` value (so the delivery thread knows to resolve)."""
 
@@ -79,21 +91,30 @@ def metric_row(values: object, prefix: str = "") -> dict[str, Scalar] | PendingR
             f"log(): values must be a dict of name -> number, got {type(values).__name__}"
         )
     row: dict[str, Scalar | Pending] = {}
-    _flatten_metrics(values, prefix, row)
-    if any(isinstance(value, Pending) for value in row.values()):
-        return PendingRow(row)
-    return row  # type: ignore[return-value]  # no Pending in it: all plain numbers
+    media: list[tuple[str, Media]] = []
+    _flatten_metrics(values, prefix, row, media)
+    plain: dict[str, Scalar] | PendingRow = (
+        PendingRow(row) if any(isinstance(value, Pending) for value in row.values()) else row  # type: ignore[assignment]  # no Pending in it: all plain numbers
+    )
+    if media:
+        raise WithMedia(plain, media)
+    return plain
 
 
 def _flatten_metrics(
-    values: Mapping[Any, Any], prefix: str, row: dict[str, Scalar | Pending]
+    values: Mapping[Any, Any],
+    prefix: str,
+    row: dict[str, Scalar | Pending],
+    media: list[tuple[str, Media]],
 ) -> None:
     for key, value in values.items():
         if not isinstance(key, str):
             raise TypeError(f"log(): key {key!r} must be a string, not {type(key).__name__}")
         name = prefix + key
         if isinstance(value, Mapping):
-            _flatten_metrics(value, name + "/", row)
+            _flatten_metrics(value, name + "/", row, media)
+        elif isinstance(value, Media):
+            media.append((name, value))
         elif getattr(value, "is_cuda", False) is True:
             row[name] = Pending(value, f"log(): {name!r}")
         else:

@@ -221,6 +221,21 @@ class Notices:
             logging.getLogger(f"trackd.sinks.{self._sink}").warning("%s: %s", self._sink, notice)
 
 
+def media_file_name(body: dict[str, Any]) -> str:
+    """Where a `media` record's file goes below a sink's media directory:
+    `KEY/STEP-SHA8.FORMAT`, with the key's "/" kept as directories; the same record
+    delivered twice names the same file."""
+    key = "/".join(path_component(part) for part in str(body["key"]).split("/"))
+    return f"{key}/{body['step']}-{str(body['sha256'])[:8]}.{body['format']}"
+
+
+def media_index(body: dict[str, Any], path: str) -> dict[str, Any]:
+    """The JSON a sink keeps about a media file (jsonl's index row value, a backend's
+    caption): its kind, where it went, and the metadata the client sent."""
+    skip = {"step", "ts", "key", "path"}
+    return {"_type": body["kind"], "path": path, **{k: v for k, v in body.items() if k not in skip}}
+
+
 _UNSAFE = re.compile(r"[^\w.@+=-]+")
 OPEN_FILES = 64
 

@@ -1,7 +1,12 @@
 """The embedded default sink: one directory of plain files per run.
 
     ROOT/PROJECT/RUNNAME-RUNID8/
-      run.json  config.json  metrics.jsonl  summary.json  artifacts/
+      run.json  config.json  metrics.jsonl  summary.json  artifacts/  media/
+
+A `media` record's file is copied to `media/KEY/STEP-SHA8.FORMAT` and indexed by a
+row of its own in `metrics.jsonl`: `{"step": 3, "ts": ..., "KEY": {"_type": "image",
+"path": "media/...", "sha256": ..., "caption": ..., "width": ..., ...}}`, beside the
+numbers of the same `log()` call (same step).
 
 `run.json` carries DESIGN.md's fields and, beyond them, the run's tags (from
 `init(tags=...)` and `set_tags`), since a plain-files sink has nowhere else to
@@ -33,6 +38,8 @@ from trackd.sinks.base import (
     Sink,
     SinkContext,
     SinkError,
+    media_file_name,
+    media_index,
     path_component,
 )
 
@@ -83,6 +90,13 @@ class JsonlSink(Sink):
                         for key, value in values.items():
                             if key not in pinned:
                                 summary[key] = value
+                elif record.type == "media":
+                    body = record.body
+                    relative = f"media/{media_file_name(body)}"
+                    self._copy_file(run_dir, body["path"], relative)
+                    index = {body["key"]: media_index(body, relative)}
+                    row = {"step": body["step"], "ts": body["ts"], **index}
+                    lines.setdefault(run_dir, []).append(json.dumps(row))
                 else:
                     self._flush_lines(lines)
                     lines = {}
@@ -183,7 +197,10 @@ class JsonlSink(Sink):
         os.replace(temporary, directory / name)
 
     def _copy_artifact(self, run_dir: str, source: str, name: str) -> None:
-        target = self.root / run_dir / "artifacts" / path_component(name)
+        self._copy_file(run_dir, source, f"artifacts/{path_component(name)}")
+
+    def _copy_file(self, run_dir: str, source: str, relative: str) -> None:
+        target = self.root / run_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copyfile(source, target)

@@ -11,6 +11,10 @@ second one. Mapping of the records:
   `trackd.host`, `trackd.group`, `trackd.pid`, `trackd.rank`;
 * metrics: MLflow metrics with their step and timestamp (ms); config: params;
   tags: tags; artifact: an uploaded file or directory;
+* media: an artifact `media/KEY/STEP-SHA8.FORMAT` (what `log_image` and `log_table`
+  with an `artifact_file` store: the PNG, the GIF video, the table as JSON
+  `{"columns", "data"}`, log_table's format), uploaded as the client encoded it;
+  the same name each time, so a re-sent record overwrites instead of adding;
 * summary: tags `summary/KEY` (summary values may be any JSON, and a tag is
   overwritten in place, where a metric would add a point to the history);
 * run_end: `set_terminated` FINISHED or FAILED, the error in tag `trackd.error`.
@@ -67,6 +71,7 @@ from trackd.sinks.base import (
     SinkContext,
     SinkError,
     is_retriable_os_error,
+    media_file_name,
     retriable_status,
 )
 
@@ -225,6 +230,8 @@ class MlflowSink(Sink):
             self._set_tags(run_id, {f"summary/{key}": value for key, value in summary.items()})
         elif record.type == "artifact":
             self._log_artifact(run_id, body["path"], body["name"])
+        elif record.type == "media":
+            self._log_artifact(run_id, body["path"], f"media/{media_file_name(body)}")
         elif record.type == "run_end":
             if body.get("error"):
                 self._set_tags(run_id, {"trackd.error": body["error"]})

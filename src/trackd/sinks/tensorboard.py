@@ -14,6 +14,10 @@ What lands where, all of it readable by TensorBoard's own EventAccumulator:
 * the run's identity, tags, summary and artifacts (by reference: TensorBoard
   stores no files) -> the texts `trackd/run`, `trackd/tags`, `trackd/summary`,
   `trackd/artifacts`;
+* media -> images at the row's step (`add_image`'s form: a PNG in a Summary.Image), a
+  GIF video as an animated image (`add_video`'s form, as tensorboardX writes it), a
+  table as a markdown text under its key; an MP4 video has no TensorBoard form (a
+  counted notice);
 * run_end -> the text `trackd/status` and an HParams session end info
   (STATUS_SUCCESS or STATUS_FAILURE), the status column of the HParams table.
 
@@ -133,6 +137,8 @@ class TensorboardSink(Sink):
         elif record.type == "artifact":
             text = _table({body["name"]: body["path"]})
             out.add(encoder.text("trackd/artifacts", step, now, text))
+        elif record.type == "media":
+            self._media(body, out)
         elif record.type == "run_end":
             failed = body["status"] != "finished"
             error = "".join(f"\n    {line}" for line in (body.get("error") or "").splitlines())
@@ -141,6 +147,25 @@ class TensorboardSink(Sink):
             out.add(encoder.session_end(failed, body["ended"]))
         else:
             self._notices(f"{record.type} records have no TensorBoard form; skipped")
+
+    def _media(self, body: dict[str, Any], out: _Pending) -> None:
+        if body["kind"] == "video" and body["format"] != "gif":
+            self._notices(f"{body['format']} videos have no TensorBoard form; skipped")
+            return
+        try:
+            with open(body["path"], "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError as exc:
+            raise SinkError(
+                f"tensorboard: media {body['path']!r} is gone", retriable=False
+            ) from exc
+        step, ts, key = body["step"], body["ts"], body["key"]
+        if body["kind"] == "table":
+            table = json.loads(data)
+            out.add(self._encoder.text(key, step, ts, _markdown(table, body.get("caption"))))
+        else:
+            size = (int(body.get("height") or 0), int(body.get("width") or 0))
+            out.add(self._encoder.image(key, step, ts, data, size))
 
     def _numbers(self, values: dict[str, Any]) -> dict[str, float]:
         numbers = {}
@@ -233,6 +258,16 @@ class _Encoder:
         summary = self._summary(value=[value])
         return self._frame(self._event(wall_time=wall_time, step=step, summary=summary))
 
+    def image(
+        self, tag: str, step: int, wall_time: float, encoded: bytes, size: tuple[int, int]
+    ) -> bytes:
+        """A PNG, or an animated GIF: TensorBoard's image dashboard shows both."""
+        picture = self._summary.Image(
+            height=size[0], width=size[1], colorspace=3, encoded_image_string=encoded
+        )
+        summary = self._summary(value=[self._summary.Value(tag=tag, image=picture)])
+        return self._frame(self._event(wall_time=wall_time, step=step, summary=summary))
+
     def hparams(self, values: dict[str, bool | float | str], group: str, started: float) -> bytes:
         summary = self._hparams_pb(values, trial_id=group, start_time_secs=started)
         return self._frame(self._event(wall_time=started, summary=summary))
@@ -301,6 +336,14 @@ def _table(values: dict[str, Any]) -> str:
         shown = value if isinstance(value, str) else json.dumps(value, default=str)
         rows.append(f"| {_cell(key)} | {_cell(shown)} |")
     return "\n".join(rows)
+
+
+def _markdown(table: dict[str, Any], caption: str | None) -> str:
+    """A logged table as a markdown table (TensorBoard's text dashboard renders it)."""
+    columns = [str(column) for column in table["columns"]]
+    lines = [f"| {' | '.join(_cell(c) for c in columns)} |", "|" + "---|" * len(columns)]
+    lines += [f"| {' | '.join(_cell(str(v)) for v in row)} |" for row in table["data"]]
+    return "\n".join(([caption, ""] if caption else []) + lines)
 
 
 def _cell(text: str) -> str:

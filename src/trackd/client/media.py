@@ -1,0 +1,245 @@
+"""Media for `log()`: `Image`, `Table` and `Video`, in trackio's shapes.
+
+Each object encodes itself when constructed (so a bad array fails at once, in the
+caller's line): an image to PNG, a video to an animated GIF (Pillow writes it without
+ffmpeg; a `.mp4` or `.gif` file is taken as it is), a table to JSON `{"columns": [...],
+"data": [[...], ...]}`. NumPy, Pillow and pandas are imported here only when an object is
+built. `log()` stores the bytes in the content-addressed store under DATA_DIR/artifacts
+and sends a `media` message naming the file: bytes never travel in frames.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
+if TYPE_CHECKING:
+    from typing import Any
+
+
+class Media:
+    """What every media object carries to `log()`."""
+
+    kind: str = ""
+    format: str = ""
+    data: bytes = b""
+    source: str | None = None  # a file taken as it is (stored by path, not re-encoded)
+    caption: str | None = None
+
+    def meta(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<trackd.{type(self).__name__} {self.format} caption={self.caption!r}>"
+
+
+def _caption(caption: object, what: str) -> str | None:
+    if caption is not None and not isinstance(caption, str):
+        raise TypeError(f"{what}: caption must be a string or None, got {type(caption).__name__}")
+    return caption
+
+
+def _png(pil_image: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Image(Media):
+    """An image from a file path, a NumPy array ((h, w), (h, w, c) or (c, h, w)) or a PIL image."""
+
+    kind = "image"
+    format = "png"
+
+    def __init__(self, value: Any, caption: str | None = None) -> None:
+        from PIL import Image as PILImage
+
+        self.caption = _caption(caption, "Image()")
+        if isinstance(value, str | os.PathLike):
+            path = os.fspath(value)
+            if not os.path.isfile(path):
+                raise ValueError(f"Image(): {path!r} is not a file")
+            with PILImage.open(path) as opened:
+                opened.load()
+                picture = (
+                    opened.convert("RGBA")
+                    if opened.mode not in ("RGB", "RGBA", "L")
+                    else opened.copy()
+                )
+        elif isinstance(value, PILImage.Image):
+            picture = value
+        elif hasattr(value, "shape") and hasattr(value, "dtype"):
+            picture = PILImage.fromarray(_hwc_uint8(value, "Image()"))
+        else:
+            raise TypeError(
+                f"Image(): value must be a path, a NumPy array or a PIL image, "
+                f"got {type(value).__name__}"
+            )
+        self.width, self.height = picture.size
+        self.data = _png(picture)
+
+    def meta(self) -> dict[str, Any]:
+        return {"width": self.width, "height": self.height}
+
+
+def _hwc_uint8(array: Any, what: str) -> Any:
+    """(h, w) or (h, w, c) uint8 from (h, w), (h, w, c) or (c, h, w); floats in [0, 1] scaled."""
+    import numpy as np
+
+    data = np.asarray(array)
+    if data.ndim == 3 and data.shape[0] in (1, 3, 4) and data.shape[-1] not in (1, 3, 4):
+        data = np.transpose(data, (1, 2, 0))
+    if data.ndim == 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] not in (3, 4)):
+        raise ValueError(f"{what}: expected (h, w), (h, w, c) or (c, h, w), got {data.shape}")
+    if data.dtype != np.uint8:
+        if data.dtype.kind == "f":
+            data = np.clip(data * 255.0, 0, 255)
+        data = np.clip(data, 0, 255).astype(np.uint8)
+    return data
+
+
+class Video(Media):
+    """A video from uint8 frames (frames, channels, h, w), a batch (batch, frames, channels,
+    h, w) tiled into a grid, or a `.gif` / `.mp4` file."""
+
+    kind = "video"
+
+    def __init__(self, value: Any, caption: str | None = None, fps: float | None = None) -> None:
+        self.caption = _caption(caption, "Video()")
+        if fps is not None and (
+            isinstance(fps, bool) or not isinstance(fps, int | float) or fps <= 0
+        ):
+            raise ValueError(f"Video(): fps must be a positive number, got {fps!r}")
+        self.fps = float(fps) if fps is not None else None
+        self.frames: int | None = None
+        self.width: int | None = None
+        self.height: int | None = None
+        if isinstance(value, str | os.PathLike):
+            path = os.fspath(value)
+            extension = os.path.splitext(path)[1].lower().lstrip(".")
+            if extension not in ("gif", "mp4"):
+                raise ValueError(f"Video(): {path!r}: expected a .gif or .mp4 file")
+            if not os.path.isfile(path):
+                raise ValueError(f"Video(): {path!r} is not a file")
+            self.format, self.source = extension, os.path.abspath(path)
+            return
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(
+                f"Video(): expected a path or a NumPy array, got {type(value).__name__}"
+            )
+        self.format = "gif"
+        self.data = self._gif(value)
+
+    def _gif(self, value: Any) -> bytes:
+        import io
+
+        import numpy as np
+        from PIL import Image as PILImage
+
+        frames = np.asarray(value)
+        if frames.dtype != np.uint8:
+            raise ValueError(f"Video(): frames must be uint8 RGB in [0, 255], got {frames.dtype}")
+        if frames.ndim == 5:
+            frames = _tile(frames)
+        if frames.ndim != 4 or frames.shape[1] not in (1, 3, 4):
+            raise ValueError(
+                "Video(): expected (frames, channels, h, w) or (batch, frames, channels, h, w),"
+                f" got {frames.shape}"
+            )
+        frames = np.transpose(frames, (0, 2, 3, 1))
+        if frames.shape[-1] == 1:
+            frames = np.repeat(frames, 3, axis=-1)
+        pictures = [PILImage.fromarray(frame[..., :3]) for frame in frames]
+        self.frames, self.height, self.width = len(pictures), frames.shape[1], frames.shape[2]
+        buffer = io.BytesIO()
+        duration = round(1000.0 / (self.fps or 4.0))
+        pictures[0].save(
+            buffer,
+            format="GIF",
+            save_all=True,
+            append_images=pictures[1:],
+            duration=duration,
+            loop=0,
+        )
+        return buffer.getvalue()
+
+    def meta(self) -> dict[str, Any]:
+        meta = {"frames": self.frames, "width": self.width, "height": self.height, "fps": self.fps}
+        return {key: value for key, value in meta.items() if value is not None}
+
+
+def _tile(batch: Any) -> Any:
+    """(batch, frames, c, h, w) -> (frames, c, rows*h, cols*w): a grid as near square as fits."""
+    import math
+
+    import numpy as np
+
+    count, frames, channels, height, width = batch.shape
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    grid = np.zeros((frames, channels, rows * height, cols * width), dtype=batch.dtype)
+    for index in range(count):
+        row, col = divmod(index, cols)
+        grid[:, :, row * height : (row + 1) * height, col * width : (col + 1) * width] = batch[
+            index
+        ]
+    return grid
+
+
+class Table(Media):
+    """A table from a pandas DataFrame (`dataframe=`) or from `data=` rows and `columns=`."""
+
+    kind = "table"
+    format = "json"
+
+    def __init__(
+        self,
+        columns: list[str] | None = None,
+        data: list[list[Any]] | None = None,
+        dataframe: Any = None,
+        caption: str | None = None,
+    ) -> None:
+        import json
+
+        self.caption = _caption(caption, "Table()")
+        if dataframe is not None:
+            if columns is not None or data is not None:
+                raise ValueError("Table(): pass dataframe= or columns=/data=, not both")
+            if not hasattr(dataframe, "to_json"):
+                raise TypeError(
+                    f"Table(): dataframe must be a pandas DataFrame, got {type(dataframe).__name__}"
+                )
+            parsed = json.loads(dataframe.to_json(orient="split", index=False))
+            columns, data = [str(c) for c in parsed["columns"]], parsed["data"]
+        if data is None:
+            raise ValueError("Table(): pass dataframe= or data=")
+        rows = [list(row) for row in data]
+        if columns is None:
+            columns = [f"col{index}" for index in range(len(rows[0]) if rows else 0)]
+        for index, row in enumerate(rows):
+            if len(row) != len(columns):
+                raise ValueError(
+                    f"Table(): row {index} has {len(row)} values for {len(columns)} columns"
+                )
+        self.columns = [str(column) for column in columns]
+        self.rows = len(rows)
+        try:
+            self.data = json.dumps(
+                {"columns": self.columns, "data": rows}, allow_nan=True, default=_cell
+            ).encode()
+        except ValueError as exc:
+            raise ValueError(f"Table(): {exc}") from exc
+
+    def meta(self) -> dict[str, Any]:
+        return {"columns": self.columns, "rows": self.rows}
+
+
+def _cell(value: Any) -> Any:
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    return str(value)
