@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck fuzz clean
+.PHONY: run test lint typecheck fuzz chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ typecheck: $(VENV)/.installed-test
 
 test: lint typecheck
 	$(BIN)/pytest
+
+chaos: $(VENV)/.installed-test
+	TRACKD_CHAOS_ROWS=1000000 $(BIN)/pytest tests/chaos
 
 fuzz: $(VENV)/.installed-test
 	$(BIN)/python fuzz/decode_frames.py -max_total_time=300

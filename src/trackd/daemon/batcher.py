@@ -32,13 +32,24 @@ class Batcher:
         self.max_bytes = max_bytes
         self.max_records = max_records
 
-    def read(self, start: Position, end: Position) -> tuple[list[Record], Position]:
-        """The records after `start` (up to `end`), and the position after the last one read."""
+    def read(self, start: Position, end: Position, max_rows: int) -> tuple[list[Record], Position]:
+        """The records after `start` (up to `end`), and the position after the last one read.
+
+        A batch also stops once it holds `max_rows` metric rows (the sink's `batch_rows`),
+        so that a slow sink still moves its cursor every few seconds.
+        """
         raw = self.wal.read(start, end, self.max_bytes)[: self.max_records]
-        records = []
+        records: list[Record] = []
+        rows = 0
+        after = start
         for position, payload in raw:
+            if rows >= max_rows:
+                break
             message = msgpack.unpackb(payload)  # validated when it was accepted
+            after = position
             if message["t"] not in INTERNAL_TYPES:
                 run = self.ledger.info(message["r"])
                 records.append(Record(position, message["t"], run, message["b"]))
-        return records, (raw[-1][0] if raw else start)
+                if message["t"] == "metrics":
+                    rows += len(message["b"]["rows"])
+        return records, after

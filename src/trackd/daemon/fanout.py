@@ -76,6 +76,7 @@ class SinkWorker:
             "lag_bytes": self.wal.bytes_between(self.cursor, self.wal.durable_end),
             "lag_records": self.wal.count_between(self.cursor, self.wal.durable_end),
             "lag_seconds": 0.0 if behind is None else round(time.time() - behind, 3),
+            "notices": self.delivery.sink.notice_counts(),
         }
 
     # --- the loop -------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class SinkWorker:
                 if not full and self._linger and self._drain_until is None:
                     await delivery.sleep(self._linger)
                 records, end = await delivery.call(
-                    self.batcher.read, self.cursor, self.wal.durable_end
+                    self.batcher.read, self.cursor, self.wal.durable_end, delivery.sink.batch_rows
                 )
                 full = self.wal.bytes_between(end, self.wal.durable_end) > 0
                 self.holding = end

@@ -88,6 +88,9 @@ class SinkContext:
 class Sink:
     kind: ClassVar[str]
     target_key: ClassVar[str]
+    # Metric rows per batch at most: a slow backend gets smaller batches, so its cursor
+    # (saved after each) moves every few seconds even through a large backlog.
+    batch_rows: ClassVar[int] = 100_000
 
     def __init__(self, target: str, **options: str) -> None:
         self.target = target
@@ -104,6 +107,11 @@ class Sink:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def notice_counts(self) -> dict[str, int]:
+        """How often each notice (see `Notices`) came up: `trackd status` shows them."""
+        notices = getattr(self, "_notices", None)
+        return dict(notices.counts) if isinstance(notices, Notices) else {}
 
 
 @dataclass(frozen=True)
