@@ -171,3 +171,172 @@ def test_mlflow_stores_each_media_file_as_an_artifact(
     table = json.loads((local.parent / by_key["preds"]).read_text())
     assert table == {"columns": ["text", "score"], "data": [["a", 1.5], ["b", 2.0]]}
     assert frames(PILImage.open(io.BytesIO((local.parent / by_key["clip"]).read_bytes()))) == 4
+
+
+def test_wandb_history_holds_images_videos_and_tables_at_their_steps(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    from helpers.wandb_log import read_runs
+    from test_sink_wandb import wandb_env
+
+    env = {**env, **wandb_env(tmp_path)}
+    daemon.env = env
+    daemon.start("--sink", "wandb:*")
+    run_id = log_media(env)
+    daemon.flush()
+    assert daemon.stop() == 0
+    [[session]] = read_runs(tmp_path / "wandb" / "wandb").values()
+    assert session.run_id == run_id
+    assert [row["_step"] for row in session.history] == list(range(7))
+    assert [row["loss"] for row in session.history] == [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1]
+    # the reader flattens each media entry's fields to KEY/FIELD
+    media = {
+        key.removesuffix("/_type"): (row["_step"], value)
+        for row in session.history
+        for key, value in row.items()
+        if key.endswith("/_type")
+    }
+    assert media == {
+        "img/array": (0, "image-file"),
+        "img/pil": (1, "image-file"),
+        "img/file": (2, "image-file"),
+        "preds": (3, "table-file"),
+        "clip": (4, "video-file"),
+        "grid": (5, "video-file"),
+    }
+    run_dir = session.path.parent
+    paths = {key: session.history[step][f"{key}/path"] for key, (step, _) in media.items()}
+    assert all((run_dir / "files" / path).is_file() for path in paths.values()), paths
+    array = session.history[0]
+    assert [array[f"img/array/{f}"] for f in ("width", "height", "caption")] == [6, 8, "gradient"]
+    assert session.history[4]["clip/caption"] == "clip"
+    table = json.loads((run_dir / "files" / paths["preds"]).read_text())
+    assert (table["columns"], table["data"]) == (["text", "score"], [["a", 1.5], ["b", 2.0]])
+
+
+AIM_IMAGES = """
+import json, sys
+from aim import Repo, Run
+from aim.sdk.index_manager import RepoIndexManager
+from aim.storage.context import Context
+
+repo = Repo(sys.argv[1])
+[run_hash] = list(repo.list_all_runs())
+RepoIndexManager.get_index_manager(repo).index(run_hash)
+run = Run(run_hash, repo=Repo(sys.argv[1]), read_only=True)
+found = {}
+for key in ("img/array", "img/pil", "img/file"):
+    steps, (images, _epochs, _times) = run.get_image_sequence(key, Context({})).data.items_list()
+    found[key] = [
+        [step, image.caption, list(image.to_pil_image().convert("RGB").getpixel((0, 0)))]
+        for step, image in zip(steps, images)
+    ]
+loss = next(m for m in run.metrics() if m.name == "loss")
+steps, (values,) = loss.data.view(["val"]).numpy()
+found["loss"] = [steps.tolist(), values.tolist()]
+print(json.dumps(found))
+"""
+
+
+def test_aim_images_and_trackio_notices_with_every_number_arriving(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Aim shows images; tables and videos, and Trackio's media, are counted notices,
+    while every number of the run still arrives in both."""
+    from test_sink_trackio import read_trackio
+
+    repo, trackio_dir = tmp_path / "aim", tmp_path / "trackio"
+    daemon.start(
+        *("--sink", f"aim:{repo}", "--sink", "trackio:fallback"),
+        extra_env={"TRACKIO_DIR": str(trackio_dir)},
+    )
+    run_id = log_media(env)
+    daemon.flush()
+    notices = {
+        sink["spec"].split(":")[0]: sink["notices"] for sink in daemon.status()["sinks"].values()
+    }
+    assert notices == {
+        "aim": {"tables have no Aim form; skipped": 1, "videos have no Aim form; skipped": 2},
+        "trackio": {
+            "image media are not sent to Trackio; skipped": 3,
+            "table media are not sent to Trackio; skipped": 1,
+            "video media are not sent to Trackio; skipped": 2,
+        },
+    }
+    assert daemon.stop() == 0
+    out = subprocess.run(
+        [sys.executable, "-c", AIM_IMAGES, str(repo)],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    aim = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert aim == {
+        "img/array": [[0, "gradient", [0, 1, 2]]],
+        "img/pil": [[1, "", [7, 7, 7]]],
+        "img/file": [[2, "from a file", [10, 20, 30]]],
+        "loss": [list(range(7)), [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1]],
+    }
+    [run] = read_trackio(env, trackio_dir)["p"].values()
+    assert run["id"] == run_id
+    assert [(log["step"], log["loss"]) for log in run["logs"]] == [
+        (0, 0.5),
+        (1, 0.4),
+        (2, 0.3),
+        (3, 0.2),
+        (4, 0.1),
+        (5, 0.0),
+        (6, -0.1),
+    ]
+
+
+def media_frame(**body: Any) -> bytes:
+    from trackd.protocol import VERSION, encode
+
+    full = {"step": 3, "ts": 1.5, "key": "img", "kind": "image", "path": "/a", "sha256": "ab"}
+    full |= {"size": 10, "format": "png", **body}
+    message = {"v": VERSION, "s": "s", "q": 1, "t": "media", "r": "r", "b": full}
+    return encode(message)
+
+
+def test_protocol_validates_media_bodies_naming_the_field() -> None:
+    from trackd.protocol import ProtocolError, decode
+
+    assert decode(media_frame(caption="c", width=2, height=3))["b"]["width"] == 2
+    assert decode(media_frame(kind="table", format="json", columns=["a"], rows=1))["t"] == "media"
+    cases: dict[str, dict[str, Any]] = {
+        "b.step: expected int, got str": {"step": "3"},
+        "b.kind: expected one of ['image', 'table', 'video'], got 'audio'": {"kind": "audio"},
+        "b.format: a video is one of ('gif', 'mp4'), got 'png'": {"kind": "video"},
+        "b.caption: expected str or nil, got int": {"caption": 5},
+        "b.key: expected a non-empty name": {"key": ""},
+        "b.columns: expected a list of strings or nil, got list": {"columns": [1]},
+        "b.size: must not be negative": {"size": -1},
+    }
+    for error, body in cases.items():
+        with pytest.raises(ProtocolError) as raised:
+            decode(media_frame(**body))
+        assert str(raised.value) == error
+
+
+def test_media_objects_refuse_bad_input_at_once_and_import_nothing_heavy() -> None:
+    import numpy as np
+
+    import trackd
+
+    with pytest.raises(ValueError, match=r"Video\(\): frames must be uint8"):
+        trackd.Video(np.zeros((2, 3, 4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"expected \(frames, channels, h, w\)"):
+        trackd.Video(np.zeros((2, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"Image\(\): expected \(h, w\)"):
+        trackd.Image(np.zeros((2, 2, 2, 2)))
+    with pytest.raises(TypeError, match=r"Image\(\): value must be a path"):
+        trackd.Image(42)
+    with pytest.raises(ValueError, match="row 1 has 1 values for 2 columns"):
+        trackd.Table(columns=["a", "b"], data=[[1, 2], [3]])
+    table = trackd.Table(columns=["a", "b"], data=[[1, "x"], [np.float32(2.5), None]])
+    assert json.loads(table.data) == {"columns": ["a", "b"], "data": [[1, "x"], [2.5, None]]}
+    code = "import sys, trackd; print(sorted({'numpy', 'PIL', 'pandas'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
+    assert out.stdout.strip() == "[]"

@@ -19,6 +19,9 @@ How runs appear:
   (through the SDK's tracker, ``run.track`` would stamp the delivery time instead).
   Values that are not numbers are skipped (a counted notice). Artifacts are not sent:
   Aim stores them only with an artifacts URI configured per run (a counted notice).
+  Media: images -> ``aim.Image`` sequences under their key at their step (overwritten
+  in place when re-sent, as metrics are); tables and videos have no Aim form (counted
+  notices).
   System metrics, terminal capture and system params are off: the daemon is not the
   training process.
 
@@ -166,6 +169,8 @@ class AimSink(Sink):
             self._set_tags(run, info.id, body["values"])
         elif record.type == "artifact":
             self._notices("artifacts are not sent to Aim; they stay where they were logged")
+        elif record.type == "media":
+            self._media(run, body)
         elif record.type == "run_end":
             _set_params(
                 run,
@@ -200,8 +205,14 @@ class AimSink(Sink):
         _set_params(run, "trackd", {**meta, "status": "running", "error": None, "ended": None})
         self._set_tags(run, info.id, info.tags)
 
-    def _track(self, run: Any, step: int, ts: float, values: dict[str, Any]) -> None:
-        numbers = {key: value for key, value in values.items() if isinstance(value, int | float)}
+    def _track(
+        self, run: Any, step: int, ts: float, values: dict[str, Any], media: bool = False
+    ) -> None:
+        numbers = (
+            values
+            if media
+            else {key: value for key, value in values.items() if isinstance(value, int | float)}
+        )
         if len(numbers) < len(values):
             self._notices("values that are not numbers are not sent to Aim")
         if not numbers:
@@ -213,6 +224,22 @@ class AimSink(Sink):
         else:
             track(numbers, ts, None, step, None, context=None)
         self._sent()
+
+    def _media(self, run: Any, body: dict[str, Any]) -> None:
+        if body["kind"] != "image":
+            self._notices(f"{body['kind']}s have no Aim form; skipped")
+            return
+        from PIL import Image as PILImage  # Aim depends on Pillow
+
+        try:
+            with PILImage.open(body["path"]) as opened:
+                opened.load()
+                image = self._aim.Image(opened.copy(), caption=body.get("caption") or "")
+        except FileNotFoundError as exc:
+            raise SinkError(
+                f"aim: media {body['path']!r} no longer exists", retriable=False
+            ) from exc
+        self._track(run, body["step"], body["ts"], {body["key"]: image}, media=True)
 
     def _set_tags(self, run: Any, run_id: str, tags: dict[str, str]) -> None:
         """One Aim tag per trackd tag name: a new value replaces the old value's tag."""

@@ -20,10 +20,12 @@ How runs appear:
 * config -> config, plus ``trackd`` (run id, project, host, pid, rank); tags -> W&B
   tags ``name:value`` (``name`` if the value is empty) plus the spec's ``tags``;
   metrics -> history rows at their step with the client's time as ``_timestamp``;
-  summary -> summary; the end -> exit code 0 (finished) or 1 (failed), with the status
-  and error in summary ``trackd/status`` and ``trackd/error``. Artifacts are not sent
-  (a counted notice). Console capture, system metrics and git/code saving are off:
-  the daemon is not the training process.
+  summary -> summary; media -> ``wandb.Image`` / ``wandb.Video`` / ``wandb.Table`` in the
+  history row of their step (merged with that step's numbers, and kept in "pending" like
+  any row, so a crash re-logs them too); the end -> exit code 0 (finished) or 1
+  (failed), with the status and error in summary ``trackd/status`` and
+  ``trackd/error``. Artifacts are not sent (a counted notice). Console capture,
+  system metrics and git/code saving are off: the daemon is not the training process.
 
 Exactly once across daemon crashes. W&B keeps one history row per step and accepts
 only increasing steps; rows for the step in progress merge. So per attached run the
@@ -66,9 +68,11 @@ resumes them in a healthy service (two live runs with one id are refused).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
+import shutil
 import struct
 import time
 import zlib
@@ -109,6 +113,7 @@ FULL, FIRST, LAST = 1, 2, 4
 _UNSAFE_PROJECT = re.compile(r"[/\\#?%:]")
 
 Row = list[Any]  # [step, ts, {key: value}], as in a metrics record
+MEDIA = "trackd.media"  # a row value {MEDIA: body}: a media record waiting to be logged
 HistoryStep = Callable[[bytes], int | None]
 
 
@@ -143,6 +148,7 @@ class WandbSink(Sink):
             return int(record.history.step.num)
 
         self._wandb = wandb
+        self._media_dir = context.state_dir / "media"
         self._history_step: HistoryStep = history_step
         context.state_dir.mkdir(parents=True, exist_ok=True)
         self._run_ids = RunMap(context.state_dir / "runs.json")
@@ -181,6 +187,9 @@ class WandbSink(Sink):
             self._update(run.id, attached, state, config=self._config(run), tags=run.tags)
         elif record.type == "metrics":
             self._call(run.id, self._log_rows, attached, state, body["rows"])
+        elif record.type == "media":
+            row = [body["step"], body["ts"], {body["key"]: {MEDIA: body}}]
+            self._call(run.id, self._log_rows, attached, state, [row])
         elif record.type == "config":
             self._update(run.id, attached, state, config=body["values"])
         elif record.type == "tags":
@@ -280,9 +289,34 @@ class WandbSink(Sink):
             step, ts, values = row
             if step < attached.last or (step == attached.last and not attached.in_progress):
                 continue  # stored already, or below a step W&B has moved past
+            if any(isinstance(value, dict) for value in values.values()):
+                values = {key: self._media(value) for key, value in values.items()}
             handle.log({**values, "_timestamp": ts}, step=step)
             attached.last, attached.in_progress = step, True
             state.pending.append(row)
+
+    def _media(self, value: Any) -> Any:
+        """A W&B media object for a media record's body (numbers pass through)."""
+        if not isinstance(value, dict) or MEDIA not in value:
+            return value
+        body = value[MEDIA]
+        source = Path(body["path"])
+        if not source.is_file():
+            raise SinkError(f"wandb: media {body['path']!r} no longer exists", retriable=False)
+        caption = body.get("caption")
+        if body["kind"] == "table":
+            table = json.loads(source.read_text(encoding="utf-8"))
+            return self._wandb.Table(columns=table["columns"], data=table["data"])
+        # W&B tells a file's type by its extension; the store names files by digest alone.
+        named = self._media_dir / f"{body['sha256']}.{body['format']}"
+        if not named.exists():
+            named.parent.mkdir(parents=True, exist_ok=True)
+            partial = named.with_suffix(".partial")
+            shutil.copyfile(source, partial)
+            os.replace(partial, named)
+        if body["kind"] == "video":
+            return self._wandb.Video(str(named), caption=caption, format=body["format"])
+        return self._wandb.Image(str(named), caption=caption)
 
     def _update(
         self,
