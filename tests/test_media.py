@@ -340,3 +340,26 @@ def test_media_objects_refuse_bad_input_at_once_and_import_nothing_heavy() -> No
     code = "import sys, trackd; print(sorted({'numpy', 'PIL', 'pandas'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_video_file_is_stored_as_it_is(
+    daemon: Daemon, env: dict[str, str], dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Video("clip.gif") (and .mp4) keeps the file's bytes; the original may go at once."""
+    import trackd
+
+    root = tmp_path / "runs"
+    daemon.start("--sink", f"jsonl:{root}")
+    source = tmp_path / "clip.gif"
+    frames_ = [PILImage.new("RGB", (4, 4), (value, 0, 0)) for value in (0, 120, 240)]
+    frames_[0].save(source, format="GIF", save_all=True, append_images=frames_[1:])
+    original = source.read_bytes()
+    run = trackd.init(project="p", name="file")
+    run.log({"clip": trackd.Video(source, caption="from a file")}, step=7)
+    source.unlink()
+    run.finish()
+    daemon.flush()
+    assert daemon.stop() == 0
+    [row] = jsonl_runs(root)[f"file-{run.id[:8]}"]
+    assert (row["step"], row["clip"]["format"], row["clip"]["caption"]) == (7, "gif", "from a file")
+    assert (root / "p" / f"file-{run.id[:8]}" / row["clip"]["path"]).read_bytes() == original
