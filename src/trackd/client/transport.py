@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 0.01
 RESEND_AFTER_SECONDS = 1.0
+RESEND_AFTER_MAX_SECONDS = 30.0
 GAP_REWIND_SECONDS = 0.2
 UNREACHABLE_SECONDS = 0.5
 WINDOW_MESSAGES = 1024
@@ -99,6 +100,7 @@ class Transport:
         self._acked = 0
         self._sent = 0
         self._progress_at = time.monotonic()
+        self._resend_after = RESEND_AFTER_SECONDS
         self._rewound_at = 0.0
         self._unreachable_since: float | None = None
         self._flushes: list[FlushRequest] = []
@@ -279,8 +281,11 @@ class Transport:
         import zmq
 
         now = time.monotonic()
-        if self._sent > self._acked and now - self._progress_at > RESEND_AFTER_SECONDS:
+        if self._sent > self._acked and now - self._progress_at > self._resend_after:
+            # Go back and send again; wait twice as long before the next time, so that a
+            # daemon slow to ack (not gone) is not buried under copies of what it has.
             self._sent, self._progress_at = self._acked, now
+            self._resend_after = min(self._resend_after * 2, RESEND_AFTER_MAX_SECONDS)
         unacked = self._unacked
         while self._sent - self._acked < WINDOW_MESSAGES and self._sent < self._next_seq - 1:
             entry = unacked[self._sent - self._acked]
@@ -327,6 +332,7 @@ class Transport:
             self._acked = min(high, self._next_seq - 1)
             self._sent = max(self._sent, self._acked)
             self._progress_at = now
+            self._resend_after = RESEND_AFTER_SECONDS
             if self._spool and (not unacked or unacked[0].frame is not None):
                 self._spool.clear()
         if gap and self._sent > high and now - self._rewound_at > GAP_REWIND_SECONDS:

@@ -20,6 +20,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgpack
+
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import (
@@ -33,6 +35,7 @@ from trackd.protocol import (
 )
 
 Reply = Callable[[bytes], None]
+PEEK_BYTES = 64 * 1024  # frames larger than this are checked for a duplicate before decoding
 
 
 @dataclass(slots=True)
@@ -96,6 +99,10 @@ class Ingest:
 
     def receive(self, frame: bytes, reply: Reply | None, from_spool: bool = False) -> bool:
         """Take one frame; False only when it was turned away for now (the WAL is full)."""
+        if PEEK_BYTES < len(frame) <= self._max_frame_bytes:
+            sender = peek_sender(frame)
+            if sender is not None and sender[1] <= self._high(sender[0]):
+                return self._duplicate(sender[0], sender[1], reply)  # body left undecoded
         try:
             message = decode(frame, self._max_frame_bytes)
         except ProtocolError as exc:
@@ -104,10 +111,7 @@ class Ingest:
         session, seq = message["s"], message["q"]
         high = self._high(session)
         if seq <= high:
-            self.stats.duplicates += 1
-            if reply is not None and seq <= self.ledger.sessions.get(session, 0):
-                reply(_ack(self.ledger.sessions[session]))
-            return True
+            return self._duplicate(session, seq, reply)
         if self.full():
             self.stats.blocked += 1  # not acked: the client keeps it and sends it again later
             return False
@@ -123,6 +127,13 @@ class Ingest:
                 frame = encode(message)
             self._started.add(message["r"])
         self.wal.append(frame, _Accepted(frame, message, reply))
+        return True
+
+    def _duplicate(self, session: str, seq: int, reply: Reply | None) -> bool:
+        """Stored already (or on its way to the WAL): ack again once durable, store nothing."""
+        self.stats.duplicates += 1
+        if reply is not None and seq <= self.ledger.sessions.get(session, 0):
+            reply(_ack(self.ledger.sessions[session]))
         return True
 
     def _high(self, session: str) -> int:
@@ -197,6 +208,29 @@ class Ingest:
             if self._accepted.get(session, 0) <= ledger.sessions[session]:
                 self._accepted.pop(session, None)
         self._on_durable(end)
+
+
+def peek_sender(frame: bytes) -> tuple[str, int] | None:
+    """(session, seq) read from the envelope's first fields, before its body is decoded.
+
+    Clients write `v, s, q` first, so a re-sent message of thousands of rows is known
+    for a duplicate at the cost of three small fields; anything unusual returns None and
+    goes through the full decode.
+    """
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame) or 1)
+    try:
+        unpacker.feed(frame)
+        fields = unpacker.read_map_header()
+        found: dict[str, object] = {}
+        for _ in range(min(fields, 3)):
+            key = unpacker.unpack()
+            found[key] = unpacker.unpack()
+    except Exception:  # not ours to judge here: decode() names what is wrong
+        return None
+    session, seq = found.get("s"), found.get("q")
+    if type(session) is str and type(seq) is int and found.get("v") == VERSION:
+        return session, seq
+    return None
 
 
 def _ack(high: int, gap: bool = False) -> bytes:
