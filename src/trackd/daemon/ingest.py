@@ -35,6 +35,7 @@ from trackd.protocol import (
 )
 
 Reply = Callable[[bytes], None]
+RATE_SECONDS = 10.0
 PEEK_BYTES = 64 * 1024  # frames larger than this are checked for a duplicate before decoding
 
 
@@ -58,16 +59,20 @@ class IngestStats:
     last_error_at: float | None = None
     _window: deque[tuple[float, int]] = field(default_factory=deque)
 
-    def rate(self, now: float, seconds: float = 10.0) -> float:
-        """Rows per second over the last `seconds`."""
-        window = self._window
-        while window and window[0][0] < now - seconds:
-            window.popleft()
-        return sum(rows for _, rows in window) / seconds
+    def rate(self, now: float) -> float:
+        """Rows per second over the last `RATE_SECONDS`."""
+        self._trim(now)
+        return sum(rows for _, rows in self._window) / RATE_SECONDS
 
     def count_rows(self, now: float, rows: int) -> None:
         self.rows += rows
         self._window.append((now, rows))
+        self._trim(now)  # here too: a daemon nobody asks for its status must not grow
+
+    def _trim(self, now: float) -> None:
+        window = self._window
+        while window and window[0][0] < now - RATE_SECONDS:
+            window.popleft()
 
     def error(self, kind: str, text: str) -> None:
         self.errors[kind] += 1

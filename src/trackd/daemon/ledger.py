@@ -11,6 +11,7 @@ position, and at startup rebuilt from the checkpoint plus the WAL after it.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ class Ledger:
     @staticmethod
     def save(snapshot: bytes, path: Path) -> None:
         """Atomically replace the checkpoint file (off the event loop: it fsyncs)."""
-        temporary = path.with_suffix(".tmp")
+        # a name of its own per saving thread: the periodic save and the one at shutdown may
+        # overlap, and must not rename each other's half-written file
+        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")
         with temporary.open("wb") as handle:
             handle.write(snapshot)
             handle.flush()

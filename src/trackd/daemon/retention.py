@@ -115,7 +115,7 @@ class Retention:
         self._save_ledger()
         behind = [w for w in self.fanout.workers if w.holding[0] <= segment]
         held = min((w.holding for w in behind), default=(segment + 1, 0))
-        records = self.wal.remove(segment)
+        records = self.wal.remove(segment, records=True)
         lost = [payload for end, payload in records if (segment, end) > held]
         rows = 0
         for payload in lost:

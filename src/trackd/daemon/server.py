@@ -37,6 +37,7 @@ from trackd.protocol import MAX_FRAME_BYTES, ProtocolError, decode
 
 log = logging.getLogger("trackd")
 LEDGER_SAVE_SECONDS = 5.0
+YIELD_EVERY = 64
 
 
 class StartupError(RuntimeError):
@@ -231,8 +232,14 @@ async def serve(settings: Settings) -> int:
 
 
 async def _receive(socket: zmq.asyncio.Socket, ingest: Ingest) -> None:
+    received = 0
     while True:
         parts = await socket.recv_multipart(copy=True)
+        received += 1
+        if received % YIELD_EVERY == 0:
+            # a receive that finds messages waiting does not yield: without this, a flood
+            # would starve the commits, acks and control answers the clients are waiting on
+            await asyncio.sleep(0)
         identity = parts[0]
 
         def reply(payload: bytes, identity: bytes = identity) -> None:

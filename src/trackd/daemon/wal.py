@@ -158,15 +158,20 @@ class WriteAheadLog:
         """Bytes on disk plus bytes queued for the next commit: what the disk budget weighs."""
         return self._bytes
 
-    def remove(self, segment: int) -> list[tuple[int, bytes]]:
-        """Delete a closed segment; return its records as (end offset, payload), for counting."""
+    def remove(self, segment: int, records: bool = False) -> list[tuple[int, bytes]]:
+        """Delete a closed segment; with `records`, return them as (end offset, payload).
+
+        Only a segment dropped undelivered needs its records (to count what went); reading
+        a 64 MiB segment just to delete it would double the daemon's memory for a moment.
+        """
         if segment >= self.durable_end[0]:
             raise ValueError(f"wal: segment {segment} is still being written")
         path = self.path(segment)
-        data = path.read_bytes()
+        data = path.read_bytes() if records else b""
+        size = path.stat().st_size
         path.unlink()
         with self._cond:
-            self._bytes -= len(data)
+            self._bytes -= size
         return list(iter_records(data))
 
     # --- appending -----------------------------------------------------------------
