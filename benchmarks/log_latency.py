@@ -675,6 +675,11 @@ def main() -> None:
         "--quiet-wait", type=float, default=60.0, help="max seconds to wait for an idle machine"
     )
     parser.add_argument("--no-imports", action="store_true", help="skip the import measurements")
+    parser.add_argument(
+        "--only-imports",
+        action="store_true",
+        help="measure imports only; with --save, replace the imports of an existing report",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument("--save", type=Path, help="write the results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -691,6 +696,8 @@ def main() -> None:
         receiver(args.receiver)
         return
 
+    # SIGTERM: unwind, so that every daemon and helper started so far is ended by its PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     cases = [case.strip() for case in args.cases.split(",") if case.strip()]
     unknown = set(cases) - set(CASES)
     if unknown:
@@ -710,9 +717,17 @@ def main() -> None:
     imports = None
     if not args.no_imports:
         any_peer = any(CASES[case][2] for case in cases)
-        wait_for_quiet(args.quiet_wait)
+        busy = wait_for_quiet(args.quiet_wait)
         imports = import_times(args.python, args.peer_python, args.import_repeats, any_peer)
+        imports["machine_busy_before"] = round(busy, 3)
         print(_imports_text(imports), flush=True)
+    if args.only_imports:
+        if imports is not None and args.save:
+            report = json.loads(args.save.read_text()) if args.save.exists() else {}
+            report["imports"] = {**imports, "machine": machine}
+            args.save.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            print(f"updated the imports in {args.save}")
+        return
     results = []
     for case in cases:
         print(f"running {case} ...", flush=True)
@@ -732,7 +747,8 @@ def _imports_text(imports: dict[str, Any]) -> str:
         f"import trackd: {imports['import_trackd_ms']:.1f} ms wall (median), "
         f"python -c pass: {imports['python_pass_ms']:.1f} ms, "
         f"difference {imports['import_trackd_minus_pass_ms']:.1f} ms; "
-        f"-X importtime cumulative for trackd: {imports['importtime_trackd_cumulative_ms']:.1f} ms",
+        f"-X importtime cumulative for trackd: {imports['importtime_trackd_cumulative_ms']:.1f} ms "
+        f"(machine busy before: {imports.get('machine_busy_before', 0):.0%})",
         "third-party modules imported: " + ", ".join(imports["third_party_modules_imported"]),
         "heaviest imports (-X importtime, cumulative ms):",
     ]

@@ -407,6 +407,8 @@ def main() -> None:
     print(f"trackd {machine['commit']} from {machine['trackd_source']}")
     if machine["src_changes_not_committed"]:
         print(f"  uncommitted in src/: {machine['src_changes_not_committed']}")
+    # SIGTERM: unwind, so that the daemon and clients started so far are ended by their PIDs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     results = []
     for clients in (int(text) for text in args.clients.split(",")):
         print(f"running {clients} client(s) x {args.rows:,} rows ...", flush=True)
