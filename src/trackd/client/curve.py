@@ -10,7 +10,10 @@ daemon is the right one, and without it the handshake fails and nothing is sent.
 from __future__ import annotations
 
 import os
-from typing import Any
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
+if TYPE_CHECKING:
+    from typing import Any
 
 ENV = "TRACKD_CURVE_SERVER_KEY"
 
