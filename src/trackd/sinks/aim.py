@@ -200,9 +200,8 @@ class AimSink(Sink):
     def _start(self, run: Any, info: RunInfo) -> None:
         run.name = info.name
         _set_params(run, "hparams", info.config)
-        meta: dict[str, Any] = {"run_id": info.id, "project": info.project, "group": info.group}
-        meta |= {"host": info.host, "pid": info.pid, "rank": info.rank, "started": info.started}
-        _set_params(run, "trackd", {**meta, "status": "running", "error": None, "ended": None})
+        meta = {**info.metadata(), "status": "running", "error": None, "ended": None}
+        _set_params(run, "trackd", meta)
         self._set_tags(run, info.id, info.tags)
 
     def _track(

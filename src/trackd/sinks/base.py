@@ -68,6 +68,14 @@ class RunInfo:
     config: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
+    def metadata(self) -> dict[str, object]:
+        """The trackd side of the run, stored beside each backend's own run id so a backend
+        run leads back to its trackd run, host, process and rank (absent fields left out)."""
+        fields: dict[str, object] = {"run_id": self.id, "project": self.project}
+        fields |= {"group": self.group, "host": self.host, "pid": self.pid, "rank": self.rank}
+        fields["started"] = self.started
+        return {key: value for key, value in fields.items() if value is not None}
+
 
 @dataclass(frozen=True, slots=True)
 class Record:

@@ -8,7 +8,8 @@ second one. Mapping of the records:
 
 * run_start: create (or reuse, setting it RUNNING again) the run; config ->
   params, nested keys joined with "/"; tags plus `trackd.run_id`,
-  `trackd.host`, `trackd.group`, `trackd.pid`, `trackd.rank`;
+  `trackd.project`, `trackd.group`, `trackd.host`, `trackd.pid`, `trackd.rank`,
+  `trackd.started` (`RunInfo.metadata()`);
 * metrics: MLflow metrics with their step and timestamp (ms); config: params;
   tags: tags; artifact: an uploaded file or directory;
 * media: an artifact `media/KEY/STEP-SHA8.FORMAT` (what `log_image` and `log_table`
@@ -395,9 +396,7 @@ class MlflowSink(Sink):
 
 
 def _run_tags(run: RunInfo) -> dict[str, str]:
-    trackd: dict[str, object] = {"trackd.run_id": run.id, "trackd.host": run.host}
-    trackd |= {"trackd.group": run.group, "trackd.pid": run.pid, "trackd.rank": run.rank}
-    return {**run.tags, **{key: str(value) for key, value in trackd.items() if value is not None}}
+    return {**run.tags, **{f"trackd.{key}": str(value) for key, value in run.metadata().items()}}
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -17,7 +17,7 @@ How runs appear:
   directory or a ``trackd replay`` resumes the same W&B run); a later session (daemon
   restart, replay, ``resume="allow"``) continues it with ``id=`` and ``resume="allow"``.
   Several runs at once are several W&B runs in the daemon (``reinit="create_new"``).
-* config -> config, plus ``trackd`` (run id, project, host, pid, rank); tags -> W&B
+* config -> config, plus ``trackd`` (``RunInfo.metadata()``); tags -> W&B
   tags ``name:value`` (``name`` if the value is empty) plus the spec's ``tags``;
   metrics -> history rows at their step with the client's time as ``_timestamp``;
   summary -> summary; media -> ``wandb.Image`` / ``wandb.Video`` / ``wandb.Table`` in the
@@ -370,10 +370,7 @@ class WandbSink(Sink):
         return project
 
     def _config(self, run: RunInfo) -> dict[str, Any]:
-        meta: dict[str, object] = {"run_id": run.id, "project": run.project, "host": run.host}
-        meta.update(pid=run.pid, rank=run.rank)
-        known = {key: value for key, value in meta.items() if value is not None}
-        return {**run.config, "trackd": known}
+        return {**run.config, "trackd": run.metadata()}
 
     def _labels(self, tags: dict[str, str]) -> list[str]:
         labels = [f"{name}:{value}" if value else name for name, value in tags.items()]
