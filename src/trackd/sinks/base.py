@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -241,8 +242,61 @@ def media_file_name(body: dict[str, Any]) -> str:
     """Where a `media` record's file goes below a sink's media directory:
     `KEY/STEP-SHA8.FORMAT`, with the key's "/" kept as directories; the same record
     delivered twice names the same file."""
-    key = "/".join(path_component(part) for part in str(body["key"]).split("/"))
+    key = relative_path(str(body["key"]))
     return f"{key}/{body['step']}-{str(body['sha256'])[:8]}.{body['format']}"
+
+
+def relative_path(name: str) -> str:
+    """A user's name (a media key, an artifact name) as a relative path that stays below
+    its root: "/" kept as directories, each part a `path_component`."""
+    return "/".join(path_component(part) for part in name.split("/"))
+
+
+def stored_file(body: dict[str, Any], sink: str) -> Path:
+    """The file of an `artifact` or `media` record in trackd's content-addressed store.
+
+    Sinks read or link it from there (never whole into memory: artifacts can be
+    gigabytes). Gone, it cannot come back, so its record goes to the dead letters."""
+    path = Path(body["path"])
+    if not path.is_file():
+        what = "media" if "kind" in body else "artifact"
+        raise SinkError(f"{sink}: {what} {body['path']!r} no longer exists", retriable=False)
+    return path
+
+
+def place_file(source: Path, target: Path) -> None:
+    """Put a stored file at `target`, whole or not at all: a hard link where the store is
+    on the same filesystem (no copy, however large), else a streamed copy under a
+    temporary name, renamed into place. The store never changes a file, so a target
+    already there is the same file (a record delivered again) and is left alone."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
+def read_table(path: Path) -> dict[str, Any]:
+    """A `table` media file: the client's JSON `{"columns": [...], "data": [[...], ...]}`."""
+    table: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return table
+
+
+def markdown_table(table: dict[str, Any], caption: str | None) -> str:
+    """A logged table as Markdown, for backends whose only form for it is text."""
+    columns = [str(column) for column in table["columns"]]
+    lines = [f"| {' | '.join(markdown_cell(c) for c in columns)} |", "|" + "---|" * len(columns)]
+    lines += [f"| {' | '.join(markdown_cell(str(v)) for v in row)} |" for row in table["data"]]
+    return "\n".join(([caption, ""] if caption else []) + lines)
+
+
+def markdown_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def media_index(body: dict[str, Any], path: str) -> dict[str, Any]:
