@@ -3,13 +3,14 @@ own transaction logs under WANDB_DIR (tests/helpers/wandb_log.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
-from helpers import until_client
+from helpers import artifact_client, until_client
 from helpers.wandb_log import Session, read_runs
 
 ROWS = 2000
@@ -84,6 +85,18 @@ def test_runs_at_once_are_w_and_b_runs_with_steps_config_summary_and_status(
     assert meta_run.summary["best_loss"] == 0.02
     assert meta_run.summary["trackd/status"] == "failed"
     assert meta_run.exit_code == 1
+    [artifact] = meta_run.artifacts
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert (artifact["name"], artifact["type"], artifact["aliases"]) == (
+        "weights.bin",
+        "unspecified",
+        ["latest"],
+    )
+    assert artifact["metadata"] == {"trackd.artifact": {"name": "weights.bin", "sha256": digest}}
+    [entry] = artifact["files"]
+    assert (entry["path"], entry["size"]) == ("weights.bin", 7)
+    # not copied: the manifest points at trackd's store, which wandb sync uploads from
+    assert entry["local_path"] == str(daemon.data_dir / "artifacts" / digest[:2] / digest)
 
 
 def test_sigkill_mid_run_and_restart_still_every_step_once(
@@ -123,3 +136,40 @@ def test_sigkill_mid_run_and_restart_still_every_step_once(
         assert_every_step_once(sessions, result["rows"])
         assert sessions[0].config["until"] == str(stop)
         assert sessions[-1].exit_code == 0
+
+
+def test_sigkill_mid_run_every_artifact_once(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The daemon SIGKILLed twice while a run logs rows and an artifact every 20 rows: the
+    artifacts the unfinished block of a log lost are logged again in the resumed run and
+    the re-sent ones already stored are skipped, so across the run's sessions each
+    artifact is there once, pointing at its content in trackd's store."""
+    extra_env = wandb_env(tmp_path)
+    wandb_dir = tmp_path / "wandb" / "wandb"
+    stop = tmp_path / "stop"
+    daemon.start("--sink", "wandb:*", extra_env=extra_env)
+    client = artifact_client.start(env, "art", stop)
+    for kill in (1, 2):
+        wait_for(lambda: len(list(wandb_dir.glob("offline-run-*/*.wandb"))) >= kill, 60)  # noqa: B023
+        time.sleep(1.5)
+        daemon.kill()
+        daemon.start("--sink", "wandb:*", extra_env=extra_env)
+    stop.touch()
+    result = finish_client(client)
+    daemon.flush()
+    assert daemon.stop() == 0
+
+    sessions = read_runs(wandb_dir)[result["id"]]
+    assert len(sessions) >= 2, "the run was resumed after a kill"
+    assert steps(sessions) == list(range(result["rows"]))
+    logged = [artifact for session in sessions for artifact in session.artifacts]
+    names = [artifact["name"] for artifact in logged]
+    assert sorted(names) == sorted(result["artifacts"]), "each artifact once"
+    assert len(names) > 10
+    for artifact in logged:
+        digest = result["artifacts"][artifact["name"]]
+        assert artifact["metadata"]["trackd.artifact"]["sha256"] == digest
+        [entry] = artifact["files"]
+        stored = Path(entry["local_path"])
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest

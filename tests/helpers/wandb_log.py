@@ -63,6 +63,7 @@ class Session:
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int | None = None
 
 
@@ -91,6 +92,20 @@ def read_session(path: Path) -> Session:
             row = {_key(item): json.loads(item.value_json) for item in record.history.item}
             assert row["_step"] == record.history.step.num
             session.history.append(row)
+        elif kind == "artifact":
+            artifact = record.artifact
+            session.artifacts.append(
+                {
+                    "name": artifact.name,
+                    "type": artifact.type,
+                    "aliases": list(artifact.aliases),
+                    "metadata": json.loads(artifact.metadata or "{}"),
+                    "files": [
+                        {"path": entry.path, "size": entry.size, "local_path": entry.local_path}
+                        for entry in artifact.manifest.contents
+                    ],
+                }
+            )
         elif kind == "exit":
             session.exit_code = record.exit.exit_code
     return session

@@ -24,8 +24,15 @@ How runs appear:
   history row of their step (merged with that step's numbers, and kept in "pending" like
   any row, so a crash re-logs them too); the end -> exit code 0 (finished) or 1
   (failed), with the status and error in summary ``trackd/status`` and
-  ``trackd/error``. Artifacts are not sent (a counted notice). Console capture,
-  system metrics and git/code saving are off: the daemon is not the training process.
+  ``trackd/error``. Console capture, system metrics and git/code saving are off: the
+  daemon is not the training process.
+* artifact -> a W&B artifact, as ``run.log_artifact(path, name=NAME)`` makes one: named
+  NAME ("/" -> "-", at most 128 characters), type "unspecified", holding the one file
+  under NAME, with ``metadata["trackd.artifact"]`` = {name, sha256}. The file is not
+  copied: it is added with ``policy="immutable"``, so the artifact's manifest points at
+  trackd's content-addressed store (whose files never change), and wandb streams it to
+  hash it now and to upload it (``wandb sync`` offline). The same name and content
+  logged again is one artifact (W&B would make no new version of it either).
 
 Exactly once across daemon crashes. W&B keeps one history row per step and accepts
 only increasing steps; rows for the step in progress merge. So per attached run the
@@ -49,7 +56,12 @@ ago and the fan-out's cursor moved past them. The cursor alone cannot be trusted
    stored or handed over is skipped. In online mode the server's resume step
    (``starting_step``) counts too; rows that reached a local log but not the server stay
    recoverable with ``wandb sync`` on that run directory.
-3. A finished run's log is complete (``finish()`` closes it), so after its run_end the
+3. Artifacts are exactly-once the same way: per open run the checkpoint keeps the
+   artifacts handed over but not yet seen in complete blocks of the log, each named by
+   its ``trackd.artifact`` metadata; attaching a run reads its earlier logs whole for
+   the artifacts they hold (only records that mention ``trackd.artifact`` are decoded),
+   logs the kept ones that are missing and skips any re-sent one already there.
+4. A finished run's log is complete (``finish()`` closes it), so after its run_end the
    sink stores the run's end time in ``ended.json``; records of that run arriving later
    are re-deliveries and are skipped, until a run_start that began after that end (a
    resumed trackd run). Without this a re-sent run_end would resume a finished run only
@@ -72,7 +84,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 import time
 import zlib
@@ -90,7 +101,11 @@ from trackd.sinks.base import (
     SinkContext,
     SinkError,
     is_retriable_os_error,
+    place_file,
+    read_table,
+    relative_path,
     retriable_status,
+    stored_file,
 )
 
 if TYPE_CHECKING:
@@ -101,6 +116,8 @@ OPTIONS = ("mode", "entity", "tags", "dir")
 MODES = ("offline", "online")
 TAG_LIMIT = 64
 PROJECT_LIMIT = 128
+ARTIFACT_NAME_LIMIT = 128
+ARTIFACT_KEY = "trackd.artifact"  # the metadata that names a trackd artifact in a W&B log
 SERVICE_EXIT_SECONDS = 30.0
 
 # The transaction log: LevelDB log format after a 7-byte header (":W&B", magic 0xBEE1,
@@ -114,7 +131,8 @@ _UNSAFE_PROJECT = re.compile(r"[/\\#?%:]")
 
 Row = list[Any]  # [step, ts, {key: value}], as in a metrics record
 MEDIA = "trackd.media"  # a row value {MEDIA: body}: a media record waiting to be logged
-HistoryStep = Callable[[bytes], int | None]
+# A log record's payload -> its history step (int), its trackd artifact (str), or None.
+RecordReader = Callable[[bytes], int | str | None]
 
 
 class WandbSink(Sink):
@@ -141,15 +159,19 @@ class WandbSink(Sink):
         except ImportError as exc:
             raise SinkError(f"wandb: {exc}; pip install 'trackd[wandb]'", retriable=False) from exc
 
-        def history_step(payload: bytes) -> int | None:
+        def read_record(payload: bytes) -> int | str | None:
             record = wandb_internal_pb2.Record.FromString(payload)  # type: ignore[attr-defined]
-            if record.WhichOneof("record_type") != "history":
-                return None
-            return int(record.history.step.num)
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                return int(record.history.step.num)
+            if kind == "artifact" and record.artifact.metadata:
+                marked = json.loads(record.artifact.metadata).get(ARTIFACT_KEY)
+                return _artifact_identity(marked) if isinstance(marked, dict) else None
+            return None
 
         self._wandb = wandb
         self._media_dir = context.state_dir / "media"
-        self._history_step: HistoryStep = history_step
+        self._read_record: RecordReader = read_record
         context.state_dir.mkdir(parents=True, exist_ok=True)
         self._run_ids = RunMap(context.state_dir / "runs.json")
         self._ended = RunMap(context.state_dir / "ended.json")
@@ -159,7 +181,10 @@ class WandbSink(Sink):
         self._states = {key: _RunState(**value) for key, value in state.get("runs", {}).items()}
         _wait_for_service_exit(state.get("pid"))
         for run_id, run_state in self._states.items():
-            if run_state.pending and run_state.pending[-1][0] > self._stored_step(run_state):
+            lost_rows = run_state.pending and run_state.pending[-1][0] > self._stored_step(
+                run_state
+            )
+            if lost_rows or run_state.artifacts:
                 try:
                     self._call(run_id, self._attach, run_id, run_state)
                 except SinkError as error:
@@ -198,7 +223,7 @@ class WandbSink(Sink):
             state.summary.update(body["values"])
             self._call(run.id, attached.handle.summary.update, body["values"])
         elif record.type == "artifact":
-            self._notices("artifacts are not sent to W&B; they stay where they were logged")
+            self._call(run.id, self._log_artifact, attached, state, body)
         elif record.type == "run_end":
             self._call(run.id, self._finish, attached, body)
             del self._attached[run.id], self._states[run.id]
@@ -260,28 +285,55 @@ class WandbSink(Sink):
         stored = max(handle.starting_step - 1, self._stored_step(state, exclude=log_path))
         if state.summary:
             handle.summary.update(state.summary)
-        attached = _Attached(handle, _LogFollower(log_path, self._history_step), last=stored)
+        follower = _LogFollower(log_path, self._read_record)
+        artifacts = self._stored_artifacts(state, exclude=log_path)
+        attached = _Attached(handle, follower, last=stored, artifacts=artifacts)
         self._attached[run_id] = attached
         pending, state.pending = state.pending, []
         self._log_rows(attached, state, pending)
-        if state.pending:
-            log.info("wandb: run %s resumed: re-logged %d rows", state.wandb_id, len(state.pending))
+        kept, state.artifacts = state.artifacts, []
+        for body in kept:
+            self._log_artifact(attached, state, body)
+        if state.pending or state.artifacts:
+            log.info(
+                "wandb: run %s resumed: re-logged %d rows and %d artifacts",
+                state.wandb_id,
+                len(state.pending),
+                len(state.artifacts),
+            )
         return attached
 
-    def _stored_step(self, state: _RunState, exclude: Path | None = None) -> int:
-        """The last step stored in the run's transaction logs (-1: none), newest log first."""
+    def _logs(self, state: _RunState, exclude: Path | None) -> list[Path]:
+        """The run's transaction logs (one per session), newest first."""
         if state.log_dir is None:
-            return -1
+            return []
         logs = {
             path.resolve() for path in Path(state.log_dir).glob(f"*/run-{state.wandb_id}.wandb")
         }
         if exclude is not None:
             logs.discard(exclude.resolve())
-        for path in sorted(logs, key=_mtime, reverse=True):
-            step = _last_step_in(path, self._history_step)
+        return sorted(logs, key=_mtime, reverse=True)
+
+    def _stored_step(self, state: _RunState, exclude: Path | None = None) -> int:
+        """The last step stored in the run's transaction logs (-1: none), newest log first."""
+        for path in self._logs(state, exclude):
+            step = _last_step_in(path, self._read_record)
             if step >= 0:
                 return step
         return -1
+
+    def _stored_artifacts(self, state: _RunState, exclude: Path | None) -> set[str]:
+        """The trackd artifacts in the run's earlier logs, which are read whole; only the
+        records that mention the marker are decoded."""
+        marker = ARTIFACT_KEY.encode()
+
+        def read_artifact(payload: bytes) -> int | str | None:
+            return self._read_record(payload) if marker in payload else None
+
+        found: set[str] = set()
+        for path in self._logs(state, exclude):
+            found |= _artifacts_in(path, read_artifact)
+        return found
 
     def _log_rows(self, attached: _Attached, state: _RunState, rows: Iterable[Row]) -> None:
         handle = attached.handle
@@ -295,25 +347,38 @@ class WandbSink(Sink):
             attached.last, attached.in_progress = step, True
             state.pending.append(row)
 
+    def _log_artifact(self, attached: _Attached, state: _RunState, body: dict[str, Any]) -> None:
+        """Log the artifact unless the run's logs hold it or it was handed over already."""
+        marked = {"name": body["name"], "sha256": body.get("sha256") or Path(body["path"]).name}
+        identity = _artifact_identity(marked)
+        if identity in attached.artifacts:
+            return
+        source = stored_file(body, "wandb")
+        entry = relative_path(body["name"])
+        name = entry.replace("/", "-")[:ARTIFACT_NAME_LIMIT]
+        if name != body["name"]:
+            self._notices(
+                f"artifact names are W&B names without '/', of at most {ARTIFACT_NAME_LIMIT} chars"
+            )
+        artifact = self._wandb.Artifact(name, type="unspecified", metadata={ARTIFACT_KEY: marked})
+        artifact.add_file(str(source), name=entry, policy="immutable")
+        attached.handle.log_artifact(artifact)
+        attached.artifacts.add(identity)
+        state.artifacts.append({"name": body["name"], "path": body["path"], **marked})
+
     def _media(self, value: Any) -> Any:
         """A W&B media object for a media record's body (numbers pass through)."""
         if not isinstance(value, dict) or MEDIA not in value:
             return value
         body = value[MEDIA]
-        source = Path(body["path"])
-        if not source.is_file():
-            raise SinkError(f"wandb: media {body['path']!r} no longer exists", retriable=False)
+        source = stored_file(body, "wandb")
         caption = body.get("caption")
         if body["kind"] == "table":
-            table = json.loads(source.read_text(encoding="utf-8"))
+            table = read_table(source)
             return self._wandb.Table(columns=table["columns"], data=table["data"])
         # W&B tells a file's type by its extension; the store names files by digest alone.
         named = self._media_dir / f"{body['sha256']}.{body['format']}"
-        if not named.exists():
-            named.parent.mkdir(parents=True, exist_ok=True)
-            partial = named.with_suffix(".partial")
-            shutil.copyfile(source, partial)
-            os.replace(partial, named)
+        place_file(source, named)
         if body["kind"] == "video":
             return self._wandb.Video(str(named), caption=caption, format=body["format"])
         return self._wandb.Image(str(named), caption=caption)
@@ -350,6 +415,8 @@ class WandbSink(Sink):
             stored = attached.log.advance()
             state = self._states[run_id]
             state.pending = [row for row in state.pending if row[0] > stored]
+            logged = attached.log.artifacts
+            state.artifacts = [a for a in state.artifacts if _artifact_identity(a) not in logged]
         return {"pid": os.getpid(), "runs": {k: asdict(v) for k, v in self._states.items()}}
 
     def close(self) -> None:
@@ -419,6 +486,7 @@ class _RunState:
     summary: dict[str, Any] = field(default_factory=dict)
     pending: list[Row] = field(default_factory=list)
     log_dir: str | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # handed over, not yet seen
 
 
 @dataclass
@@ -428,15 +496,18 @@ class _Attached:
     handle: wandb.Run
     log: _LogFollower
     last: int
+    artifacts: set[str]  # identities stored in earlier logs or handed over to this session
     in_progress: bool = False  # whether the row at `last` still takes values
 
 
 class _LogParser:
-    """LevelDB log chunks reassembled into W&B records, keeping the last history step."""
+    """LevelDB log chunks reassembled into W&B records, keeping the last history step and
+    the trackd artifacts seen."""
 
-    def __init__(self, history_step: HistoryStep) -> None:
+    def __init__(self, read_record: RecordReader) -> None:
         self.last_step = -1
-        self._history_step = history_step
+        self.artifacts: set[str] = set()
+        self._read_record = read_record
         self._partial: bytes | None = None
 
     def feed(self, block: bytes, start: int) -> bool:
@@ -459,21 +530,27 @@ class _LogParser:
             elif self._partial is not None:  # a middle or last chunk of a record we saw begin
                 self._partial += payload
             if kind in (FULL, LAST) and self._partial is not None:
-                step = self._history_step(self._partial)
-                if step is not None:
-                    self.last_step = max(self.last_step, step)
+                found = self._read_record(self._partial)
+                if isinstance(found, int):
+                    self.last_step = max(self.last_step, found)
+                elif found is not None:
+                    self.artifacts.add(found)
                 self._partial = None
         return True
 
 
 class _LogFollower:
-    """The last step stored in the live log of an attached run, read in whole blocks as
-    wandb-core completes them."""
+    """The last step and the artifacts stored in the live log of an attached run, read in
+    whole blocks as wandb-core completes them."""
 
-    def __init__(self, path: Path, history_step: HistoryStep) -> None:
+    def __init__(self, path: Path, read_record: RecordReader) -> None:
         self._path = path
         self._offset = 0
-        self._parser = _LogParser(history_step)
+        self._parser = _LogParser(read_record)
+
+    @property
+    def artifacts(self) -> set[str]:
+        return self._parser.artifacts
 
     def advance(self) -> int:
         try:
@@ -490,7 +567,7 @@ class _LogFollower:
         return self._parser.last_step
 
 
-def _last_step_in(path: Path, history_step: HistoryStep) -> int:
+def _last_step_in(path: Path, read_record: RecordReader) -> int:
     """The last history step in a log no one writes to any more (-1: none). Steps only
     grow, so the last few blocks usually tell; a log with no history there is read whole."""
     try:
@@ -498,7 +575,7 @@ def _last_step_in(path: Path, history_step: HistoryStep) -> int:
             size = handle.seek(0, os.SEEK_END)
             for first in (max(0, size // BLOCK - TAIL_BLOCKS), 0):
                 handle.seek(first * BLOCK)
-                parser = _LogParser(history_step)
+                parser = _LogParser(read_record)
                 for start in range(first * BLOCK, size, BLOCK):
                     block = handle.read(BLOCK)
                     if not parser.feed(block, FILE_HEADER if start == 0 else 0):
@@ -508,6 +585,26 @@ def _last_step_in(path: Path, history_step: HistoryStep) -> int:
     except OSError:
         pass
     return -1
+
+
+def _artifacts_in(path: Path, read_record: RecordReader) -> set[str]:
+    """The trackd artifacts in a log no one writes to any more, read a block at a time."""
+    parser = _LogParser(read_record)
+    try:
+        with path.open("rb") as handle:
+            start = 0
+            while block := handle.read(BLOCK):
+                if not parser.feed(block, FILE_HEADER if start == 0 else 0):
+                    break
+                start += BLOCK
+    except OSError:
+        pass
+    return parser.artifacts
+
+
+def _artifact_identity(marked: dict[str, Any]) -> str:
+    """One trackd artifact in W&B: its name and content (from its `trackd.artifact`)."""
+    return f"{marked.get('name')}\0{marked.get('sha256')}"
 
 
 def _mtime(path: Path) -> int:
