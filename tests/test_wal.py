@@ -13,7 +13,9 @@ from conftest import Daemon, finish_client, jsonl_runs, run_client
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import HEADER_BYTES, frame_record
 
-PAYLOADS = st.lists(st.binary(max_size=120), max_size=25)
+# As in a real WAL, payloads are never empty (an empty record is damage) and never repeat (each
+# carries its own session and sequence number; a repeated one is a copy and is read once).
+PAYLOADS = st.lists(st.binary(min_size=1, max_size=120), max_size=25, unique=True)
 
 
 def write_records(directory: Path, payloads: list[bytes], segment_bytes: int) -> WriteAheadLog:

@@ -111,6 +111,7 @@ class Control:
                 "last_error": wal.last_error,
                 "max_bytes": self.settings.max_wal_bytes,
                 "on_full": self.settings.on_full,
+                **wal.damage(),
                 **asdict(self.retention.stats),
             },
             "runs": {

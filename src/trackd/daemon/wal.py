@@ -5,6 +5,20 @@
 positions order records. Only the last segment can have a torn tail (a
 segment is fsynced before the next one is opened), and recovery cuts it off.
 
+A damaged record (a flipped bit, a zeroed block) costs only itself: readers
+skip it and resume at the next offset where a whole record with a matching
+CRC holds a protocol envelope. The skip is logged once and counted
+(`damage()`, shown by `trackd status`). A torn tail differs from damage only
+in that no valid record follows it, so recovery cuts exactly that: bytes
+after the last valid record of the last segment, never valid records after a
+damaged one.
+
+Every (session, sequence) is stored once by ingest, so a record met twice can
+only be a copy made outside the daemon (a backup restored as a new segment).
+At open, segments that begin with the same record are compared: a copy made
+wholly of records already in its original is set aside (renamed `*.duplicate`),
+and a partial copy's repeated records are skipped by every reader.
+
 Appends go through one dedicated writer thread doing group commit: it takes
 everything queued since its last pass, writes it with one `write`, fsyncs
 once, and hands the batch's tokens back to the event loop, which then acks.
@@ -19,14 +33,18 @@ aiofiles.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from trackd.protocol import HEADER_BYTES, frame_record, iter_records
+from trackd.protocol import HEADER_BYTES, MAX_FRAME_BYTES, ProtocolError, decode, frame_record
 
 log = logging.getLogger("trackd.wal")
 
@@ -34,7 +52,82 @@ Position = tuple[int, int]
 OnDurable = Callable[[list[tuple[object, Position]], Position], None]
 SEGMENT_BYTES = 64 * 1024 * 1024
 _SUFFIX = ".wal"
+_DUPLICATE_SUFFIX = ".duplicate"
 _RETRY_SECONDS = 1.0
+_HEADER = struct.Struct("<II")
+_CHUNK_BYTES = 1 << 20
+# Offsets where a header could start: a length of 1 to 16 MiB has a little-endian top byte of
+# 0 or 1 and is not zero. Resynchronising tests only these, in C, instead of every byte.
+_MAP_STARTS = frozenset({bytes([code]) for code in (*range(0x80, 0x90), 0xDE, 0xDF)})
+_CANDIDATE = re.compile(rb"(?=(?:[^\x00]..|.[^\x00].|..[^\x00])[\x00\x01]|...\x01)", re.DOTALL)
+
+
+class _Window:
+    """Buffered reads of one segment file up to `limit`: most records are read from memory."""
+
+    def __init__(self, fd: int, limit: int, chunk: int) -> None:
+        self.fd, self.limit, self.chunk = fd, limit, max(chunk, HEADER_BYTES)
+        self.base, self.data = 0, b""
+
+    def get(self, offset: int, size: int) -> bytes:
+        start = offset - self.base
+        if start < 0 or start + size > len(self.data):
+            self.base = offset
+            self.data = os.pread(self.fd, min(max(size, self.chunk), self.limit - offset), offset)
+            start = 0
+        return self.data[start : start + size]
+
+    def record_at(self, offset: int) -> bytes | None:
+        """The payload of the whole, valid record at `offset`, or None.
+
+        Length 0 is never valid: every payload the WAL stores is a protocol frame, and eight
+        zero bytes (what a crash can leave in a file extended but not written) must not
+        read as a record.
+        """
+        if offset + HEADER_BYTES > self.limit:
+            return None
+        length, crc = _HEADER.unpack(self.get(offset, HEADER_BYTES))
+        if not 0 < length <= MAX_FRAME_BYTES or offset + HEADER_BYTES + length > self.limit:
+            return None
+        payload = self.get(offset + HEADER_BYTES, length)
+        return payload if zlib.crc32(payload) == crc else None
+
+    def envelope_at(self, offset: int) -> bool:
+        """A valid record holding a protocol envelope: where reading may resume after damage.
+
+        The envelope check makes a false resynchronisation (a CRC matching by chance
+        inside damaged bytes) practically impossible; it runs only while resynchronising,
+        after a one-byte test (a payload starts with a MessagePack map) spares most
+        candidates their CRC.
+        """
+        if offset + HEADER_BYTES >= self.limit:
+            return False
+        if self.get(offset + HEADER_BYTES, 1) not in _MAP_STARTS:
+            return False
+        payload = self.record_at(offset)
+        if payload is None:
+            return False
+        try:
+            decode(payload, max_bytes=len(payload))
+        except ProtocolError:
+            return False
+        return True
+
+    def resync(self, offset: int) -> int:
+        """After a damaged record at `offset`: where the next valid record starts, or `limit`.
+
+        Every plausible header offset after `offset` is tried in order, so an intact
+        record right after the damaged one is never jumped over (a damaged length field
+        can point anywhere, even at a later record).
+        """
+        start = offset + 1
+        while start + HEADER_BYTES < self.limit:
+            block = os.pread(self.fd, min(_CHUNK_BYTES, self.limit - start), start)
+            for match in _CANDIDATE.finditer(block):
+                if self.envelope_at(start + match.start()):
+                    return start + match.start()
+            start += max(len(block) - HEADER_BYTES + 1, 1)
+        return self.limit
 
 
 class WriteAheadLog:
@@ -42,6 +135,11 @@ class WriteAheadLog:
         self.directory = directory
         self.segment_bytes = segment_bytes
         directory.mkdir(parents=True, exist_ok=True)
+        self._damage_lock = threading.Lock()
+        self._corrupt: dict[Position, int] = {}  # (segment, offset) of a damaged stretch -> bytes
+        self._duplicates: dict[int, frozenset[int]] = {}  # segment -> offsets of copied records
+        self._set_aside = 0  # records in copies set aside whole
+        self._set_aside_copies()
         self.durable_end: Position = self._recover()
         self._bytes = sum(self.path(number).stat().st_size for number in self.segments())
         self.last_error: str | None = None
@@ -60,20 +158,145 @@ class WriteAheadLog:
         return self.directory / f"{segment:020d}{_SUFFIX}"
 
     def _recover(self) -> Position:
-        """Cut a torn tail off the last segment; return where the next record goes."""
+        """Cut a torn tail off the last segment; return where the next record goes.
+
+        The tail is what follows the last valid record: damage with a valid record
+        after it is skipped by readers, not cut.
+        """
         segments = self.segments()
         if not segments:
             self.path(1).touch()
             return (1, 0)
         last = segments[-1]
-        data = self.path(last).read_bytes()
-        end = 0
-        for end, _ in iter_records(data):  # noqa: B007 - the last record's end is the answer
-            pass
-        if end < len(data):
-            log.warning("wal: cut a torn tail of %d bytes off segment %d", len(data) - end, last)
-            os.truncate(self.path(last), end)
+        path = self.path(last)
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            records = self._records(handle.fileno(), last, 0, size, sealed=False)
+            end = max((stop for _, stop, _ in records), default=0)
+        if end < size:
+            log.warning("wal: cut a torn tail of %d bytes off segment %d", size - end, last)
+            os.truncate(path, end)
         return (last, end)
+
+    def _records(
+        self,
+        fd: int,
+        segment: int,
+        offset: int,
+        limit: int,
+        sealed: bool,
+        chunk: int = _CHUNK_BYTES,
+    ) -> Iterator[tuple[int, int, bytes]]:
+        """Each valid record in [offset, limit) of a segment, as (start, end, payload).
+
+        Damaged bytes are skipped up to the next valid record and noted. A damaged
+        stretch that runs to `limit` is noted only in a `sealed` segment (`limit` is its
+        size): at the end of the segment being written it may be a tail still to come.
+        Copies of earlier records are included: `_copy` tells them.
+        """
+        window = _Window(fd, limit, chunk)
+        position = offset
+        while position < limit:
+            known = self._corrupt.get((segment, position))
+            if known is not None:
+                position += known
+                continue
+            payload = window.record_at(position)
+            if payload is None:
+                after = window.resync(position)
+                if after < limit or sealed:
+                    self._note_damage(segment, position, after)
+                if after == limit:
+                    return
+                position = after
+                continue
+            end = position + HEADER_BYTES + len(payload)
+            yield position, end, payload
+            position = end
+
+    def _copy(self, segment: int, start: int) -> bool:
+        """Whether the record at (segment, start) repeats an earlier one (`_set_aside_copies`)."""
+        return start in self._duplicates.get(segment, ())
+
+    def _note_damage(self, segment: int, start: int, end: int) -> None:
+        with self._damage_lock:
+            if (segment, start) in self._corrupt:
+                return
+            self._corrupt[(segment, start)] = end - start
+        log.warning(
+            "wal: segment %d: skipped %d damaged bytes at offset %d (a corrupt record); "
+            "reading resumes at offset %d",
+            segment,
+            end - start,
+            start,
+            end,
+        )
+
+    def damage(self) -> dict[str, int]:
+        """What readers have skipped so far, for `trackd status`.
+
+        A damaged stretch is usually one record (one flipped bit spoils one), but its
+        framing cannot be trusted, so stretches and bytes are counted, not records.
+        """
+        with self._damage_lock:
+            spans = dict(self._corrupt)
+        return {
+            "corrupt_spans": len(spans),
+            "corrupt_bytes": sum(spans.values()),
+            "duplicate_records": self._set_aside
+            + sum(len(offsets) for offsets in self._duplicates.values()),
+        }
+
+    def _set_aside_copies(self) -> None:
+        """Find segments that copy another (same first record) and keep their copies unread.
+
+        Only the first record of each segment is read here, so opening stays cheap; a
+        pair is compared record by record only when their first records match. The
+        later segment in WAL order holds the copies, whichever file was the original,
+        so every record is read once. A copy starting at another record than its
+        original's first, or whose original is gone, is not recognised.
+        """
+        firsts: dict[bytes, int] = {}
+        for segment in self.segments():
+            with self.path(segment).open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                first = _Window(handle.fileno(), size, 4096).record_at(0)
+            if first is None:
+                continue
+            original = firsts.setdefault(hashlib.sha256(first).digest(), segment)
+            if original != segment:
+                self._find_copies(original, segment)
+
+    def _find_copies(self, original: int, segment: int) -> None:
+        seen = {hashlib.sha256(payload).digest() for _, _, payload in self._all(original)}
+        records = self._all(segment)
+        copies = [
+            start for start, _, payload in records if hashlib.sha256(payload).digest() in seen
+        ]
+        path = self.path(segment)
+        if len(copies) == len(records):
+            os.replace(path, path.with_name(path.name + _DUPLICATE_SUFFIX))
+            self._set_aside += len(copies)
+            log.warning(
+                "wal: segment %d holds only copies of records in segment %d (a restored "
+                "backup?): set aside as %s",
+                segment,
+                original,
+                path.name + _DUPLICATE_SUFFIX,
+            )
+        else:
+            self._duplicates[segment] = frozenset(copies)
+            log.warning(
+                "wal: segment %d repeats %d records of segment %d; they are skipped",
+                segment,
+                len(copies),
+                original,
+            )
+
+    def _all(self, segment: int) -> list[tuple[int, int, bytes]]:
+        with self.path(segment).open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            return list(self._records(handle.fileno(), segment, 0, size, sealed=False))
 
     @property
     def start(self) -> Position:
@@ -93,22 +316,28 @@ class WriteAheadLog:
     def _read(self, start: Position, end: Position, max_bytes: int) -> list[tuple[Position, bytes]]:
         first = self.segments()[0]
         segment, offset = start if start[0] >= first else (first, 0)
-        if (segment, offset) >= end:
-            return []
-        if segment < end[0] and offset >= self.path(segment).stat().st_size:
-            return self._read((self._next_segment(segment), 0), end, max_bytes)
-        limit = end[1] if segment == end[0] else self.path(segment).stat().st_size
-        with self.path(segment).open("rb") as handle:
-            handle.seek(offset)
-            data = handle.read(min(limit - offset, max(max_bytes, 1)))
-        records = [((segment, offset + stop), payload) for stop, payload in iter_records(data)]
-        if not records and data:  # one record larger than max_bytes
+        budget = max(max_bytes, 1)
+        records: list[tuple[Position, bytes]] = []
+        while not records and (segment, offset) < end:
+            size = self.path(segment).stat().st_size
+            limit = end[1] if segment == end[0] else size
+            if offset >= limit:
+                if segment >= end[0]:
+                    break
+                segment, offset = self._next_segment(segment), 0
+                continue
+            sealed = segment < self.durable_end[0] and limit == size
             with self.path(segment).open("rb") as handle:
-                handle.seek(offset)
-                data = handle.read(limit - offset)
-            records = [((segment, offset + stop), payload) for stop, payload in iter_records(data)][
-                :1
-            ]
+                chunk = min(budget, limit - offset)
+                for begin, stop, payload in self._records(
+                    handle.fileno(), segment, offset, limit, sealed, chunk
+                ):
+                    if records and stop - offset > budget:
+                        break
+                    if not self._copy(segment, begin):
+                        records.append(((segment, stop), payload))
+                else:
+                    offset = limit  # only damage or copies were left: go on past them
         return records
 
     def scan(self, start: Position) -> Iterator[tuple[Position, bytes]]:
@@ -125,7 +354,12 @@ class WriteAheadLog:
         return min(number for number in self.segments() if number > segment)
 
     def count_between(self, start: Position, end: Position) -> int:
-        """How many records lie in [start, end), by hopping from header to header."""
+        """How many records lie in [start, end), by hopping from header to header.
+
+        Damage and copies readers have met are not counted. Damage no reader has met yet
+        is counted as one record while its header still looks whole (only a reader
+        checks CRCs); the count is for `trackd status`, and reading it must stay cheap.
+        """
         first = self.segments()[0]
         position = start if start[0] >= first else (first, 0)
         count = 0
@@ -133,12 +367,20 @@ class WriteAheadLog:
             offset = position[1] if segment == position[0] else 0
             try:
                 with self.path(segment).open("rb") as handle:
-                    limit = end[1] if segment == end[0] else os.fstat(handle.fileno()).st_size
+                    size = os.fstat(handle.fileno()).st_size
+                    limit = end[1] if segment == end[0] else size
+                    window = _Window(handle.fileno(), limit, HEADER_BYTES)
                     while offset + HEADER_BYTES <= limit:
-                        handle.seek(offset)
-                        length = int.from_bytes(handle.read(4), "little")
+                        known = self._corrupt.get((segment, offset))
+                        if known is not None:
+                            offset += known
+                            continue
+                        length = _HEADER.unpack(window.get(offset, HEADER_BYTES))[0]
+                        if not 0 < length <= limit - offset - HEADER_BYTES:
+                            offset = window.resync(offset)
+                            continue
+                        count += not self._copy(segment, offset)
                         offset += HEADER_BYTES + length
-                        count += 1
             except FileNotFoundError:
                 continue  # removed by retention while we counted
         return count
@@ -167,12 +409,16 @@ class WriteAheadLog:
         if segment >= self.durable_end[0]:
             raise ValueError(f"wal: segment {segment} is still being written")
         path = self.path(segment)
-        data = path.read_bytes() if records else b""
+        kept = [
+            (stop, payload)
+            for begin, stop, payload in (self._all(segment) if records else [])
+            if not self._copy(segment, begin)
+        ]
         size = path.stat().st_size
         path.unlink()
         with self._cond:
             self._bytes -= size
-        return list(iter_records(data))
+        return kept
 
     # --- appending -----------------------------------------------------------------
 
