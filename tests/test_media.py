@@ -6,7 +6,7 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pytest
@@ -214,7 +214,7 @@ def test_wandb_history_holds_images_videos_and_tables_at_their_steps(
     assert (table["columns"], table["data"]) == (["text", "score"], [["a", 1.5], ["b", 2.0]])
 
 
-AIM_IMAGES = """
+AIM_MEDIA = """
 import json, sys
 from aim import Repo, Run
 from aim.sdk.index_manager import RepoIndexManager
@@ -231,6 +231,10 @@ for key in ("img/array", "img/pil", "img/file"):
         [step, image.caption, list(image.to_pil_image().convert("RGB").getpixel((0, 0)))]
         for step, image in zip(steps, images)
     ]
+steps, (texts, _epochs, _times) = run.get_text_sequence("preds", Context({})).data.items_list()
+found["preds"] = [[step, text.data] for step, text in zip(steps, texts)]
+types = ("aim.image", "aim.text", "aim.audio", "aim.distribution", "aim.figure")
+found["sequences"] = sorted(name for name, _, _ in run.iter_sequence_info_by_type(types))
 loss = next(m for m in run.metrics() if m.name == "loss")
 steps, (values,) = loss.data.view(["val"]).numpy()
 found["loss"] = [steps.tolist(), values.tolist()]
@@ -238,57 +242,92 @@ print(json.dumps(found))
 """
 
 
-def test_aim_images_and_trackio_notices_with_every_number_arriving(
+def test_aim_shows_images_and_tables_and_counts_videos_it_cannot_show(
     daemon: Daemon, env: dict[str, str], tmp_path: Path
 ) -> None:
-    """Aim shows images; tables and videos, and Trackio's media, are counted notices,
-    while every number of the run still arrives in both."""
-    from test_sink_trackio import read_trackio
-
-    repo, trackio_dir = tmp_path / "aim", tmp_path / "trackio"
-    daemon.start(
-        *("--sink", f"aim:{repo}", "--sink", "trackio:fallback"),
-        extra_env={"TRACKIO_DIR": str(trackio_dir)},
-    )
-    run_id = log_media(env)
+    """Aim gets images as Image sequences and a table as a Markdown Text sequence, each at
+    its step; the two videos (Aim has no form for them) are a counted notice; every number
+    of the run arrives."""
+    repo = tmp_path / "aim"
+    daemon.start("--sink", f"aim:{repo}")
+    log_media(env)
     daemon.flush()
-    notices = {
-        sink["spec"].split(":")[0]: sink["notices"] for sink in daemon.status()["sinks"].values()
-    }
-    assert notices == {
-        "aim": {"tables have no Aim form; skipped": 1, "videos have no Aim form; skipped": 2},
-        "trackio": {
-            "image media are not sent to Trackio; skipped": 3,
-            "table media are not sent to Trackio; skipped": 1,
-            "video media are not sent to Trackio; skipped": 2,
-        },
-    }
+    [notices] = [sink["notices"] for sink in daemon.status()["sinks"].values()]
+    assert notices == {"videos have no Aim form; skipped": 2}
     assert daemon.stop() == 0
     out = subprocess.run(
-        [sys.executable, "-c", AIM_IMAGES, str(repo)],
+        [sys.executable, "-c", AIM_MEDIA, str(repo)],
         env=env,
         capture_output=True,
-        check=True,
+        check=False,
         timeout=120,
     )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
     aim = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert aim == {
         "img/array": [[0, "gradient", [0, 1, 2]]],
         "img/pil": [[1, "", [7, 7, 7]]],
         "img/file": [[2, "from a file", [10, 20, 30]]],
+        "preds": [[3, "preds\n\n| text | score |\n|---|---|\n| a | 1.5 |\n| b | 2.0 |"]],
+        "sequences": ["img/array", "img/file", "img/pil", "preds"],
         "loss": [list(range(7)), [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1]],
     }
+
+
+def test_trackio_stores_media_as_trackio_log_would(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Each media record is a row at its step holding what trackio.log() stores for a
+    trackio.Image/Video/Table, its file under Trackio's media directory in Trackio's own
+    layout; the numbers arrive in their own rows; nothing is a notice."""
+    from test_sink_trackio import read_trackio
+
+    trackio_dir = tmp_path / "trackio"
+    daemon.start("--sink", "trackio:fallback", extra_env={"TRACKIO_DIR": str(trackio_dir)})
+    run_id = log_media(env)
+    daemon.flush()
+    [notices] = [sink["notices"] for sink in daemon.status()["sinks"].values()]
+    assert notices == {}
+    assert daemon.stop() == 0
     [run] = read_trackio(env, trackio_dir)["p"].values()
     assert run["id"] == run_id
-    assert [(log["step"], log["loss"]) for log in run["logs"]] == [
-        (0, 0.5),
-        (1, 0.4),
-        (2, 0.3),
-        (3, 0.2),
-        (4, 0.1),
-        (5, 0.0),
-        (6, -0.1),
+    logs = run["logs"]
+    scalars = [(log["step"], log["loss"]) for log in logs if "loss" in log]
+    assert scalars == [(0, 0.5), (1, 0.4), (2, 0.3), (3, 0.2), (4, 0.1), (5, 0.0), (6, -0.1)]
+    media = {key: (log["step"], log[key]) for log in logs for key in MEDIA_KEYS if key in log}
+    assert sorted(media) == sorted(MEDIA_KEYS)
+    assert len(logs) == 7 + 6
+    assert media["preds"] == (
+        3,
+        {
+            "_type": "trackio.table",
+            "_value": [{"text": "a", "score": 1.5}, {"text": "b", "score": 2.0}],
+        },
+    )
+    media_dir = trackio_dir / "media"
+    files = {}
+    for key in MEDIA_KEYS - {"preds"}:
+        step, value = media[key]
+        kind = "trackio.video" if key in ("clip", "grid") else "trackio.image"
+        assert value["_type"] == kind
+        assert value["file_path"].startswith(f"p/media/{step}/"), value  # PROJECT/RUN/STEP/
+        files[key] = PILImage.open(io.BytesIO((media_dir / value["file_path"]).read_bytes()))
+    assert [media[key][0] for key in ("img/array", "img/pil", "img/file", "clip", "grid")] == [
+        0,
+        1,
+        2,
+        4,
+        5,
     ]
+    assert media["img/array"][1]["caption"] == "gradient"
+    assert media["img/pil"][1]["caption"] is None
+    assert files["img/array"].getpixel((1, 0)) == (3, 4, 5)
+    assert files["img/file"].getpixel((4, 3)) == (10, 20, 30)
+    assert (files["clip"].format, frames(files["clip"]), files["clip"].size) == ("GIF", 4, (10, 8))
+    assert media["clip"][1]["caption"] == "clip"
+    assert sorted(p.name for p in media_dir.rglob("*") if p.is_file()) == sorted(
+        PurePath(media[key][1]["file_path"]).name for key in MEDIA_KEYS - {"preds"}
+    )
 
 
 def media_frame(**body: Any) -> bytes:

@@ -4,6 +4,7 @@ repos, cleanup threads and warnings process-wide)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -20,13 +21,13 @@ from typing import Any
 import pytest
 
 from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
-from helpers import until_client
+from helpers import artifact_client, until_client
 from trackd.sinks.base import SinkSpec
 
 ROWS = 3000
 AIM = str(Path(sys.executable).with_name("aim"))
 READER = """
-import json, sys
+import hashlib, json, sys, tempfile
 from aim import Repo, Run
 from aim.sdk.index_manager import RepoIndexManager
 
@@ -45,10 +46,15 @@ for run_hash in hashes:
         metrics[metric.name] = {
             "steps": steps.tolist(), "values": values.tolist(), "times": times.tolist()
         }
+    artifacts = {}
+    for name, artifact in run.artifacts.items():
+        with open(artifact.download(tempfile.mkdtemp()), "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        artifacts[name] = {"uri": artifact.uri, "sha256": digest}
     found.append({
         "hash": run.hash, "name": run.name, "experiment": run.experiment,
         "active": run.active, "tags": sorted(run.tags), "params": run[...],
-        "metrics": metrics,
+        "metrics": metrics, "artifacts": artifacts,
     })
 print(json.dumps(found))
 """
@@ -80,7 +86,8 @@ def test_local_repo_runs_steps_params_tags_and_status(
 ) -> None:
     """Two runs at once and a run using every record type into a local repo: one Aim run
     each, in the trackd project's experiment, named as in trackd, every step once with
-    the client's timestamps, config/summary/status as params, tags as Aim tags."""
+    the client's timestamps, config/summary/status as params, tags as Aim tags, the
+    artifact in the run's artifacts, stored beside the repo."""
     repo = tmp_path / "aim"
     daemon.start("--sink", f"aim:{repo}")
     names = ["alpha", "beta"]
@@ -120,6 +127,10 @@ def test_local_repo_runs_steps_params_tags_and_status(
     assert run["tags"] == ["stage:ablation", "team:cv"]
     assert run["params"]["trackd"]["run_id"] == meta_id
     assert run["params"]["trackd"]["status"] == "failed"
+    uri = (repo / "aim-artifacts" / run["hash"] / "weights.bin").as_uri()
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert run["artifacts"] == {"weights.bin": {"uri": uri, "sha256": digest}}
+    assert all(not found[name]["artifacts"] for name in names)
 
 
 def test_local_repo_sigkill_mid_run_still_every_step_once(
@@ -143,6 +154,30 @@ def test_local_repo_sigkill_mid_run_still_every_step_once(
     assert list(found) == ["k"]
     assert_every_step_once(found["k"], rows)
     assert found["k"]["params"]["trackd"]["status"] == "finished"
+
+
+def test_local_repo_sigkill_while_logging_artifacts_loses_none(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The daemon SIGKILLed twice while a run logs an artifact every 20 rows (each original
+    deleted at once): every artifact is in the run's artifacts with its content, every
+    step once."""
+    repo, stop = tmp_path / "aim", tmp_path / "stop"
+    daemon.start("--sink", f"aim:{repo}")
+    client = artifact_client.start(env, "art", stop)
+    for _ in range(2):
+        wait_for(lambda: daemon.status()["sinks"][sink_name(repo)]["delivered_rows"] > 0)
+        time.sleep(1.0)
+        daemon.kill()
+        daemon.start("--sink", f"aim:{repo}")
+    stop.touch()
+    result = finish_client(client)
+    daemon.flush()
+    assert daemon.stop() == 0
+    [run] = read_aim(env, repo).values()
+    assert run["metrics"]["i"]["steps"] == list(range(result["rows"]))
+    assert {name: a["sha256"] for name, a in run["artifacts"].items()} == result["artifacts"]
+    assert len(result["artifacts"]) > 5
 
 
 def sink_name(repo: Path | str) -> str:

@@ -2,7 +2,8 @@
 
 Spec: ``aim:PATH`` (a local repo; created if missing) or ``aim:aim://HOST:PORT`` (a
 remote tracking server), with ``?timeout=SECONDS`` (default 10) for how long a write
-waits for the server to confirm it. A table takes ``repo = ...``.
+waits for the server to confirm it and ``?artifacts_uri=URI`` for where artifacts go. A
+table takes ``repo = ...``.
 
 How runs appear:
 
@@ -17,11 +18,23 @@ How runs appear:
   "finished" / "failed", error, ended), and the run is closed, which sets its end time.
 * metrics -> one Aim metric per key, each row at its step with the client's time
   (through the SDK's tracker, ``run.track`` would stamp the delivery time instead).
-  Values that are not numbers are skipped (a counted notice). Artifacts are not sent:
-  Aim stores them only with an artifacts URI configured per run (a counted notice).
-  Media: images -> ``aim.Image`` sequences under their key at their step (overwritten
-  in place when re-sent, as metrics are); tables and videos have no Aim form (counted
-  notices).
+  Values that are not numbers are skipped (a counted notice).
+* artifact -> ``run.log_artifact(path, name=NAME)``, Aim's own call: the file is copied
+  (streamed) to ``ARTIFACTS_URI/RUN_HASH/NAME`` and listed in ``run.artifacts``. Aim
+  stores artifacts only for a run with an artifacts URI; a run that has none gets the
+  ``artifacts_uri`` option, by default ``file://PATH/aim-artifacts`` beside a local repo
+  (it moves with the repo, and is where `aim up` on that machine can read it), and
+  ``file://STATE_DIR/artifacts`` (the sink's state directory) for a remote repo, since
+  Aim copies artifacts from the logging process, never through its server. A run that
+  has a URI (set by its first session, or by hand) keeps it. The file is not copied
+  again when the run already lists the artifact under NAME from the same stored file
+  (the store path names the content), so a re-sent record costs one lookup.
+* media: images -> ``aim.Image`` sequences under their key at their step (overwritten in
+  place when re-sent, as metrics are); tables -> ``aim.Text`` sequences holding the table
+  as Markdown (the caption first), Aim having no table form and its text explorer
+  showing text per step; videos have no Aim form (Aim has Image, Audio, Text,
+  Distribution and Figure; an animated GIF as an ``aim.Image`` keeps its first frame
+  only), so they are a counted notice.
   System metrics, terminal capture and system params are off: the daemon is not the
   training process.
 
@@ -68,10 +81,14 @@ from trackd.sinks.base import (
     SinkContext,
     SinkError,
     is_retriable_os_error,
+    markdown_table,
+    read_table,
+    relative_path,
     retriable_status,
+    stored_file,
 )
 
-OPTIONS = ("timeout",)
+OPTIONS = ("timeout", "artifacts_uri")
 REMOTE = "aim://"
 DEFAULT_TIMEOUT = 10.0
 CONFIRM_ROWS = 200
@@ -103,6 +120,12 @@ class AimSink(Sink):
                 f"aim sink: timeout must be seconds, not {options['timeout']!r}"
             ) from None
         self._remote = target.startswith(REMOTE)
+        self._artifacts_uri = options.get("artifacts_uri") or None
+        if self._artifacts_uri is not None and "://" not in self._artifacts_uri:
+            raise ValueError(
+                f"aim sink: artifacts_uri needs a scheme (file://, s3://), "
+                f"got {self._artifacts_uri!r}"
+            )
         self._notices = Notices("aim")
 
     def open(self, context: SinkContext) -> None:
@@ -119,6 +142,10 @@ class AimSink(Sink):
         self._unconfirmed = 0
         self._repo: Any = _call(self._connect)
         self._confirmation = _Confirmation(self._repo) if self._remote else None
+        if self._artifacts_uri is None:
+            beside = context.state_dir if self._remote else Path(self.target).expanduser()
+            name = "artifacts" if self._remote else "aim-artifacts"
+            self._artifacts_uri = (beside.resolve() / name).as_uri()
 
     def _connect(self) -> Any:
         """The repo: a remote one connects to its server now; a local one is created if new."""
@@ -168,7 +195,7 @@ class AimSink(Sink):
         elif record.type == "tags":
             self._set_tags(run, info.id, body["values"])
         elif record.type == "artifact":
-            self._notices("artifacts are not sent to Aim; they stay where they were logged")
+            self._log_artifact(run, body)
         elif record.type == "media":
             self._media(run, body)
         elif record.type == "run_end":
@@ -224,21 +251,35 @@ class AimSink(Sink):
             track(numbers, ts, None, step, None, context=None)
         self._sent()
 
-    def _media(self, run: Any, body: dict[str, Any]) -> None:
-        if body["kind"] != "image":
-            self._notices(f"{body['kind']}s have no Aim form; skipped")
-            return
-        from PIL import Image as PILImage  # Aim depends on Pillow
+    def _log_artifact(self, run: Any, body: dict[str, Any]) -> None:
+        name = relative_path(body["name"])
+        if name != body["name"]:
+            self._notices("artifact names became relative paths below the run's artifacts")
+        source = stored_file(body, "aim")
+        listed = run.artifacts.get(name)
+        if listed is not None and listed.path == source.as_posix():
+            return  # a re-sent record: Aim lists an artifact once its copy is complete
+        if run.artifacts_uri is None:
+            run.set_artifacts_uri(self._artifacts_uri)
+        run.log_artifact(str(source), name=name, block=True)
+        self._sent()
 
-        try:
-            with PILImage.open(body["path"]) as opened:
+    def _media(self, run: Any, body: dict[str, Any]) -> None:
+        kind = body["kind"]
+        if kind == "video":
+            self._notices("videos have no Aim form; skipped")
+            return
+        source = stored_file(body, "aim")
+        if kind == "table":
+            text = markdown_table(read_table(source), body.get("caption"))
+            value = self._aim.Text(text)
+        else:
+            from PIL import Image as PILImage  # Aim depends on Pillow
+
+            with PILImage.open(source) as opened:
                 opened.load()
-                image = self._aim.Image(opened.copy(), caption=body.get("caption") or "")
-        except FileNotFoundError as exc:
-            raise SinkError(
-                f"aim: media {body['path']!r} no longer exists", retriable=False
-            ) from exc
-        self._track(run, body["step"], body["ts"], {body["key"]: image}, media=True)
+                value = self._aim.Image(opened.copy(), caption=body.get("caption") or "")
+        self._track(run, body["step"], body["ts"], {body["key"]: value}, media=True)
 
     def _set_tags(self, run: Any, run_id: str, tags: dict[str, str]) -> None:
         """One Aim tag per trackd tag name: a new value replaces the old value's tag."""

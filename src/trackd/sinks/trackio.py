@@ -26,8 +26,16 @@ How runs appear:
   "finished", "failed"), `_Error`, `_Ended` and `_Artifacts` (references). Keys
   starting with "_" are Trackio's run metadata, which `trackio.init()` refuses in a
   user's config, so these do not collide with config logged through Trackio itself.
-* media (images, tables, videos): not sent (a counted notice per kind); the numbers
-  logged with them arrive as usual.
+* media: a row of its own at its step (beside the row of the numbers logged with it),
+  holding under its key what `trackio.log()` stores for a `trackio.Image`, `Video` or
+  `Table`, so Trackio's dashboard shows it: an image or video is
+  `{"_type": "trackio.image" | "trackio.video", "file_path": ..., "caption": ...}`, its
+  file in Trackio's media directory, `MEDIA_DIR/PROJECT/RUN/STEP/KEY-SHA16.FORMAT`
+  (Trackio's own layout, `file_path` relative to `MEDIA_DIR`), hard-linked from trackd's
+  store where it can be (else copied); a table is `{"_type": "trackio.table", "_value":
+  [{column: value, ...}, ...]}`, its rows inline, and Trackio's tables have no caption.
+  The file name comes from the key and the content (Trackio picks a random one), so a
+  re-sent record finds its file in place.
 
 Idempotence. Trackio dedupes metric rows by `log_id` (an `INSERT OR IGNORE` on a
 unique index: how it makes its own re-sends and fragment imports idempotent). Each
@@ -55,6 +63,7 @@ import hashlib
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from trackd.sinks.base import (
@@ -65,6 +74,10 @@ from trackd.sinks.base import (
     SinkContext,
     SinkError,
     is_retriable_os_error,
+    path_component,
+    place_file,
+    read_table,
+    stored_file,
 )
 
 
@@ -74,14 +87,17 @@ class TrackioSink(Sink):
 
     def open(self, context: SinkContext) -> None:
         try:
+            from trackio.media import get_project_media_path
             from trackio.sqlite_storage import SQLiteStorage
-            from trackio.utils import RESERVED_KEYS
+            from trackio.utils import MEDIA_DIR, RESERVED_KEYS
         except ImportError as exc:
             raise SinkError(
                 f"trackio: {exc}; install it with pip install 'trackd[trackio]'", retriable=False
             ) from exc
         # Trackio's functions are untyped; held as Any so that strict typing stops here.
         self._storage: Any = SQLiteStorage
+        self._media_path: Any = get_project_media_path
+        self._media_dir = Path(MEDIA_DIR)
         self._reserved = frozenset(RESERVED_KEYS)
         self._notices = Notices(self.kind)
         try:
@@ -103,6 +119,11 @@ class TrackioSink(Sink):
                     out = rows.setdefault(record.run.id, _Rows())
                     for step, ts, values in record.body["rows"]:
                         out.add(record.run.id, step, ts, self._metrics(values))
+                elif record.type == "media":
+                    body = record.body
+                    media = {body["key"]: self._media(run, body)}
+                    out = rows.setdefault(record.run.id, _Rows())
+                    out.add(record.run.id, body["step"], body["ts"], self._metrics(media))
                 else:
                     self._apply(run, record)
                 if record.type == "run_end":
@@ -151,9 +172,6 @@ class TrackioSink(Sink):
             config[key] = {**config.get(key, {}), **body["values"]}
         elif record.type == "artifact":
             config["_Artifacts"] = {**config.get("_Artifacts", {}), body["name"]: body["path"]}
-        elif record.type == "media":  # Trackio's media need its own file layout: not yet
-            self._notices(f"{body['kind']} media are not sent to Trackio; skipped")
-            return
         elif record.type == "run_end":
             config.update(_Status=body["status"], _Error=body.get("error"))
             config["_Ended"] = _iso(body["ended"])
@@ -161,6 +179,20 @@ class TrackioSink(Sink):
             self._notices(f"{record.type} records have no Trackio form; skipped")
             return
         run.pending = True
+
+    def _media(self, run: _Run, body: dict[str, Any]) -> dict[str, Any]:
+        """What `trackio.log()` stores for the media object, its file placed as Trackio would."""
+        source = stored_file(body, self.kind)
+        if body["kind"] == "table":
+            table = read_table(source)
+            rows = [dict(zip(table["columns"], row, strict=False)) for row in table["data"]]
+            return {"_type": "trackio.table", "_value": rows}
+        directory = Path(self._media_path(project=run.project, run=run.name, step=body["step"]))
+        name = f"{path_component(body['key'])}-{body['sha256'][:16]}.{body['format']}"
+        place_file(source, directory / name)
+        relative = (directory / name).relative_to(self._media_dir)
+        kind = f"trackio.{body['kind']}"
+        return {"_type": kind, "file_path": str(relative), "caption": body.get("caption")}
 
     def _metrics(self, values: dict[str, Any]) -> dict[str, Any]:
         """Rename the keys Trackio reserves for its own columns, as trackio.log() does."""
