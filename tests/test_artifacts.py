@@ -83,3 +83,39 @@ def test_a_large_file_is_streamed_not_read_into_memory(
     assert peak_mib < 200, f"the client peaked at {peak_mib:.0f} MiB for a 512 MiB file"
     daemon.flush(timeout=120)
     assert (run_dir(daemon) / "artifacts" / "big.bin").stat().st_size == 512 * 1024 * 1024
+
+
+def test_a_1_gib_artifact_reaches_wandb_and_aim_streamed_by_the_daemon(
+    tmp_path: Path, daemon: Daemon
+) -> None:
+    """A 1 GiB artifact into W&B (offline) and a local Aim repo: both hold it whole, and
+    the daemon delivering it peaks far below the file's size (W&B hashes the store's file
+    in chunks and points at it; Aim copies it streamed)."""
+    from helpers.wandb_log import read_runs
+    from test_sink_wandb import wandb_env
+
+    size = 1 << 30
+    repo = tmp_path / "aim"
+    daemon.start("--sink", "wandb:*", "--sink", f"aim:{repo}", extra_env=wandb_env(tmp_path))
+    big = tmp_path / "big.bin"
+    with big.open("wb") as handle:
+        handle.truncate(size)
+    run = trackd.init(project="art", name="big")
+    run.log({"loss": 1.0}, step=0)
+    run.log_artifact(big)
+    run.finish()
+    daemon.flush(timeout=300)
+    assert daemon.process is not None
+    status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+    hwm = next(line for line in status.splitlines() if line.startswith("VmHWM"))
+    peak_mib = int(hwm.split()[1]) / 1024
+    assert daemon.stop() == 0
+    assert peak_mib < 512, f"the daemon peaked at {peak_mib:.0f} MiB for a 1 GiB artifact"
+
+    [[session]] = read_runs(tmp_path / "wandb" / "wandb").values()
+    [artifact] = session.artifacts
+    [entry] = artifact["files"]
+    assert (artifact["name"], entry["path"], entry["size"]) == ("big.bin", "big.bin", size)
+    assert Path(entry["local_path"]).parent.parent == daemon.data_dir / "artifacts"
+    [copy] = (repo / "aim-artifacts").glob("*/big.bin")
+    assert copy.stat().st_size == size

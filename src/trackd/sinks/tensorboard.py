@@ -66,6 +66,8 @@ from trackd.sinks.base import (
     SinkContext,
     SinkError,
     is_retriable_os_error,
+    markdown_cell,
+    markdown_table,
     path_component,
 )
 
@@ -162,7 +164,7 @@ class TensorboardSink(Sink):
         step, ts, key = body["step"], body["ts"], body["key"]
         if body["kind"] == "table":
             table = json.loads(data)
-            out.add(self._encoder.text(key, step, ts, _markdown(table, body.get("caption"))))
+            out.add(self._encoder.text(key, step, ts, markdown_table(table, body.get("caption"))))
         else:
             size = (int(body.get("height") or 0), int(body.get("width") or 0))
             out.add(self._encoder.image(key, step, ts, data, size))
@@ -334,20 +336,8 @@ def _table(values: dict[str, Any]) -> str:
     rows = ["| key | value |", "| --- | --- |"]
     for key, value in _flatten(values).items():
         shown = value if isinstance(value, str) else json.dumps(value, default=str)
-        rows.append(f"| {_cell(key)} | {_cell(shown)} |")
+        rows.append(f"| {markdown_cell(key)} | {markdown_cell(shown)} |")
     return "\n".join(rows)
-
-
-def _markdown(table: dict[str, Any], caption: str | None) -> str:
-    """A logged table as a markdown table (TensorBoard's text dashboard renders it)."""
-    columns = [str(column) for column in table["columns"]]
-    lines = [f"| {' | '.join(_cell(c) for c in columns)} |", "|" + "---|" * len(columns)]
-    lines += [f"| {' | '.join(_cell(str(v)) for v in row)} |" for row in table["data"]]
-    return "\n".join(([caption, ""] if caption else []) + lines)
-
-
-def _cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _storage_error(what: str, exc: OSError) -> SinkError:

@@ -30,9 +30,10 @@ How runs appear:
   NAME ("/" -> "-", at most 128 characters), type "unspecified", holding the one file
   under NAME, with ``metadata["trackd.artifact"]`` = {name, sha256}. The file is not
   copied: it is added with ``policy="immutable"``, so the artifact's manifest points at
-  trackd's content-addressed store (whose files never change), and wandb streams it to
-  hash it now and to upload it (``wandb sync`` offline). The same name and content
-  logged again is one artifact (W&B would make no new version of it either).
+  trackd's content-addressed store (whose files never change), which wandb uploads from
+  (``wandb sync`` offline). Its MD5 is computed here, in chunks: ``add_file`` would
+  mmap the whole file to hash it, its pages then counting in the daemon's memory. The
+  same name and content logged again is one artifact (W&B would make no new version).
 
 Exactly once across daemon crashes. W&B keeps one history row per step and accepts
 only increasing steps; rows for the step in progress merge. So per attached run the
@@ -79,7 +80,9 @@ resumes them in a healthy service (two live runs with one id are refused).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -361,7 +364,10 @@ class WandbSink(Sink):
                 f"artifact names are W&B names without '/', of at most {ARTIFACT_NAME_LIMIT} chars"
             )
         artifact = self._wandb.Artifact(name, type="unspecified", metadata={ARTIFACT_KEY: marked})
-        artifact.add_file(str(source), name=entry, policy="immutable")
+        # add_file hashes through an mmap of the whole file (a 1 GiB artifact would be 1 GiB
+        # of the daemon's RSS); the method it ends in takes the same digest, streamed here.
+        digest = base64.b64encode(_md5(source)).decode("ascii")
+        artifact._add_local_file(name=entry, path=str(source), digest=digest, policy="immutable")
         attached.handle.log_artifact(artifact)
         attached.artifacts.add(identity)
         state.artifacts.append({"name": body["name"], "path": body["path"], **marked})
@@ -600,6 +606,11 @@ def _artifacts_in(path: Path, read_record: RecordReader) -> set[str]:
     except OSError:
         pass
     return parser.artifacts
+
+
+def _md5(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "md5").digest()
 
 
 def _artifact_identity(marked: dict[str, Any]) -> str:
