@@ -69,7 +69,6 @@ class JsonlSink(Sink):
         permanent error), so rows appended before the failure would otherwise land twice.
         """
         try:
-            self._files.begin()
             self._write(batch)
         except BaseException:
             self._files.undo()
@@ -78,6 +77,7 @@ class JsonlSink(Sink):
     def _write(self, batch: list[Record]) -> None:
         lines: dict[str, list[str]] = {}
         try:
+            self._files.begin()  # may finish cutting back a failed batch: its errors are mapped too
             for record in batch:
                 run_dir = self._run_dir(record.run)
                 if record.type == "metrics":
