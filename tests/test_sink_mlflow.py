@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -340,6 +341,91 @@ def test_sink_limits_truncation_and_redelivery_after_a_crash(
     assert len(client.get_metric_history(found.info.run_id, "b")) == 2500
     assert len(found.data.params) == 250
     assert found.data.tags["t149"] == "v" * 8000
+    assert found.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("retry", ["same", "reopened"])
+@pytest.mark.parametrize("store", ["server", "file"])
+def test_a_failed_call_among_several_in_flight_leaves_every_point_once(
+    store: str,
+    retry: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two metric calls in flight at once; one fails after MLflow stored its points while the
+    other is still running: write() raises only once nothing is in flight, and the retry (by
+    the same sink, or by a new one as after a SIGKILL) stores every point exactly once, NaN
+    and infinities included, also in the file store, which would store a repeat twice."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2 as codes
+
+    from trackd.sinks.mlflow import MlflowSink
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = request.getfixturevalue("server").uri if store == "server" else f"file:{tmp_path}/mlruns"
+    project = f"siblings-{store}-{retry}"
+    run = RunInfo(f"{store}-{retry}".ljust(32, "0"), project, "r", started=time.time())
+    odd = (float("nan"), float("inf"), -float("inf"))  # sent as JSON strings, checked on retry
+    rows = [[step, 1.7e9 + step, {"a": float(step), "b": odd[step % 3]}] for step in range(3000)]
+    batch = [
+        Record((0, 1), "run_start", run, {}),
+        Record((0, 2), "metrics", run, {"rows": rows[:1700]}),
+        Record((0, 3), "metrics", run, {"rows": rows[1700:]}),
+    ]
+    sizes: list[int] = []
+    in_flight: list[int] = []
+    lock = threading.Lock()
+    together = threading.Barrier(2, timeout=60)  # broken, failing the test, unless 2 run at once
+    failed = threading.Event()
+
+    def opened() -> MlflowSink:
+        sink = MlflowSink(uri, in_flight="2")
+        sink.open(SinkContext(None, tmp_path / "state"))
+        assert (sink._call_endpoint is not None) == (store == "server")
+        log_metrics = sink._log_metrics
+
+        def faulty(run_id: str, points: list[Any]) -> None:
+            with lock:
+                sizes.append(len(points))
+                number = len(sizes)
+                in_flight.append(number)
+            try:
+                if number <= 2:
+                    together.wait()
+                if number == 2:
+                    log_metrics(run_id, points)  # stored, but the answer is lost
+                    failed.set()
+                    raise MlflowException("lost", error_code=codes.TEMPORARILY_UNAVAILABLE)
+                if number == 1:
+                    failed.wait(60)
+                    time.sleep(0.5)  # still in flight after its sibling failed
+                log_metrics(run_id, points)
+            finally:
+                with lock:
+                    in_flight.remove(number)
+
+        monkeypatch.setattr(sink, "_log_metrics", faulty)
+        return sink
+
+    sink = opened()
+    with pytest.raises(SinkError) as caught:
+        sink.write(batch)
+    assert caught.value.retriable
+    assert in_flight == [], "write() raised while a call of its batch was still in flight"
+    if retry == "reopened":
+        sink.close()
+        sink = opened()
+    sink.write(batch)
+    end = {"status": "finished", "error": None, "ended": 2e9}
+    sink.write([Record((0, 4), "run_end", run, end)])
+    sink.close()
+    assert max(sizes) <= 1000
+    client = mlflow_client(uri)
+    (found,) = runs_of(uri, project).values()
+    for key in ("a", "b"):
+        history = client.get_metric_history(found.info.run_id, key)
+        assert sorted(metric.step for metric in history) == list(range(3000)), key
     assert found.info.status == "FINISHED"
 
 
