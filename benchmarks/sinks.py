@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/sinks.py                   # 100,000 steps x 3 metrics
     .venv/bin/python benchmarks/sinks.py --steps 5000 --only mlflow
+    .venv/bin/python benchmarks/sinks.py --only mlflow --mlflow-default-steps 0 --repeat 3
 
 For each backend (mlflow, wandb offline, aim, tensorboard, trackio) and each way:
 
@@ -22,6 +23,11 @@ read back in a separate process (MlflowClient.get_metric_history, the .wandb
 transaction log via tests/helpers/wandb_log.py, the aim SDK, TensorBoard's
 EventAccumulator, trackio's SQLiteStorage) and must hold every step of every metric;
 a case that does not is reported as FAILED, not timed.
+
+The machine is shared, so each case records the 1-minute load average before it,
+and each MLflow case the CPU seconds its `mlflow server` (with its uvicorn worker)
+used during the case: a server near one CPU-second per second is the limit, not
+the client. `--repeat N` runs the whole plan N times, interleaved, to show the spread.
 
 mlflow's default async logging drains at tens of steps/s (one HTTP call per step), so
 that one case runs `--mlflow-default-steps` (default 5,000) steps; the table marks it
@@ -252,6 +258,18 @@ def wait_until(check: Any, process: subprocess.Popen[bytes], log: Path, timeout:
         time.sleep(0.2)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (the server's uvicorn worker)."""
+    total = 0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = [pid, *map(int, children.read_text().split())] if children.exists() else [pid]
+    for one in pids:
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(field) for field in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class MlflowServer:
     """`mlflow server`, sqlite store, 127.0.0.1, in its own process group (SIGKILLed by PID)."""
 
@@ -359,6 +377,7 @@ def measure(backend: str, way: str, steps: int, extra: dict[str, str]) -> dict[s
     env = backend_env(backend, work) | extra
     server = daemon = None
     result: dict[str, Any] = {"backend": backend, "way": way, "steps": steps}
+    result["load_before"] = os.getloadavg()[0]
     try:
         if backend == "mlflow":
             server = MlflowServer(work / "mlflow")
@@ -368,6 +387,7 @@ def measure(backend: str, way: str, steps: int, extra: dict[str, str]) -> dict[s
             daemon = Daemon(work, spec_for(backend, work, server and server.uri), env)
             env, case = daemon.env, "trackd"
         command = [sys.executable, str(HERE), "--case", case, "--steps", str(steps)]
+        server_cpu = cpu_seconds(server.process.pid) if server is not None else 0.0
         out = subprocess.run(
             [*command, "--work", str(work)],
             env=env,
@@ -376,6 +396,8 @@ def measure(backend: str, way: str, steps: int, extra: dict[str, str]) -> dict[s
             timeout=1800,
             check=False,
         )
+        if server is not None:
+            result["server_cpu"] = cpu_seconds(server.process.pid) - server_cpu
         if out.returncode != 0:
             result["error"] = out.stderr.strip()[-2000:]
             return result
@@ -400,8 +422,9 @@ def main() -> None:
         "--mlflow-default-steps",
         type=int,
         default=5000,
-        help="steps for mlflow's default async logging (it drains at tens of steps/s)",
+        help="steps for mlflow's default async logging (it drains at tens of steps/s); 0: skip it",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole plan N times")
     parser.add_argument("--only", nargs="*", default=list(CASES)[1:], help="backends to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -420,7 +443,8 @@ def main() -> None:
         plan.append((backend, "trackd", args.steps, {}))
         if backend == "mlflow":
             default_steps = min(args.steps, args.mlflow_default_steps)
-            plan.append((backend, "own async (default)", default_steps, {}))
+            if default_steps:
+                plan.append((backend, "own async (default)", default_steps, {}))
             fastest = {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"}
             plan.append((backend, "own async (buffer 1 s)", args.steps, fastest))
         else:
@@ -428,22 +452,33 @@ def main() -> None:
 
     print(f"{args.steps:,} steps x {len(KEYS)} metrics per case; each case in a fresh process")
     header = f"{'backend':<12}{'way':<24}{'steps':>8}{'loop s':>9}{'loop µs/step':>14}"
-    print(header + f"{'s until in backend':>20}{'steps/s delivered':>19}  check")
+    header += f"{'s until in backend':>20}{'steps/s delivered':>19}{'load':>6}{'server CPU s':>14}"
+    print(header + "  check")
     results = []
-    for backend, way, steps, extra in plan:
-        result = measure(backend, way, steps, extra)
-        results.append(result)
-        if "error" in result:
-            print(f"{backend:<12}{way:<24}{steps:>8,}  ERROR: {result['error'][-600:]}")
-            continue
-        check = "all steps present" if result["missing"] is None else f"FAILED {result['missing']}"
-        print(
-            f"{backend:<12}{way:<24}{steps:>8,}{result['loop']:>9.2f}"
-            f"{result['loop'] / steps * 1e6:>14.1f}{result['delivered']:>20.2f}"
-            f"{rate(result):>19,.0f}  {check}",
-            flush=True,
-        )
+    for repeat in range(args.repeat):
+        for backend, way, steps, extra in plan:
+            result = measure(backend, way, steps, extra) | {"repeat": repeat}
+            results.append(result)
+            if "error" in result:
+                print(f"{backend:<12}{way:<24}{steps:>8,}  ERROR: {result['error'][-600:]}")
+                continue
+            missing = result["missing"]
+            check = "all steps present" if missing is None else f"FAILED {missing}"
+            server_cpu = f"{result['server_cpu']:.1f}" if "server_cpu" in result else "-"
+            print(
+                f"{backend:<12}{way:<24}{steps:>8,}{result['loop']:>9.2f}"
+                f"{result['loop'] / steps * 1e6:>14.1f}{result['delivered']:>20.2f}"
+                f"{rate(result):>19,.0f}{result['load_before']:>6.2f}{server_cpu:>14}  {check}",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    for repeat in range(args.repeat):
+        print(f"\nratios (targets from issue 3){f', run {repeat + 1}' if args.repeat > 1 else ''}")
+        ratios([result for result in results if result["repeat"] == repeat], args)
 
+
+def ratios(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     def find(backend: str, way: str) -> dict[str, Any] | None:
         for result in results:
             ok = "error" not in result and result.get("missing") is None
@@ -451,7 +486,6 @@ def main() -> None:
                 return result
         return None
 
-    print("\nratios (targets from issue 3)")
     trackd_ml = find("mlflow", "trackd")
     for backend, way in (
         ("mlflow", "own async (default)"),
@@ -471,13 +505,11 @@ def main() -> None:
             f"  delivery into MLflow, trackd / mlflow fastest async: {ratio:.2f}x"
             f" (>= 2x: {verdict})"
         )
-    if args.steps > args.mlflow_default_steps:
+    if args.steps > args.mlflow_default_steps > 0:
         print(
             f"  mlflow default async ran {min(args.steps, args.mlflow_default_steps):,} steps "
             "(it drains at tens of steps/s); its figures are measured rates on those steps"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
