@@ -31,6 +31,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from trackd.sinks.base import (
     AppendOnlyFiles,
     Record,
@@ -44,9 +46,33 @@ from trackd.sinks.base import (
 )
 
 
+def json_lines(objects: list[dict[str, Any]]) -> bytes:
+    """`metrics.jsonl` lines: one compact JSON object per line.
+
+    Encoding is the daemon's largest cost per row at full rate: `json.dumps` takes about
+    3 µs a row, orjson about 0.2 µs when it encodes a whole batch in one call (a call per
+    row costs ten times that, in allocation). The batch comes out as one array, cut into
+    lines at the `},{` between objects, which is safe while that sequence appears nowhere
+    else (metric values are numbers, so only a key could hold it: then count differs).
+    orjson writes NaN and infinities as null; a batch with a null (values are never
+    None) goes through `json`, which writes them as NaN and Infinity, as a user expects
+    of a loss that diverged.
+    """
+    if not objects:
+        return b""
+    data = orjson.dumps(objects)
+    if data.count(b"},{") == len(objects) - 1 and b":null" not in data:
+        return data[1:-1].replace(b"},{", b"}\n{") + b"\n"
+    return "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in objects).encode()
+
+
 class JsonlSink(Sink):
     kind = "jsonl"
     target_key = "path"
+    # A batch is decoded whole, then held again as objects for the encoder (~700 bytes a
+    # row in all): 20,000 rows keep that under 15 MB, where the default 100,000 made it
+    # the largest share of the daemon's peak memory, and cost no measurable speed.
+    batch_rows = 20_000
 
     def open(self, context: SinkContext) -> None:
         self.root = Path(self.target).expanduser()
@@ -75,7 +101,7 @@ class JsonlSink(Sink):
             raise
 
     def _write(self, batch: list[Record]) -> None:
-        lines: dict[str, list[str]] = {}
+        lines: dict[str, list[dict[str, Any]]] = {}
         try:
             self._files.begin()  # may finish cutting back a failed batch: its errors are mapped too
             for record in batch:
@@ -85,18 +111,18 @@ class JsonlSink(Sink):
                     summary = self._summary(run_dir)
                     self._summary_dirty.add(run_dir)
                     pinned = self._pinned.get(run_dir, ())
+                    kept = {key: summary[key] for key in pinned if key in summary}
                     for step, ts, values in record.body["rows"]:
-                        out.append(json.dumps({"step": step, "ts": ts, **values}))
-                        for key, value in values.items():
-                            if key not in pinned:
-                                summary[key] = value
+                        out.append({"step": step, "ts": ts, **values})
+                        summary.update(values)
+                    summary.update(kept)
                 elif record.type == "media":
                     body = record.body
                     relative = f"media/{media_file_name(body)}"
                     self._copy_file(run_dir, body["path"], relative)
                     index = {body["key"]: media_index(body, relative)}
                     row = {"step": body["step"], "ts": body["ts"], **index}
-                    lines.setdefault(run_dir, []).append(json.dumps(row))
+                    lines.setdefault(run_dir, []).append(row)
                 else:
                     self._flush_lines(lines)
                     lines = {}
@@ -139,11 +165,10 @@ class JsonlSink(Sink):
             )
             self._close_run(run_dir)
 
-    def _flush_lines(self, lines: dict[str, list[str]]) -> None:
+    def _flush_lines(self, lines: dict[str, list[dict[str, Any]]]) -> None:
         for run_dir, rows in lines.items():
             if rows:
-                data = ("\n".join(rows) + "\n").encode()
-                self._files.append(f"{run_dir}/metrics.jsonl", b"", data)
+                self._files.append(f"{run_dir}/metrics.jsonl", b"", json_lines(rows))
 
     def _run_dir(self, run: RunInfo) -> str:
         return f"{path_component(run.project)}/{path_component(run.name)}-{run.id[:8]}"
