@@ -36,6 +36,9 @@ RESEND_AFTER_MAX_SECONDS = 30.0
 GAP_REWIND_SECONDS = 0.2
 UNREACHABLE_SECONDS = 0.5
 WINDOW_MESSAGES = 1024
+# Bytes sent and not yet acked: enough to keep a daemon busy at full rate (acks come every
+# few ms), small enough that four clients flooding do not pile 100s of MB into its queue.
+WINDOW_BYTES = 1024 * 1024
 MAX_ROWS_PER_MESSAGE = 20_000
 DEFAULT_MEMORY_BYTES = 32 * 1024 * 1024
 
@@ -99,6 +102,7 @@ class Transport:
         self._next_seq = 1
         self._acked = 0
         self._sent = 0
+        self._in_flight = 0  # bytes of the messages in (acked, sent]
         self._progress_at = time.monotonic()
         self._resend_after = RESEND_AFTER_SECONDS
         self._rewound_at = 0.0
@@ -284,10 +288,14 @@ class Transport:
         if self._sent > self._acked and now - self._progress_at > self._resend_after:
             # Go back and send again; wait twice as long before the next time, so that a
             # daemon slow to ack (not gone) is not buried under copies of what it has.
-            self._sent, self._progress_at = self._acked, now
+            self._sent, self._in_flight, self._progress_at = self._acked, 0, now
             self._resend_after = min(self._resend_after * 2, RESEND_AFTER_MAX_SECONDS)
         unacked = self._unacked
-        while self._sent - self._acked < WINDOW_MESSAGES and self._sent < self._next_seq - 1:
+        while (
+            self._sent - self._acked < WINDOW_MESSAGES
+            and self._in_flight < WINDOW_BYTES
+            and self._sent < self._next_seq - 1
+        ):
             entry = unacked[self._sent - self._acked]
             frame = entry.frame
             if frame is None:
@@ -300,6 +308,7 @@ class Transport:
                     self._unreachable_since = now
                 return
             self._sent += 1
+            self._in_flight += entry.length
             self._unreachable_since = None
 
     def _read_acks(self, socket: Any) -> None:
@@ -327,6 +336,8 @@ class Transport:
             unacked = self._unacked
             while unacked and unacked[0].seq <= high:
                 entry = unacked.popleft()
+                if entry.seq <= self._sent:
+                    self._in_flight -= entry.length
                 if entry.frame is not None:
                     self._memory -= entry.length
             self._acked = min(high, self._next_seq - 1)
@@ -336,7 +347,7 @@ class Transport:
             if self._spool and (not unacked or unacked[0].frame is not None):
                 self._spool.clear()
         if gap and self._sent > high and now - self._rewound_at > GAP_REWIND_SECONDS:
-            self._sent, self._rewound_at = self._acked, now
+            self._sent, self._in_flight, self._rewound_at = self._acked, 0, now
 
     def _settle_flushes(self) -> None:
         if not self._flushes:
