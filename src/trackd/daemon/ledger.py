@@ -54,17 +54,19 @@ class Ledger:
             )
             self._infos.pop(run_id, None)
             return
-        existing = self.runs.get(run_id)
-        if existing is None:
-            return
-        run = existing
         if kind == "metrics":
             rows = body["rows"]
-            run["rows"] += len(rows)
-            if rows:
-                run["last_step"] = rows[-1][0]
-        elif kind == "run_end":
-            run.update(status=body["status"], ended=body["ended"], error=body.get("error"))
+            self.count_rows(run_id, len(rows), rows[-1][0] if rows else None)
+        elif kind == "run_end" and run_id in self.runs:
+            self.runs[run_id].update(
+                status=body["status"], ended=body["ended"], error=body.get("error")
+            )
+
+    def count_rows(self, run_id: str, rows: int, last_step: int | None) -> None:
+        run = self.runs.get(run_id)
+        if run is not None and rows:
+            run["rows"] += rows
+            run["last_step"] = last_step
 
     def info(self, run_id: str) -> RunInfo:
         """The RunInfo sinks see; a run whose start was never received gets a placeholder."""
