@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
-from helpers import artifact_client, until_client
+from helpers import until_client
 from trackd.sinks.base import SinkSpec
 
 ROWS = 3000
@@ -79,6 +79,15 @@ def assert_every_step_once(run: dict[str, Any], rows: int) -> None:
     for key in ("i", "loss"):
         assert run["metrics"][key]["steps"] == list(range(rows)), key
     assert run["metrics"]["i"]["values"] == list(range(rows))
+
+
+def kill_twice_while_delivering(daemon: Daemon, repo: Path, pause: float) -> None:
+    """SIGKILL the daemon `pause` s after its sink delivered something, restart it; twice."""
+    for _ in range(2):
+        wait_for(lambda: daemon.status()["sinks"][sink_name(repo)]["delivered_rows"] > 0)
+        time.sleep(pause)
+        daemon.kill()
+        daemon.start("--sink", f"aim:{repo}")
 
 
 def test_local_repo_runs_steps_params_tags_and_status(
@@ -141,11 +150,7 @@ def test_local_repo_sigkill_mid_run_still_every_step_once(
     repo, stop = tmp_path / "aim", tmp_path / "stop"
     daemon.start("--sink", f"aim:{repo}")
     client = until_client.start(env, "k", stop, per_tick=100, tick=0.2)
-    for _ in range(2):
-        wait_for(lambda: daemon.status()["sinks"][sink_name(repo)]["delivered_rows"] > 0)
-        time.sleep(0.7)
-        daemon.kill()
-        daemon.start("--sink", f"aim:{repo}")
+    kill_twice_while_delivering(daemon, repo, pause=0.7)
     stop.touch()
     rows = finish_client(client)["rows"]
     daemon.flush()
@@ -164,12 +169,8 @@ def test_local_repo_sigkill_while_logging_artifacts_loses_none(
     step once."""
     repo, stop = tmp_path / "aim", tmp_path / "stop"
     daemon.start("--sink", f"aim:{repo}")
-    client = artifact_client.start(env, "art", stop)
-    for _ in range(2):
-        wait_for(lambda: daemon.status()["sinks"][sink_name(repo)]["delivered_rows"] > 0)
-        time.sleep(1.0)
-        daemon.kill()
-        daemon.start("--sink", f"aim:{repo}")
+    client = until_client.start(env, "art", stop, per_tick=1, tick=0.02, artifact_every=20)
+    kill_twice_while_delivering(daemon, repo, pause=1.0)
     stop.touch()
     result = finish_client(client)
     daemon.flush()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
-from helpers import artifact_client, until_client
+from helpers import until_client
 from helpers.wandb_log import Session, read_runs
 
 ROWS = 2000
@@ -149,7 +149,7 @@ def test_sigkill_mid_run_every_artifact_once(
     wandb_dir = tmp_path / "wandb" / "wandb"
     stop = tmp_path / "stop"
     daemon.start("--sink", "wandb:*", extra_env=extra_env)
-    client = artifact_client.start(env, "art", stop)
+    client = until_client.start(env, "art", stop, per_tick=1, tick=0.02, artifact_every=20)
     for kill in (1, 2):
         wait_for(lambda: len(list(wandb_dir.glob("offline-run-*/*.wandb"))) >= kill, 60)  # noqa: B023
         time.sleep(1.5)
