@@ -338,3 +338,41 @@ def test_a_restored_copy_of_a_segment_reaches_each_sink_once(
         runs = by_name(root)
         assert steps(runs["before"]) == list(range(3000))
         assert steps(runs["after"]) == list(range(2000))
+
+
+def test_replay_of_a_damaged_data_dir_skips_only_the_damaged_record(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """`trackd replay DATA_DIR` over a WAL with one bit flipped mid-segment: every row outside
+    the damaged record arrives once, in order, and the data dir is left exactly as it was."""
+    log_a_run(daemon, env, tmp_path / "live", "before", 3000)
+    records = wal_records(daemon.data_dir / "wal")
+    path, start, end, message = next(
+        (path, start, end, message)
+        for (path, start, end, message), following in itertools.pairwise(records)
+        if message["t"] == "metrics" and following[0] == path and start > 0
+    )
+    data = bytearray(path.read_bytes())
+    flip(data, 8 * (start + (end - start) // 2))
+    path.write_bytes(bytes(data))
+    lost = {row[0] for row in message["b"]["rows"]}
+    before = {p.name: p.read_bytes() for p in (daemon.data_dir / "wal").iterdir()}
+
+    out = tmp_path / "replayed"
+    result = cli(env, "replay", str(daemon.data_dir), "--sink", f"jsonl:{out}", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert steps(by_name(out)["before"]) == [s for s in range(3000) if s not in lost]
+    assert 0 < len(lost) < 3000
+    assert {p.name: p.read_bytes() for p in (daemon.data_dir / "wal").iterdir()} == before
+
+
+def test_a_record_over_the_default_frame_cap_is_data_not_damage(tmp_path: Path) -> None:
+    """`max_frame_bytes` may be raised above the protocol's 16 MiB default: a record that large
+    between two small ones is read whole, nothing is counted as damage, and nothing is cut."""
+    big = envelope(2, rows=0) + b"\0" * (20 << 20)  # a frame's length, not its content, matters
+    segment = 64 << 20
+    stored = lay_out(tmp_path / "wal", [envelope(1, 3), big, envelope(3, 3)], segment)
+    wal = WriteAheadLog(tmp_path / "wal", segment)
+    assert [payload for _, payload in read_all(wal, 1 << 20)] == [s.payload for s in stored]
+    assert wal.damage() == {"corrupt_spans": 0, "corrupt_bytes": 0, "duplicate_records": 0}
+    assert wal.durable_end == (1, stored[-1].end)

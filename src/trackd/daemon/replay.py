@@ -19,17 +19,16 @@ from typing import Any
 
 from trackd.daemon.delivery import Backoff, Delivery, load_progress
 from trackd.daemon.ledger import Ledger
+from trackd.daemon.wal import intact_records
 from trackd.protocol import (
     INTERNAL_TYPES,
     SPOOL_SUFFIX,
     Message,
     ProtocolError,
     decode,
-    iter_records,
 )
 from trackd.sinks.base import Record, SinkContext, SinkSpec
 
-CHUNK_BYTES = 4 << 20
 BATCH_RECORDS = 2000
 SAVE_SECONDS = 0.5
 
@@ -54,19 +53,13 @@ def source_files(source: Path) -> list[Path]:
 
 
 def read_messages(files: list[Path]) -> Iterator[Message]:
-    """Every valid message in the files, in order; a torn tail or a bad record ends a file."""
+    """Every valid message in the files, in order; a damaged record costs only itself."""
     for path in files:
-        carry = b""
-        with path.open("rb") as handle:
-            while chunk := handle.read(CHUNK_BYTES):
-                buffer = carry + chunk
-                consumed = 0
-                for consumed, payload in iter_records(buffer):  # noqa: B007 - used after the loop
-                    try:
-                        yield decode(payload, max_bytes=len(payload))
-                    except ProtocolError:
-                        continue
-                carry = buffer[consumed:]
+        for payload in intact_records(path):
+            try:
+                yield decode(payload, max_bytes=len(payload))
+            except ProtocolError:
+                continue
 
 
 def base_ledger(source: Path, files: list[Path]) -> Ledger:

@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from trackd.protocol import HEADER_BYTES, MAX_FRAME_BYTES, ProtocolError, decode, frame_record
+from trackd.protocol import HEADER_BYTES, ProtocolError, decode, frame_record
 
 log = logging.getLogger("trackd.wal")
 
@@ -56,8 +56,10 @@ _DUPLICATE_SUFFIX = ".duplicate"
 _RETRY_SECONDS = 1.0
 _HEADER = struct.Struct("<II")
 _CHUNK_BYTES = 1 << 20
-# Offsets where a header could start: a length of 1 to 16 MiB has a little-endian top byte of
-# 0 or 1 and is not zero. Resynchronising tests only these, in C, instead of every byte.
+# Offsets where a header could start: a length of 1 B to 32 MiB has a little-endian top byte
+# of 0 or 1 and is not zero. Resynchronising tests only these, in C, instead of every byte (a
+# record over 32 MiB, possible only with `max_frame_bytes` raised, right after damage is
+# skipped with it).
 _MAP_STARTS = frozenset({bytes([code]) for code in (*range(0x80, 0x90), 0xDE, 0xDF)})
 _CANDIDATE = re.compile(rb"(?=(?:[^\x00]..|.[^\x00].|..[^\x00])[\x00\x01]|...\x01)", re.DOTALL)
 
@@ -82,12 +84,13 @@ class _Window:
 
         Length 0 is never valid: every payload the WAL stores is a protocol frame, and eight
         zero bytes (what a crash can leave in a file extended but not written) must not
-        read as a record.
+        read as a record. No other cap on the length: `max_frame_bytes` may be raised
+        above the protocol's default, and such frames are stored whole.
         """
         if offset + HEADER_BYTES > self.limit:
             return None
         length, crc = _HEADER.unpack(self.get(offset, HEADER_BYTES))
-        if not 0 < length <= MAX_FRAME_BYTES or offset + HEADER_BYTES + length > self.limit:
+        if length == 0 or offset + HEADER_BYTES + length > self.limit:
             return None
         payload = self.get(offset + HEADER_BYTES, length)
         return payload if zlib.crc32(payload) == crc else None
@@ -128,6 +131,26 @@ class _Window:
                     return start + match.start()
             start += max(len(block) - HEADER_BYTES + 1, 1)
         return self.limit
+
+
+def intact_records(path: Path) -> Iterator[bytes]:
+    """The payload of every valid record in one file (a segment or a spool), in order, with
+    damage skipped the way the WAL's readers skip it.
+
+    For `trackd replay`, which reads a data directory it must leave as it is: no torn
+    tail cut, no copy set aside, so it cannot go through `WriteAheadLog`.
+    """
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        window = _Window(handle.fileno(), size, _CHUNK_BYTES)
+        offset = 0
+        while offset + HEADER_BYTES <= size:
+            payload = window.record_at(offset)
+            if payload is None:
+                offset = window.resync(offset)
+                continue
+            yield payload
+            offset += HEADER_BYTES + len(payload)
 
 
 class WriteAheadLog:
