@@ -10,8 +10,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Daemon, cli, finish_client, jsonl_runs, run_client
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, wait_for
 from test_wal import segment_files, write_records
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import HEADER_BYTES, encode, frame_record, iter_records
@@ -376,3 +378,43 @@ def test_a_record_over_the_default_frame_cap_is_data_not_damage(tmp_path: Path) 
     assert [payload for _, payload in read_all(wal, 1 << 20)] == [s.payload for s in stored]
     assert wal.damage() == {"corrupt_spans": 0, "corrupt_bytes": 0, "duplicate_records": 0}
     assert wal.durable_end == (1, stored[-1].end)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_damaged_tail_found_while_running_holds_the_sink_without_spinning(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The last record of the live segment damaged while a slow sink is busy: the sink stops
+    before it without burning a core (it used to re-read in a tight loop: ~2 CPU-seconds in 3),
+    and goes on as soon as a valid record follows."""
+    out = tmp_path / "out"
+    daemon.start("--sink", f"slow:{out}?delay=4")
+    finish_client(run_client(env, "--name", "a", "--rows", "10"))  # the sink's first batch
+    finish_client(run_client(env, "--name", "b", "--rows", "10"))
+    segment = segment_files(daemon.data_dir / "wal")[-1]
+    data = bytearray(segment.read_bytes())
+    ends = [0] + [end for end, _ in iter_records(bytes(data))]
+    start, end = ends[-2], ends[-1]  # b's run_end, not yet read: the sink is in its first write
+    flip(data, 8 * (start + (end - start) // 2))
+    with segment.open("r+b") as handle:
+        handle.seek(start)
+        handle.write(bytes(data[start:end]))
+    [name] = daemon.status()["sinks"]
+    wait_for(lambda: daemon.status()["sinks"][name]["delivered_rows"] == 20, timeout=60)
+    assert daemon.process is not None
+    before = _cpu_seconds(daemon.process.pid)
+    time.sleep(3)
+    assert _cpu_seconds(daemon.process.pid) - before < 1.0
+
+    finish_client(run_client(env, "--name", "c", "--rows", "10"))
+    daemon.flush()
+    assert daemon.status()["wal"]["corrupt_spans"] == 1
+    assert {name: steps(rows) for name, rows in by_name(out).items()} == {
+        "a": list(range(10)),
+        "b": list(range(10)),
+        "c": list(range(10)),
+    }

@@ -23,6 +23,8 @@ from trackd.daemon.delivery import Delivery, load_progress
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.sinks.base import SinkContext
 
+DAMAGED_TAIL_POLL_SECONDS = 0.1
+
 
 class SinkWorker:
     def __init__(
@@ -107,6 +109,11 @@ class SinkWorker:
                 records, end = await delivery.call(
                     self.batcher.read, self.cursor, self.wal.durable_end, delivery.sink.batch_rows
                 )
+                if end == self.cursor:
+                    # Only damaged bytes past the cursor for now (wal.py): readers get past
+                    # them once a valid record follows, so look again later, without spinning.
+                    await delivery.sleep(max(self._linger, DAMAGED_TAIL_POLL_SECONDS))
+                    continue
                 full = self.wal.bytes_between(end, self.wal.durable_end) > 0
                 self.holding = end
                 if records and not await delivery.deliver(records):
