@@ -297,6 +297,22 @@ def test_serve_with_bad_sink_spec_exits_2_with_one_line(
     assert named in line
 
 
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("jsonl:{d}/x?bogus=1", "'bogus' (known: none)"),
+        ("mlflow:http://127.0.0.1:9?in_fligt=2", "'in_fligt' (known: in_flight, http_retries"),
+    ],
+)
+def test_serve_with_an_unknown_sink_option_fails_naming_it(
+    env: dict[str, str], tmp_path: Path, spec: str, named: str
+) -> None:
+    """A misspelt sink option is refused at start-up, with the options the sink knows."""
+    result = cli(env, "serve", "--sink", spec.format(d=tmp_path), timeout=30)
+    line = assert_one_line_failure(result)
+    assert named in line
+
+
 def test_serve_refuses_a_group_or_world_writable_runtime_dir(
     env: dict[str, str], dirs: dict[str, Path]
 ) -> None:

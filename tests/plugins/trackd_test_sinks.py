@@ -16,6 +16,7 @@ class FlakySink(JsonlSink):
     """Fails its first `fail` writes (retriable), then works."""
 
     kind = "flaky"
+    known_options = ("fail",)
 
     def write(self, batch: list[Record]) -> None:
         failures = int(self.options.get("fail", "50"))
@@ -29,6 +30,7 @@ class SlowSink(JsonlSink):
     """Sleeps `delay` seconds in every write."""
 
     kind = "slow"
+    known_options = ("delay",)
 
     def write(self, batch: list[Record]) -> None:
         time.sleep(float(self.options.get("delay", "1")))
@@ -39,6 +41,7 @@ class GatedSink(JsonlSink):
     """Fails (retriably) while the file named by `gate` exists: a sink down until a test says."""
 
     kind = "gated"
+    known_options = ("gate",)
 
     def write(self, batch: list[Record]) -> None:
         if os.path.exists(self.options["gate"]):

@@ -88,7 +88,6 @@ from trackd.sinks.base import (
     stored_file,
 )
 
-OPTIONS = ("timeout", "artifacts_uri")
 REMOTE = "aim://"
 DEFAULT_TIMEOUT = 10.0
 CONFIRM_ROWS = 200
@@ -103,12 +102,10 @@ QUIET: dict[str, Any] = {
 class AimSink(Sink):
     kind = "aim"
     target_key = "repo"
+    known_options = ("timeout", "artifacts_uri")
 
     def __init__(self, target: str, **options: str) -> None:
         super().__init__(target, **options)
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"aim sink: unknown option {unknown[0]!r} (known: {OPTIONS})")
         if not target:
             raise ValueError(
                 "aim sink: needs a repo, e.g. aim:/path/to/repo or aim:aim://HOST:PORT"

@@ -100,8 +100,18 @@ class Sink:
     # Metric rows per batch at most: a slow backend gets smaller batches, so its cursor
     # (saved after each) moves every few seconds even through a large backlog.
     batch_rows: ClassVar[int] = 100_000
+    # The options a spec may give (`KIND:TARGET?NAME=VALUE`): any other is refused at start-up,
+    # naming the known ones, so that a misspelt option is not silently ignored. None (the
+    # default for third-party sinks) leaves options unchecked.
+    known_options: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, target: str, **options: str) -> None:
+        known = self.known_options
+        if known is not None and (unknown := sorted(set(options) - set(known))):
+            raise ValueError(
+                f"{self.kind} sink: unknown option {unknown[0]!r}"
+                f" (known: {', '.join(known) or 'none'})"
+            )
         self.target = target
         self.options = options
 

@@ -69,6 +69,7 @@ def json_lines(objects: list[dict[str, Any]]) -> bytes:
 class JsonlSink(Sink):
     kind = "jsonl"
     target_key = "path"
+    known_options = ()
     # A batch is decoded whole, then held again as objects for the encoder (~700 bytes a
     # row in all): 20,000 rows keep that under 15 MB, where the default 100,000 made it
     # the largest share of the daemon's peak memory, and cost no measurable speed.

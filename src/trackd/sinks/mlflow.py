@@ -112,6 +112,7 @@ class MlflowSink(Sink):
     kind = "mlflow"
     target_key = "tracking_uri"
     batch_rows = 5_000  # about five log_batch calls: the cursor moves within seconds
+    known_options = ("in_flight", *HTTP_SETTINGS)
 
     def __init__(self, target: str, **options: str) -> None:
         super().__init__(target, **options)

@@ -77,6 +77,7 @@ _JOURNAL_NAME = "presizes.jsonl"
 class TensorboardSink(Sink):
     kind = "tensorboard"
     target_key = "logdir"
+    known_options = ()
 
     def open(self, context: SinkContext) -> None:
         self._encoder = _Encoder()

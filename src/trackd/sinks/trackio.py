@@ -84,6 +84,7 @@ from trackd.sinks.base import (
 class TrackioSink(Sink):
     kind = "trackio"
     target_key = "project"
+    known_options = ()
 
     def open(self, context: SinkContext) -> None:
         try:

@@ -115,7 +115,6 @@ if TYPE_CHECKING:
     import wandb
 
 log = logging.getLogger("trackd.sinks.wandb")
-OPTIONS = ("mode", "entity", "tags", "dir")
 MODES = ("offline", "online")
 TAG_LIMIT = 64
 PROJECT_LIMIT = 128
@@ -141,12 +140,10 @@ RecordReader = Callable[[bytes], int | str | None]
 class WandbSink(Sink):
     kind = "wandb"
     target_key = "project"
+    known_options = ("mode", "entity", "tags", "dir")
 
     def __init__(self, target: str, **options: str) -> None:
         super().__init__(target, **options)
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"wandb sink: unknown option {unknown[0]!r} (known: {OPTIONS})")
         self._mode = options.get("mode") or "offline"
         if self._mode not in MODES:
             raise ValueError(f"wandb sink: mode must be one of {MODES}, got {self._mode!r}")
