@@ -140,8 +140,18 @@ def daemon(env: dict[str, str], dirs: dict[str, Path]) -> Iterator[Daemon]:
 
 def run_client(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     """Start tests/helpers/log_client.py in its own process."""
+    return start_helper("log_client.py", env, *args)
+
+
+def meta_client(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """Start tests/helpers/meta_client.py (a run using every kind of message)."""
+    return start_helper("meta_client.py", env, *args)
+
+
+def start_helper(script: str, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """A script of tests/helpers/ in its own process; `finish_client` reads its result."""
     return subprocess.Popen(
-        [sys.executable, str(HELPERS / "log_client.py"), *args],
+        [sys.executable, str(HELPERS / script), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
+from conftest import Daemon, finish_client, meta_client, run_client, wait_for
 from helpers import until_client
 from trackd.sinks.base import SinkSpec
 
@@ -101,12 +101,7 @@ def test_local_repo_runs_steps_params_tags_and_status(
     daemon.start("--sink", f"aim:{repo}")
     names = ["alpha", "beta"]
     clients = [run_client(env, "--name", name, "--rows", str(ROWS)) for name in names]
-    meta = subprocess.Popen(
-        [sys.executable, str(HELPERS / "meta_client.py"), "--name", "meta"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    meta = meta_client(env, "--name", "meta")
     ids = {name: finish_client(client)["id"] for name, client in zip(names, clients, strict=True)}
     meta_id = finish_client(meta)["id"]
     daemon.flush()

@@ -3,8 +3,6 @@ EventAccumulator: every scalar at every step exactly once, through daemon SIGKIL
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # type: ig
 from tensorboard.plugins.hparams import api_pb2, metadata  # type: ignore[import-untyped]
 from tensorboard.util import tensor_util  # type: ignore[import-untyped]
 
-from conftest import HELPERS, Daemon, finish_client, run_client
+from conftest import Daemon, finish_client, meta_client, run_client
 
 ROWS = 3000
 
@@ -66,12 +64,7 @@ def test_runs_become_directories_with_every_scalar_config_and_status(
     daemon.start("--sink", f"tensorboard:{logdir}")
     names = ["alpha", "beta", "gamma"]
     clients = [run_client(env, "--name", name, "--rows", str(ROWS)) for name in names]
-    meta = subprocess.Popen(
-        [sys.executable, str(HELPERS / "meta_client.py"), "--name", "meta"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    meta = meta_client(env, "--name", "meta")
     ids = {name: finish_client(client)["id"] for name, client in zip(names, clients, strict=True)}
     meta_result = finish_client(meta)
     daemon.flush()

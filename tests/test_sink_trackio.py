@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import HELPERS, Daemon, finish_client, run_client
+from conftest import Daemon, finish_client, meta_client, run_client
 
 ROWS = 3000
 READER = """
@@ -44,15 +44,6 @@ def read_trackio(env: dict[str, str], trackio_dir: Path) -> dict[str, dict[str, 
 def assert_every_step_once(run: dict[str, Any], rows: int) -> None:
     assert [log["step"] for log in run["logs"]] == list(range(rows))
     assert [log["i"] for log in run["logs"]] == list(range(rows))
-
-
-def meta_client(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(HELPERS / "meta_client.py"), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 def test_runs_keep_their_project_name_steps_config_and_status(

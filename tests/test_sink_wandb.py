@@ -4,12 +4,10 @@ own transaction logs under WANDB_DIR (tests/helpers/wandb_log.py)."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import HELPERS, Daemon, finish_client, run_client, wait_for
+from conftest import Daemon, finish_client, meta_client, run_client, wait_for
 from helpers import until_client
 from helpers.wandb_log import Session, read_runs
 
@@ -27,15 +25,6 @@ def wandb_env(root: Path) -> dict[str, str]:
         "WANDB_DATA_DIR": str(root / "wandb-data"),
         "WANDB_SILENT": "true",
     }
-
-
-def meta_client(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, str(HELPERS / "meta_client.py"), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 def steps(sessions: list[Session]) -> list[int]:
