@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from machine import provenance, wait_for_quiet
+
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
 
@@ -474,60 +476,6 @@ def _rows_delivered(daemon: Daemon, python: str) -> int:
     subprocess.run([python, "-c", code, str(daemon.runtime_dir)], check=True, capture_output=True)
     files = (daemon.data_dir / "runs").glob("*/*/metrics.jsonl")
     return sum(sum(1 for _ in path.open("rb")) for path in files)
-
-
-def wait_for_quiet(max_seconds: float, busy_below: float = 0.15) -> float:
-    """Wait (up to `max_seconds`) for a second in which the CPUs are mostly idle; the busy share.
-
-    Other people's processes on a shared 2-core machine distort a latency
-    benchmark badly; this at least starts each measurement on a quiet machine
-    and records how busy it was.
-    """
-
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    deadline = time.monotonic() + max_seconds
-    while True:
-        total, idle = sample()
-        time.sleep(1.0)
-        total2, idle2 = sample()
-        busy = 1 - (idle2 - idle) / max(1, total2 - total)
-        if busy < busy_below or time.monotonic() > deadline:
-            return busy
-
-
-def provenance(python: str) -> dict[str, Any]:
-    """Which trackd `python` imports: its source tree, commit, and uncommitted changes there.
-
-    A tree exported with `git archive` (to measure a commit while others edit the
-    checkout) has no .git; a file COMMIT beside its src/ names the commit.
-    """
-    done = subprocess.run(
-        [python, "-c", "import trackd; print(trackd.__file__)"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        return {"trackd_source": None, "commit": None, "src_changes_not_committed": []}
-    root = Path(done.stdout.strip()).resolve().parents[2]  # ROOT/src/trackd/__init__.py
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit and (root / "COMMIT").exists():
-        commit = (root / "COMMIT").read_text().strip()
-    return {
-        "trackd_source": str(root),
-        "commit": commit,
-        "src_changes_not_committed": git("status", "--short", "--", "src").splitlines(),
-    }
 
 
 # --- import cost ------------------------------------------------------------------------------

@@ -56,8 +56,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import proc_cpu_seconds, proc_status_kb
+
 HERE = Path(__file__).resolve()
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
 TRACEMALLOC_WRAPPER = """
@@ -157,18 +158,6 @@ def client(index: int, rate: float, tick: float) -> None:
 
 
 # --- the daemon ------------------------------------------------------------------------------
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
-def proc_status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 def dir_bytes(path: Path) -> int:

@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from machine import proc_cpu_seconds, proc_status_kb, provenance, wait_for_quiet
+
 HERE = Path(__file__).resolve()
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- a client process --------------------------------------------------------------------------
@@ -77,18 +78,6 @@ def client(index: int, rows: int, timeout: float) -> None:
 
 
 # --- the daemon ------------------------------------------------------------------------------
-
-
-def _proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
-def _proc_status_kb(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 def _child_pid(parent: int, timeout: float = 10.0) -> int:
@@ -199,8 +188,8 @@ def measure(clients: int, rows: int, args: argparse.Namespace) -> dict[str, Any]
             else:
                 raise RuntimeError("a client failed to start")
         result["machine_busy_before"] = round(wait_for_quiet(args.quiet_wait), 3)
-        result["daemon_rss_idle_mb"] = _proc_status_kb(daemon.pid, "VmRSS") / 1024
-        cpu_before = _proc_cpu_seconds(daemon.pid)
+        result["daemon_rss_idle_mb"] = proc_status_kb(daemon.pid, "VmRSS") / 1024
+        cpu_before = proc_cpu_seconds(daemon.pid)
         started = time.perf_counter()
         deadline = started + args.timeout
         for process in processes:
@@ -223,8 +212,8 @@ def measure(clients: int, rows: int, args: argparse.Namespace) -> dict[str, Any]
             if caught_up is None:
                 result["error"] = "the daemon did not answer the control flush"
         ended = time.perf_counter()
-        result["daemon_cpu_seconds"] = _proc_cpu_seconds(daemon.pid) - cpu_before
-        result["daemon_peak_rss_mb"] = _proc_status_kb(daemon.pid, "VmHWM") / 1024
+        result["daemon_cpu_seconds"] = proc_cpu_seconds(daemon.pid) - cpu_before
+        result["daemon_peak_rss_mb"] = proc_status_kb(daemon.pid, "VmHWM") / 1024
         status = daemon.request("status", timeout=5)
         result["rows_in_sink"] = sum(
             sum(1 for _ in path.open("rb"))
@@ -268,60 +257,6 @@ def measure(clients: int, rows: int, args: argparse.Namespace) -> dict[str, Any]
             "sink_retries": sink["retries"],
         }
     return result
-
-
-def wait_for_quiet(max_seconds: float, busy_below: float = 0.15) -> float:
-    """Wait (up to `max_seconds`) for a second in which the CPUs are mostly idle; the busy share.
-
-    Other people's processes on a shared 2-core machine distort a latency
-    benchmark badly; this at least starts each measurement on a quiet machine
-    and records how busy it was.
-    """
-
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    deadline = time.monotonic() + max_seconds
-    while True:
-        total, idle = sample()
-        time.sleep(1.0)
-        total2, idle2 = sample()
-        busy = 1 - (idle2 - idle) / max(1, total2 - total)
-        if busy < busy_below or time.monotonic() > deadline:
-            return busy
-
-
-def provenance(python: str) -> dict[str, Any]:
-    """Which trackd `python` imports: its source tree, commit, and uncommitted changes there.
-
-    A tree exported with `git archive` (to measure a commit while others edit the
-    checkout) has no .git; a file COMMIT beside its src/ names the commit.
-    """
-    done = subprocess.run(
-        [python, "-c", "import trackd; print(trackd.__file__)"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        return {"trackd_source": None, "commit": None, "src_changes_not_committed": []}
-    root = Path(done.stdout.strip()).resolve().parents[2]  # ROOT/src/trackd/__init__.py
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit and (root / "COMMIT").exists():
-        commit = (root / "COMMIT").read_text().strip()
-    return {
-        "trackd_source": str(root),
-        "commit": commit,
-        "src_changes_not_committed": git("status", "--short", "--", "src").splitlines(),
-    }
 
 
 # --- profiles -------------------------------------------------------------------------------------
