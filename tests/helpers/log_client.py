@@ -17,10 +17,16 @@ def main() -> None:
     parser.add_argument("--mode", default="online")
     parser.add_argument("--pace", type=float, default=0.0, help="seconds to sleep every 100 rows")
     parser.add_argument("--finish-timeout", type=float, default=60.0)
+    parser.add_argument("--resume", default=None, help="init(resume=...)")
+    parser.add_argument("--media-last", action="store_true", help="end on a histogram's step")
     args = parser.parse_args()
 
     run = trackd.init(
-        project=args.project, name=args.name, config={"rows": args.rows}, mode=args.mode
+        project=args.project,
+        name=args.name,
+        config={"rows": args.rows},
+        mode=args.mode,
+        resume=args.resume,
     )
     worst = 0.0
     for step in range(args.rows):
@@ -29,6 +35,8 @@ def main() -> None:
         worst = max(worst, time.perf_counter() - started)
         if args.pace and step % 100 == 99:
             time.sleep(args.pace)
+    if args.media_last:
+        run.log({"weights": trackd.Histogram([1.0, 2.0, 3.0], num_bins=2)})
     began = time.perf_counter()
     run.finish(timeout=args.finish_timeout)
     print(
