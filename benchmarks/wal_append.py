@@ -35,7 +35,7 @@ async def with_writer_thread(directory: Path, records: int, payload: bytes, clie
             future = waiting.pop(token)  # type: ignore[call-overload]
             future.set_result(None)
 
-    wal.start_writer(lambda tokens, end: loop.call_soon_threadsafe(committed, tokens, end))
+    wal.start_writer(lambda tokens, end, _seq: loop.call_soon_threadsafe(committed, tokens, end))
 
     async def client(first: int) -> None:
         for index in range(first, records, clients):

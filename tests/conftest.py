@@ -183,3 +183,15 @@ def jsonl_runs(root: Path) -> dict[str, list[dict[str, Any]]]:
     for path in sorted(root.glob("*/*/metrics.jsonl")):
         runs[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines()]
     return runs
+
+
+async def until(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """`wait_for` for a test running on the event loop: polls without blocking the loop."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {condition}")
+        await asyncio.sleep(0.01)
+    return value

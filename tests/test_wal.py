@@ -22,7 +22,7 @@ def write_records(directory: Path, payloads: list[bytes], segment_bytes: int) ->
     """Append `payloads`, each committed before the next is queued; then close the log."""
     wal = WriteAheadLog(directory, segment_bytes=segment_bytes)
     committed = threading.Semaphore(0)
-    wal.start_writer(lambda tokens, _end: [committed.release() for _ in tokens])
+    wal.start_writer(lambda tokens, _end, _seq: [committed.release() for _ in tokens])
     for payload in payloads:
         wal.append(payload, payload)
         assert committed.acquire(timeout=30), "the WAL writer never committed"

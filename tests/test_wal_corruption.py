@@ -125,7 +125,7 @@ def test_flipped_bits_cost_only_the_records_they_hit(
 ) -> None:
     """Any bits flipped anywhere: the WAL opens, every record whose bytes were not touched is
     read exactly once and in order (by read() in small steps and by scan()), the damage is
-    counted exactly, and count_between, bytes_between and appends agree with the reads."""
+    counted exactly, and the record numbers, bytes_between and appends agree with the reads."""
     directory = Path(tempfile.mkdtemp(dir=tmp_path)) / "wal"
     stored = lay_out(directory, envelopes(shapes), segment_bytes)
     files = segment_files(directory)
@@ -153,7 +153,7 @@ def test_flipped_bits_cost_only_the_records_they_hit(
         "corrupt_bytes": damaged,
         "duplicate_records": 0,
     }
-    assert wal.count_between(wal.start, wal.durable_end) == len(intact)
+    assert wal.durable_seq == wal.seq_at(wal.durable_end) == len(intact)
     kept = sum(HEADER_BYTES + len(payload) for payload in intact)
     assert wal.bytes_between(wal.start, wal.durable_end) == kept + damaged
     assert kept + damaged + cut == sum(sizes)
@@ -186,7 +186,7 @@ def test_a_damaged_record_mid_segment_is_skipped_logged_once_and_not_cut(
         assert wal.durable_end == (1, len(data))
         for _ in range(2):
             assert [payload for _, payload in read_all(wal, 1 << 20)] == [payloads[0], payloads[2]]
-        assert wal.count_between(wal.start, wal.durable_end) == 2
+        assert wal.durable_seq == wal.seq_at(wal.durable_end) == 2
     assert wal.damage()["corrupt_bytes"] == stored[1].end - stored[1].start
     skips = [r.getMessage() for r in caplog.records if "damaged bytes" in r.getMessage()]
     assert skips == [
@@ -232,7 +232,7 @@ def test_a_copied_segment_is_read_once(
     else:
         assert read == [*payloads, *extras]
     assert wal.damage() == {"corrupt_spans": 0, "corrupt_bytes": 0, "duplicate_records": copied}
-    assert wal.count_between(wal.start, wal.durable_end) == len(read)
+    assert wal.durable_seq == wal.seq_at(wal.durable_end) == len(read)
 
     after = envelope(len(shapes) + extra + 1, 2)
     write_records(directory, [after], segment_bytes)

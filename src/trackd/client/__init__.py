@@ -54,6 +54,7 @@ def _current(verb: str) -> Run:
     run = registry.current
     if run is None:
         raise RuntimeError(f"trackd.{verb}(): call trackd.init() first")
+    assert isinstance(run, Run)  # the registry holds only runs made by init()
     return run
 
 

@@ -5,6 +5,9 @@ open, an excepthook that marks them failed with the traceback and then
 *chains to the previous hook* (trackd never replaces `sys.exit` or swallows
 the exception), and a fork hook that gives each run a fresh session in the
 child.
+
+`run.py` does not import this module, nor this one `run.py` (DESIGN's layering):
+a registered run is told to call `forget` when it finishes (`_on_finished`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,21 @@ import threading
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
+    from typing import Any, Protocol
 
-    from trackd.client.run import Run
+    class Run(Protocol):
+        """What the registry needs of a run (trackd.client.run.Run)."""
+
+        _on_finished: Callable[[Any], None] | None
+
+        def finish(self, status: str | None = None, timeout: float = 10.0) -> None: ...
+
+        def _finish(self, status: str, error: str | None, timeout: float) -> None: ...
+
+        def _after_fork_in_child(self) -> None: ...
+
 
 _lock = threading.Lock()
 _open: list[Run] = []
@@ -29,6 +44,7 @@ EXIT_TIMEOUT = 10.0
 
 def register(run: Run) -> None:
     global current, _installed
+    run._on_finished = forget
     with _lock:
         _open.append(run)
         current = run

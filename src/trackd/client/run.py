@@ -7,7 +7,6 @@ import threading
 import time
 
 from trackd import paths
-from trackd.client import registry
 from trackd.client.artifacts import store_artifact, store_bytes
 from trackd.client.transport import Transport
 from trackd.client.values import WithMedia, json_tree, metric_row, scalar, string_map
@@ -15,6 +14,7 @@ from trackd.protocol import ALERT_LEVELS
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
     from typing import Any, Literal
 
@@ -96,6 +96,7 @@ class Run:
             start_body["resolve"] = not self._resume(resume, endpoint, mode)
         self._lock = threading.Lock()
         self._finished = mode == "disabled"
+        self._on_finished: Callable[[Any], None] | None = None  # set by the registry
         self._transport: Transport | None = None
         if mode != "disabled":
             self._endpoint = None if mode == "offline" else paths.endpoints(endpoint).ingest
@@ -282,7 +283,8 @@ class Run:
         if os.getpid() == self._owner_pid and self._ends_run:
             transport.send("run_end", {"status": status, "error": error, "ended": time.time()})
         transport.close(timeout)
-        registry.forget(self)
+        if self._on_finished is not None:
+            self._on_finished(self)
 
     def _after_fork_in_child(self) -> None:
         """A forked child (a DataLoader worker) logs to the same run through its own session."""

@@ -32,8 +32,11 @@ class Batcher:
         self.max_bytes = max_bytes
         self.max_records = max_records
 
-    def read(self, start: Position, end: Position, max_rows: int) -> tuple[list[Record], Position]:
-        """The records after `start` (up to `end`), and the position after the last one read.
+    def read(
+        self, start: Position, start_seq: int, end: Position, max_rows: int
+    ) -> tuple[list[Record], Position, int]:
+        """The records after `start` (up to `end`), the position after the last one read,
+        and how many records lie before that position (`start_seq` lie before `start`).
 
         A batch also stops once it holds `max_rows` metric rows (the sink's `batch_rows`),
         so that a slow sink still moves its cursor every few seconds.
@@ -41,15 +44,17 @@ class Batcher:
         raw = self.wal.read(start, end, self.max_bytes)[: self.max_records]
         records: list[Record] = []
         rows = 0
-        after = start
+        after, seq, segment = start, start_seq, start[0]
         for position, payload in raw:
             if rows >= max_rows:
                 break
             message = msgpack.unpackb(payload)  # validated when it was accepted
-            after = position
+            if position[0] != segment:  # a new segment, or a jump past removed ones
+                segment, seq = position[0], self.wal.base(position[0])
+            after, seq = position, seq + 1
             if message["t"] not in INTERNAL_TYPES:
                 run = self.ledger.info(message["r"])
                 records.append(Record(position, message["t"], run, message["b"]))
                 if message["t"] == "metrics":
                     rows += len(message["b"]["rows"])
-        return records, after
+        return records, after, seq

@@ -9,19 +9,22 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from importlib.metadata import version
 from typing import Any
 
 import msgpack
 import zmq
 import zmq.asyncio
 
-from trackd import __version__
 from trackd.daemon.fanout import Fanout
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.retention import Retention
 from trackd.daemon.settings import Settings
 
 log = logging.getLogger("trackd.control")
+# From the package's metadata, not `trackd.__version__`: the daemon takes nothing from the
+# client's public module (DESIGN's layering).
+VERSION = version("trackd")
 
 
 class Control:
@@ -89,7 +92,7 @@ class Control:
         runs = self.ingest.ledger.runs.values()
         endpoints = self.settings.endpoints
         return {
-            "version": __version__,
+            "version": VERSION,
             "pid": os.getpid(),
             "uptime": round(now - self._started, 3),
             "data_dir": str(self.settings.data_dir),
@@ -142,7 +145,7 @@ class Control:
             else wal.start
         )
         limit = min(int(max_bytes), 8 << 20) if isinstance(max_bytes, int) else 1 << 20
-        end = wal.durable_end
+        end = ledger.position  # not the WAL's durable end: the ledger must know each run
         records = wal.read(max(start, wal.start), end, limit)
         return {
             "records": [

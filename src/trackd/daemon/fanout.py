@@ -20,6 +20,7 @@ from typing import Any
 
 from trackd.daemon.batcher import Batcher
 from trackd.daemon.delivery import Delivery, load_progress
+from trackd.daemon.ledger import Ledger
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.sinks.base import SinkContext
 
@@ -39,7 +40,11 @@ class SinkWorker:
         self.spec = delivery.spec
         self.batcher = batcher
         self.wal: WriteAheadLog = batcher.wal
+        # Read up to `ledger.position`, not the WAL's durable end: the ledger's owner moves
+        # it only once the ledger knows every run before it (ingest.py).
+        self.ledger: Ledger = batcher.ledger
         self.cursor: Position = self.wal.start
+        self.cursor_seq = self.wal.base(self.cursor[0])  # records before the cursor
         self.holding: Position = self.cursor  # the end of the batch in hand, being delivered
         self._state_dir = state_dir
         self._cursor_path = state_dir / "cursor.json"
@@ -66,7 +71,7 @@ class SinkWorker:
 
     @property
     def caught_up(self) -> bool:
-        return self.cursor >= self.wal.durable_end
+        return self.cursor >= self.ledger.position
 
     def status(self) -> dict[str, Any]:
         stats = self.delivery.stats
@@ -75,8 +80,8 @@ class SinkWorker:
             "spec": self.spec.text,
             **asdict(stats),
             "cursor": list(self.cursor),
-            "lag_bytes": self.wal.bytes_between(self.cursor, self.wal.durable_end),
-            "lag_records": self.wal.count_between(self.cursor, self.wal.durable_end),
+            "lag_bytes": self.wal.bytes_between(self.cursor, self.ledger.position),
+            "lag_records": max(0, self.ledger.seq - self.cursor_seq),
             "lag_seconds": 0.0 if behind is None else round(time.time() - behind, 3),
             "notices": self.delivery.sink.notice_counts(),
         }
@@ -88,37 +93,42 @@ class SinkWorker:
         saved = load_progress(self._cursor_path)
         if "position" in saved:
             self.cursor = self.holding = max(tuple(saved["position"]), self.wal.start)
+            self.cursor_seq = await delivery.call(self.wal.seq_at, self.cursor)
         try:
             if not await delivery.open(SinkContext(saved.get("state"), self._state_dir)):
                 return
             full = False
             while not delivery.stopped.is_set():
-                if self.cursor >= self.wal.durable_end:
+                if self.cursor >= self.ledger.position:
                     stats.behind_since = None
                     await self._save_if_due()
                     if self._drain_until is not None and self.cursor >= self._drain_until:
                         return
                     self._wake.clear()
-                    if self.cursor >= self.wal.durable_end:
+                    if self.cursor >= self.ledger.position:
                         await self._wake.wait()
                     continue
                 if stats.behind_since is None:
                     stats.behind_since = time.time()
                 if not full and self._linger and self._drain_until is None:
                     await delivery.sleep(self._linger)
-                records, end = await delivery.call(
-                    self.batcher.read, self.cursor, self.wal.durable_end, delivery.sink.batch_rows
+                records, end, end_seq = await delivery.call(
+                    self.batcher.read,
+                    self.cursor,
+                    self.cursor_seq,
+                    self.ledger.position,
+                    delivery.sink.batch_rows,
                 )
                 if end == self.cursor:
                     # Only damaged bytes past the cursor for now (wal.py): readers get past
                     # them once a valid record follows, so look again later, without spinning.
                     await delivery.sleep(max(self._linger, DAMAGED_TAIL_POLL_SECONDS))
                     continue
-                full = self.wal.bytes_between(end, self.wal.durable_end) > 0
+                full = self.wal.bytes_between(end, self.ledger.position) > 0
                 self.holding = end
                 if records and not await delivery.deliver(records):
                     return
-                self.cursor = end
+                self.cursor, self.cursor_seq = end, end_seq
                 await self._save_if_due()
         finally:
             await delivery.close(self._cursor_path, self._progress)

@@ -204,10 +204,18 @@ class Ingest:
 
     # --- after a commit (the writer thread hands over to the event loop) -------------
 
-    def _from_writer(self, committed: list[tuple[object, Position]], end: Position) -> None:
-        self._loop.call_soon_threadsafe(self._committed, committed, end)
+    def _from_writer(
+        self, committed: list[tuple[object, Position]], end: Position, seq: int
+    ) -> None:
+        self._loop.call_soon_threadsafe(self._committed, committed, end, seq)
 
-    def _committed(self, committed: list[tuple[object, Position]], end: Position) -> None:
+    def _committed(self, committed: list[tuple[object, Position]], end: Position, seq: int) -> None:
+        """Apply a commit to the ledger, then publish its end to readers, then ack.
+
+        Sinks read up to `ledger.position`, never up to the WAL's durable end: set only
+        here, after the ledger has applied every record before it, it guarantees that a
+        sink never meets a record of a run the ledger does not know yet (issue 12).
+        """
         now = time.time()
         replies: dict[str, Reply | None] = {}
         ledger, stats = self.ledger, self.stats
@@ -227,7 +235,7 @@ class Ingest:
                     self._publish(ledger.topic(message["r"]), token.frame, position)
             elif isinstance(token, asyncio.Future) and not token.done():
                 token.set_result(None)
-        ledger.position = end
+        ledger.publish(end, seq)
         for session, reply in replies.items():
             if reply is not None:
                 reply(_ack(ledger.sessions[session]))

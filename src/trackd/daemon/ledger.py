@@ -32,7 +32,8 @@ class Ledger:
     def __init__(self) -> None:
         self.sessions: dict[str, int] = {}
         self.runs: dict[str, dict[str, Any]] = {}
-        self.position: Position = (0, 0)
+        self.position: Position = (0, 0)  # readers may read the WAL up to here
+        self.seq = 0  # how many records lie before `position` (wal.py numbers them)
         self._infos: dict[str, RunInfo] = {}
         # The latest alerts, for `trackd status`: kept in memory only (the WAL holds them all).
         self.alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
@@ -117,6 +118,11 @@ class Ledger:
             self.runs[run_id].update(
                 status=body["status"], ended=body["ended"], error=body.get("error")
             )
+
+    def publish(self, position: Position, seq: int) -> None:
+        """Let readers past `position`: only once every record before it has been applied."""
+        self.seq = seq
+        self.position = position
 
     def count_rows(self, run_id: str, rows: int, last_step: int | None) -> None:
         run = self.runs.get(run_id)

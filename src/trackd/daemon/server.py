@@ -74,7 +74,7 @@ def recover_ledger(wal: WriteAheadLog, path: Path) -> Ledger:
             ledger.apply(decode(payload, max_bytes=2**32))
         except ProtocolError:
             log.warning("wal: skipped an unreadable record ending at %s", position)
-    ledger.position = wal.durable_end
+    ledger.publish(wal.durable_end, wal.durable_seq)
     return ledger
 
 
@@ -220,7 +220,7 @@ async def serve(settings: Settings) -> int:
     tasks[0].cancel()
     await asyncio.to_thread(wal.close)
     await asyncio.sleep(0)  # run the last commit's callback: its acks go out now
-    await fanout.drain(wal.durable_end, settings.drain_timeout)
+    await fanout.drain(ledger.position, settings.drain_timeout)
     for task in tasks[1:]:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

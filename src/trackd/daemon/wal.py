@@ -19,6 +19,12 @@ At open, segments that begin with the same record are compared: a copy made
 wholly of records already in its original is set aside (renamed `*.duplicate`),
 and a partial copy's repeated records are skipped by every reader.
 
+Records are numbered: `durable_seq` is how many records lie before `durable_end`,
+and `base(segment)` how many lie before a segment (the count of every sealed
+segment is kept in `counts.json`, written at each rotation), so a sink's lag in
+records is a subtraction, whatever the backlog (issue 12). Numbers start at 0
+with the oldest segment at each start; they are never stored with a cursor.
+
 Appends go through one dedicated writer thread doing group commit: it takes
 everything queued since its last pass, writes it with one `write`, fsyncs
 once, and hands the batch's tokens back to the event loop, which then acks.
@@ -44,15 +50,17 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from trackd.jsonfile import read_json, write_json_atomic
 from trackd.protocol import HEADER_BYTES, ProtocolError, decode, frame_record
 
 log = logging.getLogger("trackd.wal")
 
 Position = tuple[int, int]
-OnDurable = Callable[[list[tuple[object, Position]], Position], None]
+OnDurable = Callable[[list[tuple[object, Position]], Position, int], None]
 SEGMENT_BYTES = 64 * 1024 * 1024
 _SUFFIX = ".wal"
 _DUPLICATE_SUFFIX = ".duplicate"
+COUNTS_FILE = "counts.json"
 _RETRY_SECONDS = 1.0
 _HEADER = struct.Struct("<II")
 _CHUNK_BYTES = 1 << 20
@@ -159,11 +167,16 @@ class WriteAheadLog:
         self.segment_bytes = segment_bytes
         directory.mkdir(parents=True, exist_ok=True)
         self._damage_lock = threading.Lock()
+        self._counts: dict[int, tuple[int, int]] = {}  # sealed segment -> (records, bytes)
         self._corrupt: dict[Position, int] = {}  # (segment, offset) of a damaged stretch -> bytes
         self._duplicates: dict[int, frozenset[int]] = {}  # segment -> offsets of copied records
         self._set_aside = 0  # records in copies set aside whole
         self._set_aside_copies()
-        self.durable_end: Position = self._recover()
+        self.durable_end: Position
+        self.durable_end, last_records = self._recover()
+        self._bases = self._number_segments()
+        self._segment_records = last_records
+        self.durable_seq = self._bases[self.durable_end[0]] + last_records
         self._bytes = sum(self.path(number).stat().st_size for number in self.segments())
         self.last_error: str | None = None
         self._cond = threading.Condition()
@@ -180,26 +193,87 @@ class WriteAheadLog:
     def path(self, segment: int) -> Path:
         return self.directory / f"{segment:020d}{_SUFFIX}"
 
-    def _recover(self) -> Position:
-        """Cut a torn tail off the last segment; return where the next record goes.
+    def _recover(self) -> tuple[Position, int]:
+        """Cut a torn tail off the last segment; return where the next record goes, and how
+        many records the last segment holds.
 
         The tail is what follows the last valid record: damage with a valid record
         after it is skipped by readers, not cut.
         """
         segments = self.segments()
         if not segments:
-            self.path(1).touch()
-            return (1, 0)
+            self.path(1).touch(mode=0o600)
+            return (1, 0), 0
         last = segments[-1]
         path = self.path(last)
+        end = count = 0
         with path.open("rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            records = self._records(handle.fileno(), last, 0, size, sealed=False)
-            end = max((stop for _, stop, _ in records), default=0)
+            for start, stop, _ in self._records(handle.fileno(), last, 0, size, sealed=False):
+                end = stop
+                count += not self._copy(last, start)
         if end < size:
             log.warning("wal: cut a torn tail of %d bytes off segment %d", size - end, last)
             os.truncate(path, end)
-        return (last, end)
+        return (last, end), count
+
+    def _number_segments(self) -> dict[int, int]:
+        """How many records lie before each segment, from `counts.json`.
+
+        A sealed segment missing there (a WAL from before the file, a segment restored
+        from a backup) or whose size changed is counted once, here.
+        """
+        saved = _load_counts(self.directory / COUNTS_FILE)
+        bases: dict[int, int] = {}
+        total = 0
+        counted = False
+        for segment in self.segments():
+            bases[segment] = total
+            if segment == self.durable_end[0]:
+                break
+            size = self.path(segment).stat().st_size
+            known = saved.get(segment)
+            if known is None or known[1] != size:
+                known = (self._count(segment, size), size)
+                counted = True
+            self._counts[segment] = known
+            total += known[0]
+        if counted:
+            self._save_counts()
+        return bases
+
+    def _count(self, segment: int, limit: int) -> int:
+        """Records readers would return in [0, limit) of a segment (neither damage nor copies)."""
+        with self.path(segment).open("rb") as handle:
+            records = self._records(handle.fileno(), segment, 0, limit, sealed=False)
+            return sum(not self._copy(segment, start) for start, _, _ in records)
+
+    def _save_counts(self) -> None:
+        counts = {str(segment): list(known) for segment, known in dict(self._counts).items()}
+        write_json_atomic(self.directory / COUNTS_FILE, counts)
+
+    def base(self, segment: int) -> int:
+        """How many records lie before `segment` (before the oldest one kept, if it is gone)."""
+        bases = self._bases
+        found = bases.get(segment)
+        if found is not None:
+            return found
+        kept = [number for number in self.segments() if number >= segment]
+        return bases.get(kept[0], self.durable_seq) if kept else self.durable_seq
+
+    def seq_at(self, position: Position) -> int:
+        """How many records lie before `position`: counts at most one segment's records.
+
+        For a sink's cursor, once when its worker starts; from then on the worker adds up
+        what it reads.
+        """
+        segment, offset = position
+        if segment < self.start[0]:
+            return self.base(self.start[0])
+        try:
+            return self.base(segment) + self._count(segment, offset)
+        except FileNotFoundError:  # removed by retention meanwhile
+            return self.base(self.start[0])
 
     def _records(
         self,
@@ -376,38 +450,6 @@ class WriteAheadLog:
     def _next_segment(self, segment: int) -> int:
         return min(number for number in self.segments() if number > segment)
 
-    def count_between(self, start: Position, end: Position) -> int:
-        """How many records lie in [start, end), by hopping from header to header.
-
-        Damage and copies readers have met are not counted. Damage no reader has met yet
-        is counted as one record while its header still looks whole (only a reader
-        checks CRCs); the count is for `trackd status`, and reading it must stay cheap.
-        """
-        first = self.segments()[0]
-        position = start if start[0] >= first else (first, 0)
-        count = 0
-        for segment in [number for number in self.segments() if position[0] <= number <= end[0]]:
-            offset = position[1] if segment == position[0] else 0
-            try:
-                with self.path(segment).open("rb") as handle:
-                    size = os.fstat(handle.fileno()).st_size
-                    limit = end[1] if segment == end[0] else size
-                    window = _Window(handle.fileno(), limit, HEADER_BYTES)
-                    while offset + HEADER_BYTES <= limit:
-                        known = self._corrupt.get((segment, offset))
-                        if known is not None:
-                            offset += known
-                            continue
-                        length = _HEADER.unpack(window.get(offset, HEADER_BYTES))[0]
-                        if not 0 < length <= limit - offset - HEADER_BYTES:
-                            offset = window.resync(offset)
-                            continue
-                        count += not self._copy(segment, offset)
-                        offset += HEADER_BYTES + length
-            except FileNotFoundError:
-                continue  # removed by retention while we counted
-        return count
-
     def bytes_between(self, start: Position, end: Position) -> int:
         if start >= end:
             return 0
@@ -439,6 +481,7 @@ class WriteAheadLog:
         ]
         size = path.stat().st_size
         path.unlink()
+        self._counts.pop(segment, None)
         with self._cond:
             self._bytes -= size
         return kept
@@ -446,10 +489,11 @@ class WriteAheadLog:
     # --- appending -----------------------------------------------------------------
 
     def start_writer(self, on_durable: OnDurable) -> None:
-        """`on_durable(committed, end)` is called from the writer thread after each commit.
+        """`on_durable(committed, end, seq)` is called from the writer thread after each commit.
 
         `committed` pairs each token with the position just after its record (for a
-        payload-less token, the position after the records before it).
+        payload-less token, the position after the records before it); `seq` is how many
+        records lie before `end`.
         """
         segment, offset = self.durable_end
         self._fd = os.open(self.path(segment), os.O_WRONLY | os.O_APPEND)
@@ -490,7 +534,7 @@ class WriteAheadLog:
                 frame_record(payload) if payload is not None else b"" for payload, _ in batch
             ]
             data = b"".join(records)
-            while not self._commit(data):
+            while not self._commit(data, sum(1 for record in records if record)):
                 time.sleep(_RETRY_SECONDS)
             segment, offset = self.durable_end
             offset -= len(data)
@@ -498,9 +542,9 @@ class WriteAheadLog:
             for record, (_, token) in zip(records, batch, strict=True):
                 offset += len(record)
                 committed.append((token, (segment, offset)))
-            on_durable(committed, self.durable_end)
+            on_durable(committed, self.durable_end, self.durable_seq)
 
-    def _commit(self, data: bytes) -> bool:
+    def _commit(self, data: bytes, count: int) -> bool:
         """Append and fsync; on failure (disk full, I/O error) undo the partial write and say so."""
         try:
             if data and self._offset and self._offset + len(data) > self.segment_bytes:
@@ -518,18 +562,36 @@ class WriteAheadLog:
                 log.exception("wal: could not undo a partial write")
             return False
         self._offset += len(data)
+        self._segment_records += count
         self.last_error = None
+        self.durable_seq = self._bases[self._segment] + self._segment_records
         self.durable_end = (self._segment, self._offset)
         return True
 
     def _rotate(self) -> None:
         os.fsync(self._fd)
         os.close(self._fd)
+        self._counts[self._segment] = (self._segment_records, self._offset)
+        self._bases[self._segment + 1] = self._bases[self._segment] + self._segment_records
+        self._save_counts()
         self._segment += 1
         self._offset = 0
+        self._segment_records = 0
         self._fd = os.open(self.path(self._segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         directory = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _load_counts(path: Path) -> dict[int, tuple[int, int]]:
+    """`counts.json` as {segment: (records, bytes)}; unreadable, it is only recounted."""
+    try:
+        saved = read_json(path)
+        return {int(segment): (int(known[0]), int(known[1])) for segment, known in saved.items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        log.warning("wal: %s unreadable (%s): segments are counted again", path.name, exc)
+        return {}
