@@ -31,12 +31,14 @@ class Control:
         fanout: Fanout,
         retention: Retention,
         shutdown: Callable[[], None],
+        system: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.fanout = fanout
         self.retention = retention
         self._shutdown = shutdown
+        self._system = system
         self._started = time.time()
 
     async def serve(self, socket: zmq.asyncio.Socket) -> None:
@@ -119,6 +121,7 @@ class Control:
                 "running": sum(1 for run in runs if run.get("status") == "running"),
             },
             "sinks": {worker.spec.name: worker.status() for worker in self.fanout.workers},
+            "system": self._system() if self._system else {"interval": 0, "found": "off"},
         }
 
     def read_wal(self, position: object, max_bytes: object) -> dict[str, Any]:

@@ -57,6 +57,9 @@ class Ledger:
         if kind == "metrics":
             rows = body["rows"]
             self.count_rows(run_id, len(rows), rows[-1][0] if rows else None)
+        elif kind == "joined" and run_id in self.runs and "pid" in body:
+            # another rank's process: the system sampler measures every rank on its node
+            self.runs[run_id].setdefault("ranks", []).append([body.get("host"), body["pid"]])
         elif kind == "run_end" and run_id in self.runs:
             self.runs[run_id].update(
                 status=body["status"], ended=body["ended"], error=body.get("error")

@@ -1,7 +1,7 @@
 """The embedded default sink: one directory of plain files per run.
 
     ROOT/PROJECT/RUNNAME-RUNID8/
-      run.json  config.json  metrics.jsonl  summary.json  artifacts/  media/
+      run.json  config.json  metrics.jsonl  summary.json  artifacts/  media/  system.jsonl
 
 A `media` record's file is copied to `media/KEY/STEP-SHA8.FORMAT` and indexed by a
 row of its own in `metrics.jsonl`: `{"step": 3, "ts": ..., "KEY": {"_type": "image",
@@ -12,7 +12,10 @@ numbers of the same `log()` call (same step).
 `init(tags=...)` and `set_tags`), since a plain-files sink has nowhere else to
 keep them.
 
-`metrics.jsonl` is the only file appended to, through `AppendOnlyFiles`,
+`system.jsonl` holds one line per system sample: `{"ts": ..., "node": HOST, "cpu":
+..., "gpu.0.util": ...}` (the sampler's names, see `trackd.daemon.sampler`).
+
+`metrics.jsonl` and `system.jsonl` are the only files appended to, through `AppendOnlyFiles`,
 which makes the appends exactly-once across crashes and all-or-nothing per
 batch by cutting files back; the other files are replaced whole (write to a
 temporary name, rename), so they are never half-written and writing them
@@ -124,6 +127,8 @@ class JsonlSink(Sink):
                     index = {body["key"]: media_index(body, relative)}
                     row = {"step": body["step"], "ts": body["ts"], **index}
                     lines.setdefault(run_dir, []).append(row)
+                elif record.type == "system":
+                    self._write_system(run_dir, record.body)
                 else:
                     self._flush_lines(lines)
                     lines = {}
@@ -165,6 +170,11 @@ class JsonlSink(Sink):
                 error=body.get("error"),
             )
             self._close_run(run_dir)
+
+    def _write_system(self, run_dir: str, body: dict[str, Any]) -> None:
+        """One line per sample in `system.jsonl`, the node's name beside its values."""
+        row = {"ts": body["ts"], "node": body["node"], **body["values"]}
+        self._files.append(f"{run_dir}/system.jsonl", b"", json_lines([row]))
 
     def _flush_lines(self, lines: dict[str, list[dict[str, Any]]]) -> None:
         for run_dir, rows in lines.items():
@@ -237,6 +247,7 @@ class JsonlSink(Sink):
 
     def _close_run(self, run_dir: str) -> None:
         self._files.finish(f"{run_dir}/metrics.jsonl")
+        self._files.finish(f"{run_dir}/system.jsonl")
         if run_dir in self._summaries:
             self._replace(run_dir, "summary.json", self._summaries.pop(run_dir))
         self._summary_dirty.discard(run_dir)
