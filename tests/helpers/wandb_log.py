@@ -64,6 +64,7 @@ class Session:
     summary: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
+    stats: list[dict[str, Any]] = field(default_factory=list)  # system samples, with "_timestamp"
     exit_code: int | None = None
 
 
@@ -106,6 +107,10 @@ def read_session(path: Path) -> Session:
                     ],
                 }
             )
+        elif kind == "stats":
+            sample = {item.key: json.loads(item.value_json) for item in record.stats.item}
+            sample["_timestamp"] = record.stats.timestamp.ToNanoseconds() / 1e9
+            session.stats.append(sample)
         elif kind == "exit":
             session.exit_code = record.exit.exit_code
     return session

@@ -18,6 +18,8 @@ What lands where, all of it readable by TensorBoard's own EventAccumulator:
   GIF video as an animated image (`add_video`'s form, as tensorboardX writes it), a
   table as a markdown text under its key; an MP4 video has no TensorBoard form (a
   counted notice);
+* system samples -> scalars `system/NAME` under trackd's names (`system/cpu`,
+  `system/gpu.0.util`, ...), at step = seconds since the run started;
 * run_end -> the text `trackd/status` and an HParams session end info
   (STATUS_SUCCESS or STATUS_FAILURE), the status column of the HParams table.
 
@@ -69,6 +71,7 @@ from trackd.sinks.base import (
     markdown_cell,
     markdown_table,
     path_component,
+    system_node,
 )
 
 _JOURNAL_NAME = "presizes.jsonl"
@@ -142,6 +145,8 @@ class TensorboardSink(Sink):
             out.add(encoder.text("trackd/artifacts", step, now, text))
         elif record.type == "media":
             self._media(body, out)
+        elif record.type == "system":
+            self._write_system(record, out)
         elif record.type == "run_end":
             failed = body["status"] != "finished"
             error = "".join(f"\n    {line}" for line in (body.get("error") or "").splitlines())
@@ -150,6 +155,16 @@ class TensorboardSink(Sink):
             out.add(encoder.session_end(failed, body["ended"]))
         else:
             self._notices(f"{record.type} records have no TensorBoard form; skipped")
+
+    def _write_system(self, record: Record, out: _Pending) -> None:
+        """A sample as scalars `system/NAME` (trackd's names; `system/NODE/NAME` for a node
+        other than rank 0's), at step = whole seconds since the run started."""
+        body = record.body
+        node = system_node(record.run, body["node"])
+        prefix = f"system/{node}/" if node else "system/"
+        step = max(0, int(body["ts"] - record.run.started))
+        values = {prefix + key: float(value) for key, value in body["values"].items()}
+        out.add(self._encoder.scalars(step, body["ts"], values))
 
     def _media(self, body: dict[str, Any], out: _Pending) -> None:
         if body["kind"] == "video" and body["format"] != "gif":

@@ -36,6 +36,8 @@ How runs appear:
   [{column: value, ...}, ...]}`, its rows inline, and Trackio's tables have no caption.
   The file name comes from the key and the content (Trackio picks a random one), so a
   re-sent record finds its file in place.
+* system samples: Trackio's system-metrics table (`log_system`'s), by time, under its
+  monitors' names (`cpu/utilization`, `gpu/0/utilization`, ...).
 
 Idempotence. Trackio dedupes metric rows by `log_id` (an `INSERT OR IGNORE` on a
 unique index: how it makes its own re-sends and fragment imports idempotent). Each
@@ -78,6 +80,8 @@ from trackd.sinks.base import (
     place_file,
     read_table,
     stored_file,
+    system_node,
+    system_values,
 )
 
 
@@ -125,6 +129,8 @@ class TrackioSink(Sink):
                     media = {body["key"]: self._media(run, body)}
                     out = rows.setdefault(record.run.id, _Rows())
                     out.add(record.run.id, body["step"], body["ts"], self._metrics(media))
+                elif record.type == "system":
+                    self._write_system(run, record)
                 else:
                     self._apply(run, record)
                 if record.type == "run_end":
@@ -180,6 +186,25 @@ class TrackioSink(Sink):
             self._notices(f"{record.type} records have no Trackio form; skipped")
             return
         run.pending = True
+
+    def _write_system(self, run: _Run, record: Record) -> None:
+        """A sample as `trackio.log_system()` stores it (Trackio's system-metrics table, by
+        time, no step), under the names Trackio's own CPU and GPU monitors use; another
+        node's (not rank 0's) under `NODE/`. Its log_id makes a re-sent sample a no-op."""
+        body = record.body
+        node = system_node(record.run, body["node"])
+        values = system_values(body["values"], _SYSTEM_NAMES, _GPU_NAMES)
+        if node:
+            values = {f"{node}/{key}": value for key, value in values.items()}
+        identity = "\0".join([record.run.id, body["node"], repr(body["ts"])])
+        self._storage.bulk_log_system(
+            project=run.project,
+            run=run.name,
+            run_id=record.run.id,
+            metrics_list=[values],
+            timestamps=[_iso(body["ts"])],
+            log_ids=["trackd-system-" + hashlib.sha256(identity.encode()).hexdigest()[:32]],
+        )
 
     def _media(self, run: _Run, body: dict[str, Any]) -> dict[str, Any]:
         """What `trackio.log()` stores for the media object, its file placed as Trackio would."""
@@ -286,6 +311,40 @@ class _Rows:
 
     def last(self) -> tuple[str, int, str]:
         return self.log_ids[-1], self.steps[-1], self.timestamps[-1]
+
+
+GIB = 1 / 1024**3  # Trackio's monitors report memory in GiB
+# trackd's sample names -> Trackio's (trackio/cpu.py, trackio/gpu.py); names its monitors do
+# not have follow their pattern.
+_SYSTEM_NAMES = {
+    "cpu": ("cpu/utilization", 1.0),
+    "cpu.count": ("cpu/count_logical", 1.0),
+    "memory.used": ("memory/used", GIB),
+    "memory.available": ("memory/available", GIB),
+    "memory.percent": ("memory/percent", 1.0),
+    "swap.used": ("swap/used", GIB),
+    "swap.percent": ("swap/percent", 1.0),
+    "disk.percent": ("disk/percent", 1.0),
+    "disk.read_bytes": ("disk/read_bytes", 1.0),
+    "disk.write_bytes": ("disk/write_bytes", 1.0),
+    "network.sent": ("network/sent_bytes", 1.0),
+    "network.recv": ("network/recv_bytes", 1.0),
+    "proc.cpu": ("process/cpu_percent", 1.0),
+    "proc.rss": ("process/rss", GIB),
+    "proc.memory.percent": ("process/memory_percent", 1.0),
+    "proc.threads": ("process/threads", 1.0),
+}
+_GPU_NAMES = {
+    "util": ("gpu/{i}/utilization", 1.0),
+    "memory.used": ("gpu/{i}/allocated_memory", GIB),
+    "memory.total": ("gpu/{i}/total_memory", GIB),
+    "memory.percent": ("gpu/{i}/memory_usage", 0.01),  # Trackio's is a fraction
+    "power": ("gpu/{i}/power", 1.0),
+    "power.percent": ("gpu/{i}/power_percent", 1.0),
+    "temp": ("gpu/{i}/temp", 1.0),
+    "clock.sm": ("gpu/{i}/sm_clock", 1.0),
+    "proc.memory": ("gpu/{i}/process_memory", GIB),
+}
 
 
 def _log_id(run_id: str, step: int, ts: float, values: dict[str, Any]) -> str:
