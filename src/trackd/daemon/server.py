@@ -203,6 +203,7 @@ async def serve(settings: Settings) -> int:
 
     _tune_gc()
     notifier = Notifier()
+    sampling = [asyncio.create_task(system.run())] if system else []
     tasks = [
         asyncio.create_task(_receive(ingest_socket, ingest)),
         asyncio.create_task(control.serve(control_socket)),
@@ -210,7 +211,7 @@ async def serve(settings: Settings) -> int:
         asyncio.create_task(_save_ledger(ledger, ledger_path)),
         asyncio.create_task(_tell_systemd(notifier, ingest, fanout)),
         asyncio.create_task(retention.run()),
-        *([asyncio.create_task(system.run())] if system else []),
+        *sampling,
     ]
     log.info(
         "trackd serving on %s; WAL at %s; sinks: %s",
@@ -223,7 +224,8 @@ async def serve(settings: Settings) -> int:
     log.info(
         "trackd stopping: no longer accepting; draining sinks for up to %ss", settings.drain_timeout
     )
-    tasks[0].cancel()
+    for task in (tasks[0], *sampling):  # nothing new goes into the WAL from here on
+        task.cancel()
     await asyncio.to_thread(wal.close)
     await asyncio.sleep(0)  # run the last commit's callback: its acks go out now
     await fanout.drain(wal.durable_end, settings.drain_timeout)

@@ -100,7 +100,7 @@ class SystemMetrics:
                     self._send(run_id, ts, {**node, **own})
         finally:
             thread.submit(self._sampler.close)
-            thread.shutdown(wait=False, cancel_futures=True)
+            thread.shutdown(wait=False)  # the close above still runs: NVML is released
 
     def _send(self, run_id: str, ts: float, values: dict[str, float]) -> None:
         self._seq += 1
