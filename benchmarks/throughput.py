@@ -107,7 +107,14 @@ def _under_py_spy(python: str, output: Path, command: list[str]) -> list[str]:
 
 
 class Daemon:
-    def __init__(self, python: str, root: Path, profile: Path | None, module: str) -> None:
+    def __init__(
+        self,
+        python: str,
+        root: Path,
+        profile: Path | None,
+        module: str,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.python = python
         self.runtime_dir = root / "rt"
         self.data_dir = root / "data"
@@ -117,7 +124,12 @@ class Daemon:
         if profile is not None:
             command = _under_py_spy(python, profile, command)
         with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(extra_env or {})},
+            )
         self.pid = self.process.pid if profile is None else _child_pid(self.process.pid)
         deadline = time.monotonic() + 30
         while not self.request("status", timeout=0.5):

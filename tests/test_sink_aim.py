@@ -43,7 +43,9 @@ for run_hash in hashes:
     metrics = {}
     for metric in run.metrics():
         steps, (values, times) = metric.data.view(["val", "time"]).numpy()
-        metrics[metric.name] = {
+        context = metric.context.to_dict()
+        name = f"{metric.name} {json.dumps(context, sort_keys=True)}" if context else metric.name
+        metrics[name] = {
             "steps": steps.tolist(), "values": values.tolist(), "times": times.tolist()
         }
     artifacts = {}
@@ -61,7 +63,8 @@ print(json.dumps(found))
 
 
 def read_aim(env: dict[str, str], repo: Path) -> dict[str, dict[str, Any]]:
-    """{run name: {"hash", "experiment", "active", "tags", "params", "metrics"}}."""
+    """{run name: {"hash", "experiment", "active", "tags", "params", "metrics"}}; a metric
+    with a context is keyed `NAME {CONTEXT JSON}`."""
     out = subprocess.run(
         [sys.executable, "-c", READER, str(repo)],
         env=env,

@@ -23,13 +23,14 @@ for project in SQLiteStorage.get_projects():
     runs = found[project] = {}
     for run in Api().runs(project):
         logs = SQLiteStorage.get_logs(project, run.name, run_id=run.id)
-        runs[run.name] = {"id": run.id, "config": run.config, "logs": logs}
+        system = SQLiteStorage.get_system_logs(project, run.name, run_id=run.id)
+        runs[run.name] = {"id": run.id, "config": run.config, "logs": logs, "system": system}
 print(json.dumps(found, default=str))
 """
 
 
 def read_trackio(env: dict[str, str], trackio_dir: Path) -> dict[str, dict[str, Any]]:
-    """{project: {run name: {"id", "config", "logs"}}} as Trackio itself reads them."""
+    """{project: {run name: {"id", "config", "logs", "system"}}} as Trackio itself reads them."""
     out = subprocess.run(
         [sys.executable, "-c", READER],
         env={**env, "TRACKIO_DIR": str(trackio_dir)},

@@ -57,6 +57,7 @@ def print_status(status: dict[str, Any]) -> None:
         + (f", [red]{wal['last_error']}[/]" if wal["last_error"] else "")
     )
     console.print(f"runs: {status['runs']['running']} running, {status['runs']['total']} known")
+    _print_system(console, status.get("system"))
     table = Table(
         "sink", "lag", "delivered rows", "retries", "dead letters", "last success", "last error"
     )
@@ -83,6 +84,23 @@ def print_status(status: dict[str, Any]) -> None:
 def alert_line(body: dict[str, Any]) -> str:
     """One alert as `tail` and `status` show it: `[LEVEL] title: text`."""
     return f"[{body['level']}] {body['title']}" + (f": {body['text']}" if body["text"] else "")
+
+
+def _print_system(console: Console, system: dict[str, Any] | None) -> None:
+    """What the sampler found (once), and the latest node sample."""
+    if not system or not system.get("interval"):
+        console.print("system metrics: off")
+        return
+    console.print(
+        f"system metrics: every {system['interval']:g}s on {system['node']}, "
+        f"{system['samples']} samples stored; {system['found'] or 'starting'}"
+        + (f", [red]{system['errors']} failed[/]" if system["errors"] else "")
+        + (f", {system['dropped']} dropped (WAL full)" if system["dropped"] else "")
+    )
+    latest = system.get("latest")
+    if latest:
+        shown = ", ".join(f"{key} {value:.4g}" for key, value in sorted(latest["values"].items()))
+        console.print(f"  latest ({_ago(latest['ts'])}): {shown}", highlight=False)
 
 
 def print_runs(runs: list[dict[str, Any]]) -> None:

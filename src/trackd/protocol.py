@@ -12,7 +12,10 @@ socket with `{"t": "ack", "q": highest durable seq}` or
 written to the WAL by the daemon in place of a message it refused, so that
 the refused sequence number stays used up across restarts; likewise `joined`
 replaces the run_start of a process joining a run the daemon already has (its
-`b.join` is true), so that a late rank never reopens a finished run.
+`b.join` is true), so that a late rank never reopens a finished run; it keeps
+that process's `host` and `pid`. A `system` message is one sample of the node
+for one run, written by the daemon's own sampler under a session of its own:
+`{ts, node, values: {name: number}}`.
 
 A run_start with `b.resolve` true is a resume ("allow"/"must") the client could not
 resolve (offline, or no daemon at init): the daemon stores it, and every later
@@ -71,6 +74,7 @@ MESSAGE_TYPES: Final = frozenset(
         "alert",
         "reject",
         "joined",
+        "system",
     }
 )
 # Written by the daemon, never delivered to sinks: a refused message, and the run_start of a
@@ -264,6 +268,23 @@ def _validate_alert(body: Message) -> None:
         raise ProtocolError(f"b.level: expected one of {list(ALERT_LEVELS)}, got {level!r}")
 
 
+def _validate_joined(body: Message) -> None:
+    _validate_values(body)
+    _optional(body, "host", str)
+    _optional(body, "pid", int)
+
+
+def _validate_system(body: Message) -> None:
+    _require(body, "ts", float, "b.")
+    if not _require(body, "node", str, "b."):
+        raise ProtocolError("b.node: expected a non-empty host name")
+    for key, value in _require(body, "values", dict, "b.").items():
+        if type(key) is not str:
+            raise ProtocolError(f"b.values: keys must be strings, got {_kind(key)}")
+        if type(value) not in _SCALARS:
+            raise ProtocolError(f"b.values[{key!r}]: expected a number, got {_kind(value)}")
+
+
 def _validate_reject(body: Message) -> None:
     _require(body, "error", str, "b.")
 
@@ -288,7 +309,8 @@ _BODY_VALIDATORS: Final = {
     "run_end": _validate_run_end,
     "alert": _validate_alert,
     "reject": _validate_reject,
-    "joined": _validate_values,
+    "joined": _validate_joined,
+    "system": _validate_system,
 }
 
 

@@ -65,6 +65,7 @@ class Session:
     history: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    stats: list[dict[str, Any]] = field(default_factory=list)  # system samples, with "_timestamp"
     exit_code: int | None = None
 
 
@@ -110,6 +111,10 @@ def read_session(path: Path) -> Session:
         elif kind == "alert":
             alert = record.alert
             session.alerts.append({"title": alert.title, "text": alert.text, "level": alert.level})
+        elif kind == "stats":
+            sample = {item.key: json.loads(item.value_json) for item in record.stats.item}
+            sample["_timestamp"] = record.stats.timestamp.ToNanoseconds() / 1e9
+            session.stats.append(sample)
         elif kind == "exit":
             session.exit_code = record.exit.exit_code
     return session

@@ -35,12 +35,14 @@ class Control:
         fanout: Fanout,
         retention: Retention,
         shutdown: Callable[[], None],
+        system: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.fanout = fanout
         self.retention = retention
         self._shutdown = shutdown
+        self._system = system
         self._started = time.time()
 
     async def serve(self, socket: zmq.asyncio.Socket) -> None:
@@ -129,6 +131,7 @@ class Control:
             },
             "sinks": {worker.spec.name: worker.status() for worker in self.fanout.workers},
             "alerts": [self._alert(alert) for alert in self.ingest.ledger.alerts],
+            "system": self._system() if self._system else {"interval": 0, "found": "off"},
         }
 
     def _alert(self, alert: dict[str, Any]) -> dict[str, Any]:

@@ -148,7 +148,8 @@ class Ingest:
             message, frame = resolved, encode(resolved)
         if message["t"] == "run_start":
             if message["b"].get("join") and message["r"] in self._started:
-                message = {**message, "t": "joined", "b": {"values": {}}}
+                rank = {k: message["b"][k] for k in ("host", "pid") if k in message["b"]}
+                message = {**message, "t": "joined", "b": {"values": {}, **rank}}
                 frame = encode(message)
             self._started.add(message["r"])
         self.wal.append(frame, _Accepted.of(frame, message, reply))

@@ -114,6 +114,9 @@ class Ledger:
             self._reach(self.runs[run_id], body["step"])
         elif kind == "alert":
             self.alerts.append({"run": run_id, **body})
+        elif kind == "joined" and run_id in self.runs and "pid" in body:
+            # another rank's process: the system sampler measures every rank on its node
+            self.runs[run_id].setdefault("ranks", []).append([body.get("host"), body["pid"]])
         elif kind == "run_end" and run_id in self.runs:
             self.runs[run_id].update(
                 status=body["status"], ended=body["ended"], error=body.get("error")

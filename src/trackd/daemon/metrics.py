@@ -7,6 +7,7 @@ thread; the status it reads is plain counters and sizes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -56,6 +57,7 @@ class StatusCollector(Collector):
         runs.add_metric(["total"], status["runs"]["total"])
         yield runs
         yield from _sink_metrics(status["sinks"])
+        yield from _system_metrics(status.get("system", {}))
 
 
 def _sink_metrics(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
@@ -78,6 +80,25 @@ def _sink_metrics(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
         for field, family in families.items():
             family.add_metric([sink["spec"]], sink[field])
     yield from families.values()
+
+
+def _system_metrics(system: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
+    """The latest node sample: `trackd_system_NAME{node=...}`, "." in a name as "_"
+    (`gpu.0.util` -> `trackd_system_gpu_0_util`)."""
+    latest = system.get("latest")
+    if not latest:
+        return
+    for name, value in sorted(latest["values"].items()):
+        family = GaugeMetricFamily(
+            f"trackd_system_{_METRIC_UNSAFE.sub('_', name)}",
+            f"Latest system sample: {name}.",
+            labels=["node"],
+        )
+        family.add_metric([latest["node"]], value)
+        yield family
+
+
+_METRIC_UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def serve(address: str, status: Callable[[], dict[str, Any]]) -> None:

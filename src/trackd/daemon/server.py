@@ -31,8 +31,10 @@ from trackd.daemon.ingest import Ingest
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.notify import Notifier
 from trackd.daemon.retention import Retention
+from trackd.daemon.sampler import NodeSampler
 from trackd.daemon.settings import Settings
 from trackd.daemon.spools import pick_up
+from trackd.daemon.system import SystemMetrics
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import MAX_FRAME_BYTES, ProtocolError, decode
 
@@ -184,7 +186,10 @@ async def serve(settings: Settings) -> int:
     ingest.start()
     fanout.start()
     stop = asyncio.Event()
-    control = Control(settings, ingest, fanout, retention, stop.set)
+    system = _system_metrics(settings, ingest)
+    control = Control(
+        settings, ingest, fanout, retention, stop.set, system.status if system else None
+    )
     if settings.metrics_addr:
         from trackd.daemon import metrics
 
@@ -198,6 +203,7 @@ async def serve(settings: Settings) -> int:
 
     _tune_gc()
     notifier = Notifier()
+    sampling = [asyncio.create_task(system.run())] if system else []
     tasks = [
         asyncio.create_task(_receive(ingest_socket, ingest)),
         asyncio.create_task(control.serve(control_socket)),
@@ -205,6 +211,7 @@ async def serve(settings: Settings) -> int:
         asyncio.create_task(_save_ledger(ledger, ledger_path)),
         asyncio.create_task(_tell_systemd(notifier, ingest, fanout)),
         asyncio.create_task(retention.run()),
+        *sampling,
     ]
     log.info(
         "trackd serving on %s; WAL at %s; sinks: %s",
@@ -217,7 +224,8 @@ async def serve(settings: Settings) -> int:
     log.info(
         "trackd stopping: no longer accepting; draining sinks for up to %ss", settings.drain_timeout
     )
-    tasks[0].cancel()
+    for task in (tasks[0], *sampling):  # nothing new goes into the WAL from here on
+        task.cancel()
     await asyncio.to_thread(wal.close)
     await asyncio.sleep(0)  # run the last commit's callback: its acks go out now
     await fanout.drain(ledger.position, settings.drain_timeout)
@@ -231,6 +239,16 @@ async def serve(settings: Settings) -> int:
         os.close(fd)
     log.info("trackd stopped")
     return 0
+
+
+def _system_metrics(settings: Settings, ingest: Ingest) -> SystemMetrics | None:
+    """The node sampler, unless `system_interval` is 0; its samples go in as messages do."""
+    if not settings.system_interval:
+        return None
+    sampler = NodeSampler(settings.data_dir)
+    return SystemMetrics(
+        settings.system_interval, sampler, lambda: ingest.ledger.runs, ingest.receive
+    )
 
 
 def _tune_gc() -> None:

@@ -41,6 +41,7 @@ class Settings:
     on_full: str = "block"
     wal_segment_bytes: int = 64 * 1024**2
     metrics_addr: str | None = None
+    system_interval: float = 10.0
     curve_secret_key_file: Path | None = None
 
     @property
@@ -63,7 +64,9 @@ _SCALARS = {
     "retain": float,
     "max_wal_bytes": int,
     "wal_segment_bytes": int,
+    "system_interval": float,
 }
+MIN_SYSTEM_INTERVAL = 0.5
 _ON_FULL = ("block", "drop_oldest")
 
 
@@ -183,6 +186,11 @@ def _build(values: dict[str, Any]) -> Settings:
                 ) from exc
             if number < 0:
                 raise SettingsError(f"{key}: expected a non-negative number, got {value!r}")
+            if key == "system_interval" and 0 < number < MIN_SYSTEM_INTERVAL:
+                raise SettingsError(
+                    f"system_interval: expected 0 (off) or at least {MIN_SYSTEM_INTERVAL} "
+                    f"seconds, got {value!r}"
+                )
             setattr(settings, key, number)
     return settings
 

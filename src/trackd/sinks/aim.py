@@ -37,7 +37,9 @@ How runs appear:
   only), so they are a counted notice; histograms -> ``aim.Distribution`` at their step.
 * alerts -> the run's log records (``run.log_warning``'s sequence: Aim's Logs tab), at
   their level.
-  System metrics, terminal capture and system params are off: the daemon is not the
+* system samples -> Aim's system metrics (`__system__cpu`, `__system__gpu` with context
+  {"gpu": I}, ...), what its resource tracker would record in the training process;
+  Aim's own tracker, terminal capture and system params are off: the daemon is not the
   training process.
 
 Exactly once with no checkpoint. Aim keeps a metric's values keyed by step (a hash
@@ -90,6 +92,7 @@ from trackd.sinks.base import (
     relative_path,
     retriable_status,
     stored_file,
+    system_node,
 )
 
 REMOTE = "aim://"
@@ -204,6 +207,8 @@ class AimSink(Sink):
             self._media(run, body)
         elif record.type == "alert":
             self._write_alert(run, body)
+        elif record.type == "system":
+            self._write_system(run, info, body)
         elif record.type == "run_end":
             _set_params(
                 run,
@@ -237,8 +242,34 @@ class AimSink(Sink):
         _set_params(run, "trackd", meta)
         self._set_tags(run, info.id, info.tags)
 
+    def _write_system(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
+        """A sample as Aim's resource tracker stores it: `__system__NAME`, a GPU's with
+        context {"gpu": I}, another node's (not rank 0's) with {"node": NODE} as well; at
+        step = milliseconds since the run started (Aim keys a value by its step, so two
+        samples must never share one; its own tracker counts them instead)."""
+        node = system_node(info, body["node"])
+        step = max(0, int((body["ts"] - info.started) * 1000))
+        by_context: dict[int | None, dict[str, float]] = {}
+        for key, value in body["values"].items():
+            gpu: int | None = None
+            name = _SYSTEM_NAMES.get(key)
+            if key.startswith("gpu."):
+                index, _, rest = key[4:].partition(".")
+                gpu, name = (int(index), _GPU_NAMES.get(rest)) if index.isdigit() else (None, None)
+            if name is not None:
+                by_context.setdefault(gpu, {})[f"__system__{name}"] = value
+        for gpu, values in by_context.items():
+            context = ({} if gpu is None else {"gpu": gpu}) | ({"node": node} if node else {})
+            self._track(run, step, body["ts"], values, context=context or None)
+
     def _track(
-        self, run: Any, step: int, ts: float, values: dict[str, Any], media: bool = False
+        self,
+        run: Any,
+        step: int,
+        ts: float,
+        values: dict[str, Any],
+        media: bool = False,
+        context: dict[str, Any] | None = None,
     ) -> None:
         numbers = (
             values
@@ -252,9 +283,9 @@ class AimSink(Sink):
         # Aim's tracker stores a row with the time it is given; `run.track` passes now().
         track = getattr(getattr(run, "_tracker", None), "_track", None)
         if track is None:
-            run.track(numbers, step=step)
+            run.track(numbers, step=step, context=context)
         else:
-            track(numbers, ts, None, step, None, context=None)
+            track(numbers, ts, None, step, None, context=context)
         self._sent()
 
     def _log_artifact(self, run: Any, body: dict[str, Any]) -> None:
@@ -360,6 +391,33 @@ class AimSink(Sink):
             from aim.ext.cleanup import AutoClean
 
             AutoClean.stop_signal.set()
+
+
+# trackd's sample names -> Aim's resource tracker's (aim/ext/resource/stat.py: `cpu` is the
+# process's CPU %, as there); names Aim's tracker does not have follow its pattern.
+_SYSTEM_NAMES = {
+    "proc.cpu": "cpu",
+    "memory.percent": "memory_percent",
+    "proc.memory.percent": "p_memory_percent",
+    "disk.percent": "disk_percent",
+    "cpu": "node_cpu",
+    "memory.used": "memory_used",
+    "proc.rss": "p_memory_rss",
+    "proc.threads": "p_threads",
+    "swap.percent": "swap_percent",
+    "network.sent": "network_sent",
+    "network.recv": "network_recv",
+}
+_GPU_NAMES = {
+    "util": "gpu",
+    "memory.percent": "gpu_memory_percent",
+    "temp": "gpu_temp",
+    "power": "gpu_power_watts",
+    "power.percent": "gpu_power_percent",
+    "memory.used": "gpu_memory_used",
+    "clock.sm": "gpu_sm_clock",
+    "proc.memory": "gpu_p_memory_used",
+}
 
 
 def _set_params(run: Any, group: str, values: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
     ROOT/PROJECT/RUNNAME-RUNID8/
       run.json  config.json  metrics.jsonl  summary.json  alerts.jsonl  artifacts/  media/
+      system.jsonl
 
 A `media` record's file is copied to `media/KEY/STEP-SHA8.FORMAT` and indexed by a
 row of its own in `metrics.jsonl`: `{"step": 3, "ts": ..., "KEY": {"_type": "image",
@@ -14,9 +15,12 @@ a line `{"ts", "title", "text", "level"}` of `alerts.jsonl`.
 `init(tags=...)` and `set_tags`), since a plain-files sink has nowhere else to
 keep them.
 
-`metrics.jsonl` and `alerts.jsonl` are the only files appended to, through `AppendOnlyFiles`,
-which makes the appends exactly-once across crashes and all-or-nothing per
-batch by cutting files back; the other files are replaced whole (write to a
+`system.jsonl` holds one line per system sample: `{"ts": ..., "node": HOST, "cpu":
+..., "gpu.0.util": ...}` (the sampler's names, see `trackd.daemon.sampler`).
+
+`metrics.jsonl`, `alerts.jsonl` and `system.jsonl` are the only files appended to,
+through `AppendOnlyFiles`, which makes the appends exactly-once across crashes and
+all-or-nothing per batch by cutting files back; the other files are replaced whole (write to a
 temporary name, rename), so they are never half-written and writing them
 again is harmless.
 
@@ -121,6 +125,8 @@ class JsonlSink(Sink):
                     summary.update(kept)
                 elif record.type == "media":
                     lines.setdefault(run_dir, []).append(self._media_row(run_dir, record.body))
+                elif record.type == "system":
+                    self._write_system(run_dir, record.body)
                 else:
                     self._flush_lines(lines)
                     lines = {}
@@ -184,6 +190,11 @@ class JsonlSink(Sink):
                 error=body.get("error"),
             )
             self._close_run(run_dir)
+
+    def _write_system(self, run_dir: str, body: dict[str, Any]) -> None:
+        """One line per sample in `system.jsonl`, the node's name beside its values."""
+        row = {"ts": body["ts"], "node": body["node"], **body["values"]}
+        self._files.append(f"{run_dir}/system.jsonl", b"", json_lines([row]))
 
     def _flush_lines(self, lines: dict[str, list[dict[str, Any]]]) -> None:
         for run_dir, rows in lines.items():
@@ -257,6 +268,7 @@ class JsonlSink(Sink):
     def _close_run(self, run_dir: str) -> None:
         self._files.finish(f"{run_dir}/metrics.jsonl")
         self._files.finish(f"{run_dir}/alerts.jsonl")
+        self._files.finish(f"{run_dir}/system.jsonl")
         if run_dir in self._summaries:
             self._replace(run_dir, "summary.json", self._summaries.pop(run_dir))
         self._summary_dirty.discard(run_dir)

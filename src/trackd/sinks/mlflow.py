@@ -21,7 +21,10 @@ second one. Mapping of the records:
   has no alerts);
 * summary: tags `summary/KEY` (summary values may be any JSON, and a tag is
   overwritten in place, where a metric would add a point to the history);
-* run_end: `set_terminated` FINISHED or FAILED, the error in tag `trackd.error`.
+* run_end: `set_terminated` FINISHED or FAILED, the error in tag `trackd.error`;
+* system: metrics `system/NAME` as MLflow's system-metrics monitor names them
+  (`system/cpu_utilization_percentage`, `system/gpu_0_utilization_percentage`, ...),
+  `system/NODE/NAME` for a node other than rank 0's (see `base.system_node`).
 
 Limits: every `log_batch` call carries one kind of entity, at most 1000 metrics
 or 100 params or 100 tags (so also under the server's 1 MB request cap). A
@@ -86,6 +89,8 @@ from trackd.sinks.base import (
     media_file_name,
     relative_path,
     retriable_status,
+    system_node,
+    system_values,
 )
 
 if TYPE_CHECKING:
@@ -231,6 +236,8 @@ class MlflowSink(Sink):
                         ):
                             continue
                         points.append((key, number, millis, step))
+            elif record.type == "system":
+                self._write_system(run_id, record, pending.setdefault(run_id, []))
             else:
                 self._flush(pending)
                 self._apply(run_id, created, record)
@@ -291,6 +298,24 @@ class MlflowSink(Sink):
             for key, value, millis, step in points
         ]
         self._call_endpoint(LogBatch, json.dumps({"run_id": run_id, "metrics": body}))
+
+    def _write_system(self, run_id: str, record: Record, points: list[Outgoing]) -> None:
+        """A sample as MLflow's own system-metrics monitor names it: `system/NAME`, or
+        `system/NODE/NAME` for another node's (its `node_id`), at step = whole seconds since
+        the run started (MLflow's monitor counts samples; trackd's survive restarts)."""
+        body = record.body
+        node = system_node(record.run, body["node"])
+        prefix = f"system/{node}/" if node else "system/"
+        millis = int(body["ts"] * 1000)
+        step = max(0, int(body["ts"] - record.run.started))
+        suspect = run_id in self._verify or (
+            self._suspect_until is not None and record.position <= self._suspect_until
+        )
+        for name, value in system_values(body["values"], _SYSTEM_NAMES, _GPU_NAMES).items():
+            key = prefix + name
+            if suspect and (step, millis, _identity(value)) in self._stored(run_id, key):
+                continue
+            points.append((key, value, millis, step))
 
     def _apply(self, run_id: str, created: bool, record: Record) -> None:
         body = record.body
@@ -497,6 +522,40 @@ class MlflowSink(Sink):
         if getattr(self, "_mark_fd", -1) >= 0:
             os.close(self._mark_fd)
             self._mark_fd = -1
+
+
+MB = 1e-6  # MLflow's monitors report megabytes (10^6 bytes)
+# trackd's sample names -> MLflow's (mlflow/system_metrics/metrics/*_monitor.py); names its
+# monitors do not have follow their pattern.
+_SYSTEM_NAMES = {
+    "cpu": ("cpu_utilization_percentage", 1.0),
+    "memory.used": ("system_memory_usage_megabytes", MB),
+    "memory.percent": ("system_memory_usage_percentage", 1.0),
+    "memory.available": ("system_memory_available_megabytes", MB),
+    "swap.used": ("swap_usage_megabytes", MB),
+    "swap.percent": ("swap_usage_percentage", 1.0),
+    "disk.percent": ("disk_usage_percentage", 1.0),
+    "disk.used": ("disk_usage_megabytes", MB),
+    "disk.free": ("disk_available_megabytes", MB),
+    "disk.read_bytes": ("disk_read_megabytes", MB),
+    "disk.write_bytes": ("disk_write_megabytes", MB),
+    "network.recv": ("network_receive_megabytes", MB),
+    "network.sent": ("network_transmit_megabytes", MB),
+    "proc.cpu": ("process_cpu_utilization_percentage", 1.0),
+    "proc.rss": ("process_memory_rss_megabytes", MB),
+    "proc.threads": ("process_threads", 1.0),
+}
+_GPU_NAMES = {
+    "util": ("gpu_{i}_utilization_percentage", 1.0),
+    "memory.percent": ("gpu_{i}_memory_usage_percentage", 1.0),
+    "memory.used": ("gpu_{i}_memory_usage_megabytes", MB),
+    "memory.total": ("gpu_{i}_memory_total_megabytes", MB),
+    "power": ("gpu_{i}_power_usage_watts", 1.0),
+    "power.percent": ("gpu_{i}_power_usage_percentage", 1.0),
+    "temp": ("gpu_{i}_temperature_celsius", 1.0),
+    "clock.sm": ("gpu_{i}_sm_clock_mhz", 1.0),
+    "proc.memory": ("gpu_{i}_process_memory_usage_megabytes", MB),
+}
 
 
 def _run_tags(run: RunInfo) -> dict[str, str]:

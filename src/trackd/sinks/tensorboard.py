@@ -20,6 +20,8 @@ What lands where, all of it readable by TensorBoard's own EventAccumulator:
   (`add_histogram`'s HistogramProto); an MP4 video has no TensorBoard form (a counted
   notice);
 * alerts -> rows of the text `trackd/alerts` (TensorBoard has no alerts);
+* system samples -> scalars `system/NAME` under trackd's names (`system/cpu`,
+  `system/gpu.0.util`, ...), at step = seconds since the run started;
 * run_end -> the text `trackd/status` and an HParams session end info
   (STATUS_SUCCESS or STATUS_FAILURE), the status column of the HParams table.
 
@@ -72,6 +74,7 @@ from trackd.sinks.base import (
     markdown_cell,
     markdown_table,
     path_component,
+    system_node,
 )
 
 _JOURNAL_NAME = "presizes.jsonl"
@@ -147,6 +150,8 @@ class TensorboardSink(Sink):
             self._media(body, out)
         elif record.type == "alert":
             self._write_alert(body, step, out)
+        elif record.type == "system":
+            self._write_system(record, out)
         elif record.type == "run_end":
             failed = body["status"] != "finished"
             error = "".join(f"\n    {line}" for line in (body.get("error") or "").splitlines())
@@ -164,6 +169,16 @@ class TensorboardSink(Sink):
     def _write_histogram(self, body: dict[str, Any], out: _Pending) -> None:
         if body["counts"]:
             out.add(self._encoder.histogram(body["key"], body["step"], body["ts"], body))
+
+    def _write_system(self, record: Record, out: _Pending) -> None:
+        """A sample as scalars `system/NAME` (trackd's names; `system/NODE/NAME` for a node
+        other than rank 0's), at step = whole seconds since the run started."""
+        body = record.body
+        node = system_node(record.run, body["node"])
+        prefix = f"system/{node}/" if node else "system/"
+        step = max(0, int(body["ts"] - record.run.started))
+        values = {prefix + key: float(value) for key, value in body["values"].items()}
+        out.add(self._encoder.scalars(step, body["ts"], values))
 
     def _media(self, body: dict[str, Any], out: _Pending) -> None:
         if body["kind"] == "histogram":

@@ -40,6 +40,8 @@ How runs appear:
 * alerts: rows of Trackio's alerts table (`SQLiteStorage.bulk_alert`, what
   `trackio.alert()` ends in), level in Trackio's lower case, at the run's last stored
   step; each alert's id is a hash of it, so a re-sent one is ignored.
+* system samples: Trackio's system-metrics table (`log_system`'s), by time, under its
+  monitors' names (`cpu/utilization`, `gpu/0/utilization`, ...).
 
 Idempotence. Trackio dedupes metric rows by `log_id` (an `INSERT OR IGNORE` on a
 unique index: how it makes its own re-sends and fragment imports idempotent). Each
@@ -82,6 +84,8 @@ from trackd.sinks.base import (
     place_file,
     read_table,
     stored_file,
+    system_node,
+    system_values,
 )
 
 
@@ -131,6 +135,8 @@ class TrackioSink(Sink):
                     out.add(record.run.id, body["step"], body["ts"], self._metrics(media))
                 elif record.type == "alert":
                     self._write_alert(record.run.id, run, record.body)
+                elif record.type == "system":
+                    self._write_system(run, record)
                 else:
                     self._apply(run, record)
                 if record.type == "run_end":
@@ -207,6 +213,25 @@ class TrackioSink(Sink):
     def _write_histogram(body: dict[str, Any]) -> dict[str, Any]:
         """`trackio.Histogram._to_dict()`'s form."""
         return {"_type": "trackio.histogram", "bins": body["edges"], "values": body["counts"]}
+
+    def _write_system(self, run: _Run, record: Record) -> None:
+        """A sample as `trackio.log_system()` stores it (Trackio's system-metrics table, by
+        time, no step), under the names Trackio's own CPU and GPU monitors use; another
+        node's (not rank 0's) under `NODE/`. Its log_id makes a re-sent sample a no-op."""
+        body = record.body
+        node = system_node(record.run, body["node"])
+        values = system_values(body["values"], _SYSTEM_NAMES, _GPU_NAMES)
+        if node:
+            values = {f"{node}/{key}": value for key, value in values.items()}
+        identity = "\0".join([record.run.id, body["node"], repr(body["ts"])])
+        self._storage.bulk_log_system(
+            project=run.project,
+            run=run.name,
+            run_id=record.run.id,
+            metrics_list=[values],
+            timestamps=[_iso(body["ts"])],
+            log_ids=["trackd-system-" + hashlib.sha256(identity.encode()).hexdigest()[:32]],
+        )
 
     def _media(self, run: _Run, body: dict[str, Any]) -> dict[str, Any]:
         """What `trackio.log()` stores for the media object, its file placed as Trackio would."""
@@ -315,6 +340,40 @@ class _Rows:
 
     def last(self) -> tuple[str, int, str]:
         return self.log_ids[-1], self.steps[-1], self.timestamps[-1]
+
+
+GIB = 1 / 1024**3  # Trackio's monitors report memory in GiB
+# trackd's sample names -> Trackio's (trackio/cpu.py, trackio/gpu.py); names its monitors do
+# not have follow their pattern.
+_SYSTEM_NAMES = {
+    "cpu": ("cpu/utilization", 1.0),
+    "cpu.count": ("cpu/count_logical", 1.0),
+    "memory.used": ("memory/used", GIB),
+    "memory.available": ("memory/available", GIB),
+    "memory.percent": ("memory/percent", 1.0),
+    "swap.used": ("swap/used", GIB),
+    "swap.percent": ("swap/percent", 1.0),
+    "disk.percent": ("disk/percent", 1.0),
+    "disk.read_bytes": ("disk/read_bytes", 1.0),
+    "disk.write_bytes": ("disk/write_bytes", 1.0),
+    "network.sent": ("network/sent_bytes", 1.0),
+    "network.recv": ("network/recv_bytes", 1.0),
+    "proc.cpu": ("process/cpu_percent", 1.0),
+    "proc.rss": ("process/rss", GIB),
+    "proc.memory.percent": ("process/memory_percent", 1.0),
+    "proc.threads": ("process/threads", 1.0),
+}
+_GPU_NAMES = {
+    "util": ("gpu/{i}/utilization", 1.0),
+    "memory.used": ("gpu/{i}/allocated_memory", GIB),
+    "memory.total": ("gpu/{i}/total_memory", GIB),
+    "memory.percent": ("gpu/{i}/memory_usage", 0.01),  # Trackio's is a fraction
+    "power": ("gpu/{i}/power", 1.0),
+    "power.percent": ("gpu/{i}/power_percent", 1.0),
+    "temp": ("gpu/{i}/temp", 1.0),
+    "clock.sm": ("gpu/{i}/sm_clock", 1.0),
+    "proc.memory": ("gpu/{i}/process_memory", GIB),
+}
 
 
 def _log_id(run_id: str, step: int, ts: float, values: dict[str, Any]) -> str:

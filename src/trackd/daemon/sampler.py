@@ -1,0 +1,172 @@
+"""Reading the node, its GPUs and each run's processes: the system sampler's blocking half.
+
+Everything here runs in the sampler's own thread (see `system.py`), never on the
+event loop: psutil reads /proc and NVML talks to the driver, either of which can
+take milliseconds. The thread owns this object outright; the event loop only
+hands it the pids to measure and takes back plain dicts.
+
+Values use trackd's names and units (bytes, percent, watts), flat, as they appear
+in the jsonl sink's `system.jsonl`:
+
+* node: `cpu` (% of all cores), `cpu.count`, `memory.used|available|percent`,
+  `swap.used|percent`, `disk.used|free|percent` (of the data directory's disk),
+  `disk.read_bytes|write_bytes` and `network.sent|recv` (counters since boot);
+* GPUs (`nvml.py`): `gpu.I.util|memory.used|memory.total|memory.percent|temp|power|
+  power.percent|clock.sm`;
+* a run's own processes (its pids and their children): `proc.cpu` (% of one core,
+  summed), `proc.rss`, `proc.memory.percent`, `proc.threads`, `proc.count`, and
+  `gpu.I.proc.memory`, the
+  GPU memory they hold on GPU I.
+
+A value that cannot be read (no permission, a process gone between two samples)
+is left out; nothing here raises for the state of the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from trackd.daemon.nvml import NVML_MODULE, Gpus, open_gpus
+
+log = logging.getLogger("trackd.system")
+CHILDREN_RESCAN_SECONDS = 10.0  # finding children walks every process on the node: ~1 ms per run
+_MEMORY_TOTAL = psutil.virtual_memory().total
+_GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+
+
+class _RunProcesses:
+    """A run's processes, kept between samples: psutil's CPU % is measured since the last call."""
+
+    def __init__(self) -> None:
+        self.processes: dict[int, psutil.Process] = {}
+        self.primed: set[int] = set()  # measured once: psutil's first CPU % of a process is 0.0
+        self.scanned = 0.0
+
+    def refresh(self, roots: Iterable[int], now: float) -> None:
+        if now - self.scanned < CHILDREN_RESCAN_SECONDS and self.processes:
+            return
+        self.scanned = now
+        found: dict[int, psutil.Process] = {}
+        for pid in roots:
+            try:
+                root = self.processes.get(pid) or psutil.Process(pid)
+                family = [root, *root.children(recursive=True)]
+            except _GONE:
+                continue
+            for process in family:
+                found[process.pid] = self.processes.get(process.pid, process)
+        self.processes = found
+        self.primed &= set(found)
+
+    def read(self) -> dict[str, float]:
+        cpu, rss, threads, alive = 0.0, 0, 0, 0
+        measured_cpu = False
+        for pid, process in list(self.processes.items()):
+            try:
+                with process.oneshot():
+                    percent = process.cpu_percent()
+                    rss += process.memory_info().rss
+                    threads += process.num_threads()
+            except _GONE:
+                del self.processes[pid]
+                self.primed.discard(pid)
+                continue
+            alive += 1
+            if pid in self.primed:
+                cpu += percent
+                measured_cpu = True
+            self.primed.add(pid)
+        if not alive:
+            return {}
+        values = {"proc.rss": float(rss), "proc.threads": float(threads)}
+        values["proc.count"] = float(alive)
+        values["proc.memory.percent"] = 100.0 * rss / _MEMORY_TOTAL
+        if measured_cpu:
+            values["proc.cpu"] = cpu
+        return values
+
+
+class NodeSampler:
+    """One node's readings per call; owned by a single thread."""
+
+    def __init__(self, data_dir: Path, nvml_module: str = NVML_MODULE) -> None:
+        self._data_dir = str(data_dir)
+        self._nvml_module = nvml_module
+        self._gpus: Gpus | str | None = None
+        self._runs: dict[str, _RunProcesses] = {}
+        self.found = ""
+
+    def open(self) -> None:
+        """Find what there is to read: said once, in `found`, for `trackd status`."""
+        psutil.cpu_percent()  # the first call only starts the measurement
+        self._gpus = open_gpus(self._nvml_module)
+        gpus = (
+            f"{self._gpus.count} ({', '.join(self._gpus.names)})"
+            if isinstance(self._gpus, Gpus)
+            else self._gpus
+        )
+        self.found = f"cpus: {psutil.cpu_count()}; gpus: {gpus}"
+        log.info("system sampler: %s", self.found)
+
+    def sample(
+        self, runs: Mapping[str, list[int]]
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The node's values, and per run with a live process its own values (run id -> values)."""
+        node = _node(self._data_dir)
+        held: dict[int, dict[int, int]] = {}
+        if isinstance(self._gpus, Gpus):
+            gpu_values, held = self._gpus.read()
+            node.update(gpu_values)
+        now = time.monotonic()
+        for gone in set(self._runs) - set(runs):
+            del self._runs[gone]
+        per_run: dict[str, dict[str, float]] = {}
+        for run_id, pids in runs.items():
+            processes = self._runs.setdefault(run_id, _RunProcesses())
+            processes.refresh(pids, now)
+            values = processes.read()
+            if not values:
+                continue  # every process gone: nothing of this run runs here any more
+            for index, by_pid in held.items():
+                used = [by_pid[pid] for pid in processes.processes if pid in by_pid]
+                if used:
+                    values[f"gpu.{index}.proc.memory"] = float(sum(used))
+            per_run[run_id] = values
+        return node, per_run
+
+    def close(self) -> None:
+        if isinstance(self._gpus, Gpus):
+            self._gpus.close()
+
+
+def _node(data_dir: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    _read(values, lambda: {"cpu": psutil.cpu_percent(), "cpu.count": psutil.cpu_count() or 0})
+    _read(values, lambda: _fields("memory", psutil.virtual_memory(), "used available percent"))
+    _read(values, lambda: _fields("swap", psutil.swap_memory(), "used percent"))
+    _read(values, lambda: _fields("disk", psutil.disk_usage(data_dir), "used free percent"))
+    _read(values, lambda: _fields("disk", psutil.disk_io_counters(), "read_bytes write_bytes"))
+    _read(values, lambda: _fields("network", psutil.net_io_counters(), "bytes_sent bytes_recv"))
+    return values
+
+
+def _fields(prefix: str, reading: Any, names: str) -> dict[str, float]:
+    if reading is None:  # no disks psutil can see (some containers)
+        return {}
+    return {
+        f"{prefix}.{name.removeprefix('bytes_')}": float(getattr(reading, name))
+        for name in names.split()
+    }
+
+
+def _read(values: dict[str, float], reader: Callable[[], dict[str, Any]]) -> None:
+    try:
+        values.update({key: float(value) for key, value in reader().items()})
+    except (OSError, RuntimeError) as exc:  # e.g. the data directory's disk gone
+        log.debug("system sampler: %s", exc)

@@ -1,0 +1,115 @@
+"""The sampler's GPU path, with the stand-in NVML of tests/helpers/fake_nvml (fixed readings;
+this machine has no NVIDIA GPU), and with no driver at all."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import HELPERS
+from trackd.daemon.sampler import NodeSampler
+
+GIB = 1024**3
+
+
+@pytest.fixture
+def stand_in_nvml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """`import pynvml` finds the stand-in; returns the file naming processes' GPU memory."""
+    monkeypatch.syspath_prepend(str(HELPERS / "fake_nvml"))
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    stand_in = importlib.import_module("pynvml")
+    del sys.modules["pynvml"]  # set again below, so that the test's end takes it out
+    monkeypatch.setitem(sys.modules, "pynvml", stand_in)
+    held = tmp_path / "held.json"
+    monkeypatch.setenv("FAKE_NVML_PROCESSES", str(held))
+    return held
+
+
+@pytest.fixture
+def processes() -> Iterator[list[int]]:
+    """Two live processes, standing for two runs' training processes (not this one: its
+    children are part of it)."""
+    started = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in "ab"
+    ]
+    yield [process.pid for process in started]
+    for process in started:
+        process.kill()
+        process.wait(10)
+
+
+def test_stand_in_gpus_map_to_trackd_names_and_a_refused_field_is_absent(
+    stand_in_nvml: Path, tmp_path: Path
+) -> None:
+    sampler = NodeSampler(tmp_path)
+    sampler.open()
+    node, _ = sampler.sample({})
+    sampler.close()
+    assert "gpus: 2 (Stand-in GPU 0, Stand-in GPU 1)" in sampler.found
+    gpus = {key: value for key, value in node.items() if key.startswith("gpu.")}
+    assert gpus == {
+        "gpu.0.util": 37.0,
+        "gpu.0.memory.used": 4.0 * GIB,
+        "gpu.0.memory.total": 16.0 * GIB,
+        "gpu.0.memory.percent": 25.0,
+        "gpu.0.temp": 61.0,
+        "gpu.0.power": 150.0,
+        "gpu.0.power.percent": 50.0,
+        "gpu.0.clock.sm": 1410.0,
+        "gpu.1.util": 5.0,
+        "gpu.1.memory.used": 1.0 * GIB,
+        "gpu.1.memory.total": 16.0 * GIB,
+        "gpu.1.memory.percent": 6.25,
+        "gpu.1.clock.sm": 210.0,  # no temp (no permission), no power (not supported)
+    }
+
+
+def test_gpu_memory_is_attributed_to_the_run_whose_processes_hold_it(
+    stand_in_nvml: Path, tmp_path: Path, processes: list[int]
+) -> None:
+    mine, other_process = processes
+    stand_in_nvml.write_text(
+        json.dumps({"0": {str(mine): 2 * GIB, str(other_process): GIB}, "1": {mine: 3 * GIB}})
+    )
+    sampler = NodeSampler(tmp_path)
+    sampler.open()
+    _, runs = sampler.sample({"a": [mine], "b": [other_process], "gone": [2**22 + 7]})
+    sampler.close()
+    assert set(runs) == {"a", "b"}  # a run with no live process gets no sample
+    gpu_a = {key: value for key, value in runs["a"].items() if key.startswith("gpu.")}
+    gpu_b = {key: value for key, value in runs["b"].items() if key.startswith("gpu.")}
+    assert gpu_a == {"gpu.0.proc.memory": 2.0 * GIB, "gpu.1.proc.memory": 3.0 * GIB}
+    assert gpu_b == {"gpu.0.proc.memory": 1.0 * GIB}
+
+
+def test_without_a_driver_the_sampler_says_no_gpu_once_and_carries_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, processes: list[int]
+) -> None:
+    """nvidia-ml-py is installed here, the driver is not: sampling goes on without GPUs."""
+    caplog.set_level(logging.INFO, logger="trackd.system")
+    sampler = NodeSampler(tmp_path)
+    sampler.open()
+    results = [sampler.sample({"run": processes[:1]}) for _ in range(3)]
+    sampler.close()
+    assert "gpus: none (NVML: driver not found)" in sampler.found
+    assert [r.getMessage() for r in caplog.records].count(f"system sampler: {sampler.found}") == 1
+    for node, runs in results:
+        assert "cpu" in node
+        assert "memory.percent" in node
+        assert not any(key.startswith("gpu.") for key in node)
+        assert runs["run"]["proc.count"] == 1
+    assert "proc.cpu" in results[-1][1]["run"]  # measured from the second sample on
+
+
+def test_nvml_not_installed_is_said_and_not_raised(tmp_path: Path) -> None:
+    sampler = NodeSampler(tmp_path, nvml_module="trackd_no_such_nvml")
+    sampler.open()
+    assert "gpus: none (NVML: nvidia-ml-py is not installed)" in sampler.found
+    assert "cpu" in sampler.sample({})[0]
