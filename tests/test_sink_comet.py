@@ -9,23 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, finish_client, free_port, meta_client, run_client, wait_for
+from conftest import Daemon, finish_client, meta_client, run_client, wait_for
 from helpers import until_client
-from helpers.comet_archive import Archive, metric_steps, read_archives
+from helpers.comet_archive import Archive, comet_env, metric_steps, read_archives
 from test_media import log_media
 from trackd.sinks.base import SinkSpec
 
 ROWS = 300
-
-
-def comet_env(root: Path) -> dict[str, str]:
-    """No API key, no config file, no error reports, and a server URL nobody answers."""
-    return {
-        "COMET_API_KEY": "",
-        "COMET_CONFIG": str(root / "no-comet.config"),
-        "COMET_URL_OVERRIDE": f"http://127.0.0.1:{free_port()}/clientlib/",
-        "COMET_ERROR_TRACKING_ENABLE": "false",
-    }
 
 
 def offline_spec(root: Path) -> str:

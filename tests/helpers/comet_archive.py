@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conftest import free_port
+
 
 @dataclass
 class Archive:
@@ -39,6 +41,17 @@ class Archive:
     @property
     def uploads(self) -> list[dict[str, Any]]:
         return self.payloads("file_upload")
+
+
+def comet_env(root: Path) -> dict[str, str]:
+    """For a daemon with a Comet sink: no API key, no config file, no error reports, and a
+    server URL nobody answers (a free loopback port), so nothing can reach Comet's servers."""
+    return {
+        "COMET_API_KEY": "",
+        "COMET_CONFIG": str(root / "no-comet.config"),
+        "COMET_URL_OVERRIDE": f"http://127.0.0.1:{free_port()}/clientlib/",
+        "COMET_ERROR_TRACKING_ENABLE": "false",
+    }
 
 
 def read_archives(directory: Path) -> dict[str, list[Archive]]:
