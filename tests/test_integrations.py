@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 import trackd
-from conftest import Daemon, jsonl_runs
+from conftest import Daemon, jsonl_runs, wait_for
+from helpers.comet_archive import comet_env, metric_steps, read_archives
 from trackd.integrations.accelerate import TrackdTracker
 from trackd.integrations.lightning import TrackdLogger
 from trackd.integrations.transformers import TrackdCallback
@@ -59,8 +60,19 @@ def regression(samples: int = 32) -> TensorDataset:
 # --- accelerate --------------------------------------------------------------------
 
 
-def test_accelerate_tracker_records_config_metrics_by_step_and_finish(daemon: Daemon) -> None:
-    daemon.start()
+@pytest.mark.parametrize("with_comet", [False, True], ids=["jsonl", "jsonl+comet"])
+def test_accelerate_tracker_records_config_metrics_by_step_and_finish(
+    daemon: Daemon, tmp_path: Path, with_comet: bool
+) -> None:
+    """The same run into the JSONL sink, alone and beside a Comet sink (accelerate's
+    CometML tracker's backend), read back from both."""
+    comet = tmp_path / "comet"
+    if with_comet:
+        sinks = ["--sink", f"jsonl:{daemon.data_dir / 'runs'}"]
+        sinks += ["--sink", f"comet:*?offline_directory={comet}"]
+        daemon.start(*sinks, extra_env=comet_env(tmp_path))
+    else:
+        daemon.start()
     accelerator = Accelerator(cpu=True, log_with=[TrackdTracker(project="acc", run_name="lin")])
     accelerator.init_trackers("acc", config={"lr": 0.05, "batch_size": 8, "optimizer": "sgd"})
     model = torch.nn.Linear(4, 1)
@@ -92,6 +104,20 @@ def test_accelerate_tracker_records_config_metrics_by_step_and_finish(daemon: Da
     assert logged[-1]["eval/loss"] == losses[-1]
     assert read(directory / "summary.json")["note"] == "done"  # text goes to the summary
     assert read(directory / "run.json")["status"] == "finished"
+    if with_comet:
+        assert_in_comet_archive(comet, run, losses)
+
+
+def assert_in_comet_archive(directory: Path, run: trackd.Run, losses: list[float]) -> None:
+    wait_for(lambda: list(directory.glob("*.zip")))  # made once the sink saw the run end
+    ((archive,),) = read_archives(directory).values()
+    assert archive.others["trackd.run_id"] == run.id
+    assert archive.meta["project_name"] == "acc"
+    assert archive.parameters == {"lr": 0.05, "batch_size": 8, "optimizer": "sgd"}
+    assert metric_steps([archive], "loss") == list(range(len(losses)))
+    assert metric_steps([archive], "eval/loss") == [len(losses)]
+    assert archive.others["note"] == "done"
+    assert archive.others["trackd.status"] == "finished"
 
 
 # --- Lightning ---------------------------------------------------------------------
