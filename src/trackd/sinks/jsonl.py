@@ -1,7 +1,7 @@
 """The embedded default sink: one directory of plain files per run.
 
     ROOT/PROJECT/RUNNAME-RUNID8/
-      run.json  config.json  metrics.jsonl  summary.json  artifacts/  media/
+      run.json  config.json  metrics.jsonl  summary.json  console.log  artifacts/  media/
 
 A `media` record's file is copied to `media/KEY/STEP-SHA8.FORMAT` and indexed by a
 row of its own in `metrics.jsonl`: `{"step": 3, "ts": ..., "KEY": {"_type": "image",
@@ -12,7 +12,10 @@ numbers of the same `log()` call (same step).
 `init(tags=...)` and `set_tags`), since a plain-files sink has nowhere else to
 keep them.
 
-`metrics.jsonl` is the only file appended to, through `AppendOnlyFiles`,
+`run.json` also holds `code` and `env` from the run_start (null when the run was
+started with `save_code=False`); `console.log` the run's console lines, as text.
+
+`metrics.jsonl` and `console.log` are the only files appended to, through `AppendOnlyFiles`,
 which makes the appends exactly-once across crashes and all-or-nothing per
 batch by cutting files back; the other files are replaced whole (write to a
 temporary name, rename), so they are never half-written and writing them
@@ -66,6 +69,9 @@ def json_lines(objects: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in objects).encode()
 
 
+CODE_STATE = ("code", "env")
+
+
 class JsonlSink(Sink):
     kind = "jsonl"
     target_key = "path"
@@ -117,6 +123,8 @@ class JsonlSink(Sink):
                         out.append({"step": step, "ts": ts, **values})
                         summary.update(values)
                     summary.update(kept)
+                elif record.type == "console":
+                    self._write_console(run_dir, record.body)
                 elif record.type == "media":
                     body = record.body
                     relative = f"media/{media_file_name(body)}"
@@ -142,6 +150,7 @@ class JsonlSink(Sink):
             self._configs[run_dir] = {**self._config(run_dir), **record.run.config}
             self._replace(run_dir, "config.json", self._configs[run_dir])
             self._write_run(run_dir, record.run, status="running", ended=None, error=None)
+            self._write_code_state(run_dir, body)
         elif record.type == "config":
             self._config(run_dir).update(body["values"])
             self._replace(run_dir, "config.json", self._configs[run_dir])
@@ -212,8 +221,20 @@ class JsonlSink(Sink):
                 "status": status,
                 "error": error,
                 "tags": {**previous.get("tags", {}), **run.tags},
+                **{key: previous[key] for key in CODE_STATE if key in previous},
             },
         )
+
+    def _write_code_state(self, run_dir: str, body: dict[str, Any]) -> None:
+        """`code` and `env` from the run_start (init(save_code=True)) into run.json."""
+        current = self._read(run_dir, "run.json")
+        current.update({key: body.get(key) for key in CODE_STATE})
+        self._replace(run_dir, "run.json", current)
+
+    def _write_console(self, run_dir: str, body: dict[str, Any]) -> None:
+        """console.log: the run's stdout and stderr lines in the order written, one a line."""
+        text = "".join(f"{line[2]}\n" for line in body["lines"])
+        self._files.append(f"{run_dir}/console.log", b"", text.encode(errors="replace"))
 
     def _replace(self, run_dir: str, name: str, value: dict[str, Any]) -> None:
         directory = self.root / run_dir
@@ -237,6 +258,7 @@ class JsonlSink(Sink):
 
     def _close_run(self, run_dir: str) -> None:
         self._files.finish(f"{run_dir}/metrics.jsonl")
+        self._files.finish(f"{run_dir}/console.log")
         if run_dir in self._summaries:
             self._replace(run_dir, "summary.json", self._summaries.pop(run_dir))
         self._summary_dirty.discard(run_dir)
