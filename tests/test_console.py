@@ -6,9 +6,11 @@ import io
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import trackd
 from conftest import HELPERS, Daemon, wait_for
 from trackd.client import console as console_module
 from trackd.client.console import ConsoleCapture
@@ -212,3 +214,20 @@ def test_carriage_return_frames_keep_the_last_state_of_the_line(
     sys.stderr.write("new\n")
     capture.uninstall()
     assert [line[2] for line in delivered(capture)] == ["100%", "done", "new"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "named"),
+    [
+        pytest.param({"console": "redirect"}, ValueError, "console", id="console"),
+        pytest.param({"save_code": "yes"}, TypeError, "save_code", id="save_code"),
+    ],
+)
+def test_a_wrong_console_or_save_code_raises_naming_it(
+    dirs: dict[str, Path], arguments: dict[str, Any], error: type[Exception], named: str
+) -> None:
+    """init(console=...) other than "wrap"/"off", or a non-bool save_code, raises naming it."""
+    stdout_write = vars(sys.stdout).get("write")
+    with pytest.raises(error, match=named):
+        trackd.init(project="bad", **arguments)
+    assert vars(sys.stdout).get("write") is stdout_write, "a refused init() wrapped stdout"
