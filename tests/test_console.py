@@ -29,11 +29,12 @@ CHILD_LINE = "from the child"
 LAST_LINE = "no newline at the end"
 
 
-def console_script(env: dict[str, str], *args: str) -> tuple[bytes, bytes]:
-    """Run tests/helpers/console_client.py; its stdout and stderr bytes."""
+def console_script(env: dict[str, str], *args: str, cwd: Path | None = None) -> tuple[bytes, bytes]:
+    """Run tests/helpers/console_client.py (in `cwd`); its stdout and stderr bytes."""
     result = subprocess.run(
         [sys.executable, str(HELPERS / "console_client.py"), *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         timeout=600,
         check=False,

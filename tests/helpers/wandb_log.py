@@ -65,6 +65,8 @@ class Session:
     history: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int | None = None
+    output: list[tuple[str, str]] = field(default_factory=list)  # (stream, raw text)
+    environment: dict[str, Any] = field(default_factory=dict)
 
 
 def read_session(path: Path) -> Session:
@@ -108,6 +110,22 @@ def read_session(path: Path) -> Session:
             )
         elif kind == "exit":
             session.exit_code = record.exit.exit_code
+        elif kind == "output_raw":
+            stderr = wandb_internal_pb2.OutputRawRecord.STDERR  # type: ignore[attr-defined]
+            stream = "stderr" if record.output_raw.output_type == stderr else "stdout"
+            session.output.append((stream, record.output_raw.line))
+        elif kind == "environment":
+            env = record.environment
+            session.environment.update(
+                {
+                    "program": env.program,
+                    "args": list(env.args),
+                    "python": env.python,
+                    "executable": env.executable,
+                    "host": env.host,
+                    "git": {"remote_url": env.git.remote_url, "commit": env.git.commit},
+                }
+            )
     return session
 
 
