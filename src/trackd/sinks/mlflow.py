@@ -303,7 +303,7 @@ class MlflowSink(Sink):
                 self._client.update_run(run_id, status="RUNNING")
             self._set_tags(run_id, _run_tags(record.run))
             self._set_tags(run_id, _source_tags(body))
-            self._console.start(run_id, float(body["started"]))
+            self._console.start(run_id, float(body.get("started") or record.run.started))
             self._log_params(run_id, _flatten(record.run.config))
         elif record.type == "config":
             self._log_params(run_id, _flatten(body["values"]))

@@ -446,15 +446,16 @@ class WandbSink(Sink):
         if not env:
             return
         argv = [str(arg) for arg in env.get("argv") or []]
+        started = float(body.get("started") or run.started)
         record = pb.EnvironmentRecord(  # type: ignore[attr-defined]
             program=argv[0] if argv else "",
             args=argv[1:],
             python=str(env.get("python") or ""),
             executable=str(env.get("executable") or ""),
             host=str(env.get("host") or run.host or ""),
-            writer_id=f"trackd-{run.id}-{body['started']!r}",
+            writer_id=f"trackd-{run.id}-{started!r}",
         )
-        record.started_at.FromNanoseconds(int(float(body["started"]) * 1e9))
+        record.started_at.FromNanoseconds(int(started * 1e9))
         if code.get("commit") or code.get("remote"):
             record.git.commit = str(code.get("commit") or "")
             record.git.remote_url = str(code.get("remote") or "")
