@@ -3,11 +3,12 @@
 The training thread pays for the stream's own `write` plus a deque append. The
 `write` attribute of the stream *object* (sys.stdout, sys.stderr as they are at
 init) is replaced by a function that calls the write it found (the class's, or a
-wrapper installed before: pytest's capture, another run's) and then appends
-`(ts, stream, text)`. Text, return value and exceptions of that write pass through
-unchanged, so the terminal shows exactly what it would without trackd. Replacing
-the attribute instead of `sys.stdout` keeps the object's identity, `fileno()`,
-`isatty()` and `buffer` as they were.
+wrapper installed before: pytest's capture, another run's) and then appends the
+text (stdout) or `("stderr", text)` to one deque, so the order of the two streams is
+kept at the price of one small tuple for the rarer one. Text, return value and
+exceptions of that write pass through unchanged, so the terminal shows exactly what
+it would without trackd. Replacing the attribute instead of `sys.stdout` keeps the
+object's identity, `fileno()`, `isatty()` and `buffer` as they were.
 
 The delivery thread turns the pending writes into lines (`deliver`):
 
@@ -17,8 +18,8 @@ The delivery thread turns the pending writes into lines (`deliver`):
 * a line over `MAX_LINE_CHARS` is cut, with a marker that says how much;
 * at most `MAX_PENDING_WRITES` writes wait for the delivery thread; past that they
   are dropped and a marker line counts them (memory stays bounded);
-* a line's time is that of the first write of the group it was completed in
-  (writes closer than `GROUP_SECONDS` on one stream are split as one text).
+* a line's time is when the delivery thread took it (it wakes every 10 ms): a clock
+  read per write would cost the training thread more than the rest of the tee.
 
 Only the stream objects in place at init are wrapped: one installed later
 (`contextlib.redirect_stdout` into a StringIO) is not the terminal, and its text
@@ -36,10 +37,11 @@ import sys
 import threading
 import time
 from collections import deque
+from itertools import groupby
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from typing import Any, TextIO
 
     Line = list[Any]  # [ts, stream, text]
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
 STREAMS = ("stdout", "stderr")
 MAX_LINE_CHARS = 16 * 1024
 MAX_PENDING_WRITES = 1 << 20
-GROUP_SECONDS = 0.05
 # One `console` message: well under the protocol's 16 MiB frame cap even at the line cap.
 MAX_LINES_PER_MESSAGE = 10_000
 MAX_CHARS_PER_MESSAGE = 1 << 20
@@ -60,7 +61,7 @@ class ConsoleCapture:
     """One run's tee of sys.stdout and sys.stderr."""
 
     def __init__(self) -> None:
-        self._pending: deque[tuple[float, str, str]] = deque()
+        self._pending: deque[str | tuple[str, str]] = deque()
         self._dropped = 0
         self._active = True
         self._held = dict.fromkeys(STREAMS, "")  # partial lines, per stream
@@ -78,16 +79,29 @@ class ConsoleCapture:
         previous = stream.write
         instance = getattr(stream, "__dict__", None)
         own = instance.get("write", _ABSENT) if isinstance(instance, dict) else _ABSENT
-        pending, append, now, capture = self._pending, self._pending.append, time.time, self
+        pending, append, capture = self._pending, self._pending.append, self
 
-        def write(text: str) -> int:
-            written = previous(text)
-            if capture._active:
-                if len(pending) < MAX_PENDING_WRITES:
-                    append((now(), name, text))
-                else:
-                    capture._dropped += 1
-            return written
+        if name == "stdout":
+
+            def write(text: str) -> int:
+                written = previous(text)
+                if capture._active:
+                    if len(pending) < MAX_PENDING_WRITES:
+                        append(text)
+                    else:
+                        capture._dropped += 1
+                return written
+
+        else:
+
+            def write(text: str) -> int:
+                written = previous(text)
+                if capture._active:
+                    if len(pending) < MAX_PENDING_WRITES:
+                        append((name, text))
+                    else:
+                        capture._dropped += 1
+                return written
 
         try:
             stream.write = write  # type: ignore[method-assign]
@@ -134,19 +148,15 @@ class ConsoleCapture:
     def _lines(self, final: bool) -> list[Line]:
         lines: list[Line] = []
         pending = self._pending
-        group: list[str] = []
-        group_name, group_ts = "", 0.0
-        while pending:
-            ts, name, text = pending.popleft()
-            if type(text) is not str:
-                continue
-            if name != group_name or ts - group_ts > GROUP_SECONDS:
-                if group:
-                    self._split(group_name, group_ts, group, lines)
-                group, group_name, group_ts = [], name, ts
-            group.append(text)
-        if group:
-            self._split(group_name, group_ts, group, lines)
+        popleft = pending.popleft
+        items = [popleft() for _ in range(len(pending))]
+        now = time.time()
+        for kind, group in groupby(items, type):  # runs of stdout texts, of stderr tuples
+            if kind is str:
+                self._split("stdout", now, group, lines)  # type: ignore[arg-type]
+            elif kind is tuple:
+                texts = (item[1] for item in group if type(item[1]) is str)
+                self._split("stderr", now, texts, lines)
         dropped = self._dropped
         if dropped:
             self._dropped -= dropped
@@ -158,7 +168,7 @@ class ConsoleCapture:
                     self._held[name], self._cut[name] = "", 0
         return lines
 
-    def _split(self, name: str, ts: float, texts: list[str], lines: list[Line]) -> None:
+    def _split(self, name: str, ts: float, texts: Iterable[str], lines: list[Line]) -> None:
         parts = (self._held[name] + "".join(texts)).split("\n")
         held = parts.pop()
         cut = self._cut[name]
