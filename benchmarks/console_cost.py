@@ -143,6 +143,9 @@ def main() -> None:
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--lines", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=5, help="print runs per case")
+    parser.add_argument(
+        "--wandb-lines", type=int, default=5_000, help="lines for wandb (ms a line: fewer)"
+    )
     parser.add_argument("--init-runs", type=int, default=15, help="init() calls per case")
     parser.add_argument("--cases", default=",".join(PRINT_CASES))
     parser.add_argument("--quiet-wait", type=float, default=30.0)
@@ -179,8 +182,10 @@ def main() -> None:
         for _ in range(args.repeats):
             for case in args.cases.split(","):
                 out = str(temporary / f"{case}.out")
+                wandb = case.startswith("wandb")
+                lines = min(args.lines, args.wandb_lines) if wandb else args.lines
                 prints.setdefault(case, []).append(
-                    worker(env, outside, "print", case, str(args.lines), out)
+                    worker(env, outside, "print", case, str(lines), out)
                 )
         report["print"] = {
             case: {
