@@ -104,6 +104,16 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+@pytest.fixture(autouse=True)
+def _outside_any_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test (and every client it starts) runs in a directory of its own: init()'s
+    save_code finds no git checkout there, so what a run stores (a diff.patch artifact)
+    does not depend on the state of the tree the tests run from."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+
 @pytest.fixture
 def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     runtime = tmp_path / "rt"

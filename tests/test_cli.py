@@ -246,6 +246,51 @@ def test_tail_key_glob_keeps_only_matching_metrics(
     run.finish(timeout=10)
 
 
+def test_tail_console_shows_console_lines_live_and_plain_tail_does_not(
+    daemon: Daemon, env: dict[str, str], tails: list[Tail]
+) -> None:
+    """`trackd tail --console` prints the runs' stdout/stderr lines as they come; `trackd tail`
+    without it prints none of them."""
+    daemon.start()
+    with_console = Tail(env, "--project", "c", "--console")
+    plain = Tail(env, "--project", "c")
+    tails.extend([with_console, plain])
+    run = trackd.init(project="c", name="r")
+    subscribed(with_console, run, {"loss": 1.0})
+    subscribed(plain, run, {"loss": 1.0})
+    print("a console line")
+    print("an error line", file=sys.stderr)
+    assert run.flush(timeout=10)  # the lines are sent before the row logged next
+    log_and_flush(run, {"loss": 0.5}, step=1000)
+    shown = with_console.until("step=1000")
+    assert "c/r [stdout] a console line" in shown
+    assert "c/r [stderr] an error line" in shown
+    assert not [line for line in plain.until("step=1000") if "line" in line]
+    run.finish(timeout=10)
+
+
+def test_tail_console_json_has_the_stream_and_time(
+    daemon: Daemon, env: dict[str, str], tails: list[Tail]
+) -> None:
+    """`trackd tail --console --json` prints each console line as an object with its stream."""
+    daemon.start()
+    tail = Tail(env, "--project", "cj", "--console", "--json")
+    tails.append(tail)
+    run = trackd.init(project="cj", name="r")
+    subscribed(tail, run, {"loss": 1.0})
+    print("json console line")
+    assert run.flush(timeout=10)
+    line = json.loads(tail.until("json console line")[-1])
+    assert {k: line[k] for k in ("project", "run", "stream", "text")} == {
+        "project": "cj",
+        "run": "r",
+        "stream": "stdout",
+        "text": "json console line",
+    }
+    assert isinstance(line["ts"], float)
+    run.finish(timeout=10)
+
+
 def test_sigterm_drains_the_sink_and_exits_zero(
     daemon: Daemon, env: dict[str, str], dirs: dict[str, Path]
 ) -> None:

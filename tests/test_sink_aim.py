@@ -53,18 +53,20 @@ for run_hash in hashes:
         with open(artifact.download(tempfile.mkdtemp()), "rb") as handle:
             digest = hashlib.sha256(handle.read()).hexdigest()
         artifacts[name] = {"uri": artifact.uri, "sha256": digest}
+    logs = run.get_terminal_logs()
+    lines = [line.data for line in logs.data.view("val").items_list()[1][0]] if logs else []
     found.append({
         "hash": run.hash, "name": run.name, "experiment": run.experiment,
         "active": run.active, "tags": sorted(run.tags), "params": run[...],
-        "metrics": metrics, "artifacts": artifacts,
+        "metrics": metrics, "artifacts": artifacts, "terminal_logs": lines,
     })
 print(json.dumps(found))
 """
 
 
 def read_aim(env: dict[str, str], repo: Path) -> dict[str, dict[str, Any]]:
-    """{run name: {"hash", "experiment", "active", "tags", "params", "metrics"}}; a metric
-    with a context is keyed `NAME {CONTEXT JSON}`."""
+    """{run name: {"hash", "experiment", "active", "tags", "params", "metrics", "artifacts",
+    "terminal_logs"}}; a metric with a context is keyed `NAME {CONTEXT JSON}`."""
     out = subprocess.run(
         [sys.executable, "-c", READER, str(repo)],
         env=env,

@@ -154,6 +154,7 @@ def runs(as_json: bool, runtime_dir: str | None, endpoint: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--since-start", is_flag=True, help="Replay the WAL from its start, then follow.")
 @click.option("--lines", is_flag=True, help="Plain lines even on a terminal (no live view).")
+@click.option("--console", is_flag=True, help="Add the runs' console lines (plain lines).")
 @_connection
 @_guard
 def tail(
@@ -163,6 +164,7 @@ def tail(
     as_json: bool,
     since_start: bool,
     lines: bool,
+    console: bool,
     runtime_dir: str | None,
     endpoint: str | None,
 ) -> None:
@@ -173,6 +175,8 @@ def tail(
     With --since-start the stream is subscribed to first, then the WAL is read
     through the control socket up to its durable end; live messages at or before
     the last position read are dropped, so the seam has no gap and no duplicate.
+    Console lines (stdout/stderr of the runs) are shown only with --console, as
+    `PROJECT/RUN [stdout] TEXT` lines (so --console implies --lines).
     """
     import msgpack
     import zmq
@@ -190,7 +194,7 @@ def tail(
     socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
 
     view = None
-    if sys.stdout.isatty() and not (as_json or lines):
+    if sys.stdout.isatty() and not (as_json or lines or console):
         from trackd.cli_views import LiveView
 
         view = LiveView(keys)
@@ -204,7 +208,13 @@ def tail(
             if view is not None:
                 view.add(f"{topic_project}/{topic_run}", message)
                 return
-            for line in _tail_lines(topic_project, topic_run, message, keys, as_json):
+            if message["t"] != "console":
+                shown = _tail_lines(topic_project, topic_run, message, keys, as_json)
+            elif console:
+                shown = _console_lines(topic_project, topic_run, message, as_json)
+            else:
+                shown = []
+            for line in shown:
                 click.echo(line)
 
     if view is not None:
@@ -269,6 +279,15 @@ def _tail_lines(
             text = " ".join(f"{k}={_number(v)}" for k, v in shown.items())
             lines.append(f"{project}/{run} step={step} {text}")
     return lines
+
+
+def _console_lines(project: str, run: str, message: dict[str, Any], as_json: bool) -> list[str]:
+    if as_json:
+        return [
+            json.dumps({"project": project, "run": run, "ts": ts, "stream": stream, "text": text})
+            for ts, stream, text in message["b"]["lines"]
+        ]
+    return [f"{project}/{run} [{stream}] {text}" for _, stream, text in message["b"]["lines"]]
 
 
 def _number(value: float) -> str:

@@ -75,6 +75,7 @@ MESSAGE_TYPES: Final = frozenset(
         "reject",
         "joined",
         "system",
+        "console",
     }
 )
 # Written by the daemon, never delivered to sinks: a refused message, and the run_start of a
@@ -88,6 +89,7 @@ MEDIA_KINDS: Final = frozenset({"image", "table", "video", "histogram"})
 MEDIA_FORMATS: Final = {"image": ("png",), "table": ("json",), "video": ("gif", "mp4")}
 INLINE_MEDIA_KINDS: Final = frozenset({"histogram"})  # data in the body, no store file
 ALERT_LEVELS: Final = ("INFO", "WARN", "ERROR")
+CONSOLE_STREAMS: Final = ("stdout", "stderr")
 _MAX_DEPTH: Final = 32
 
 
@@ -165,6 +167,18 @@ def _validate_run_start(body: Message) -> None:
         raise ProtocolError(f"b.config: expected a map, got {_kind(config)}")
     _check_tree(config, "b.config")
     _check_str_map(body.get("tags", {}), "b.tags")
+    _validate_code_state(body)
+
+
+def _validate_code_state(body: Message) -> None:
+    """run_start's optional `code` {commit, branch, remote, dirty} and `env` {argv, python,
+    executable, host, cuda_visible_devices}, recorded by init(save_code=True)."""
+    for field in ("code", "env"):
+        value = body.get(field)
+        if value is not None:
+            if not isinstance(value, dict):
+                raise ProtocolError(f"b.{field}: expected a map or nil, got {_kind(value)}")
+            _check_tree(value, f"b.{field}")
 
 
 def _validate_metrics(body: Message) -> None:
@@ -297,6 +311,24 @@ def _validate_run_end(body: Message) -> None:
     _require(body, "ended", float, "b.")
 
 
+def _validate_console(body: Message) -> None:
+    """{lines: [[ts, stream, text], ...]}: stdout/stderr lines of the run, in order."""
+    lines = _require(body, "lines", list, "b.")
+    for index, line in enumerate(lines):
+        where = f"b.lines[{index}]"
+        if not isinstance(line, list) or len(line) != 3:
+            raise ProtocolError(f"{where}: expected [ts, stream, text], got {_kind(line)}")
+        ts, stream, text = line
+        if type(ts) is not float:
+            raise ProtocolError(f"{where}.ts: expected a float, got {_kind(ts)}")
+        if stream not in CONSOLE_STREAMS:
+            raise ProtocolError(
+                f"{where}.stream: expected one of {CONSOLE_STREAMS}, got {stream!r}"
+            )
+        if type(text) is not str:
+            raise ProtocolError(f"{where}.text: expected a string, got {_kind(text)}")
+
+
 _SCALARS: Final = frozenset({int, float, bool})
 _BODY_VALIDATORS: Final = {
     "run_start": _validate_run_start,
@@ -311,6 +343,7 @@ _BODY_VALIDATORS: Final = {
     "reject": _validate_reject,
     "joined": _validate_joined,
     "system": _validate_system,
+    "console": _validate_console,
 }
 
 

@@ -67,6 +67,8 @@ class Session:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     stats: list[dict[str, Any]] = field(default_factory=list)  # system samples, with "_timestamp"
     exit_code: int | None = None
+    output: list[tuple[str, str]] = field(default_factory=list)  # (stream, raw text)
+    environment: dict[str, Any] = field(default_factory=dict)
 
 
 def read_session(path: Path) -> Session:
@@ -117,6 +119,22 @@ def read_session(path: Path) -> Session:
             session.stats.append(sample)
         elif kind == "exit":
             session.exit_code = record.exit.exit_code
+        elif kind == "output_raw":
+            stderr = wandb_internal_pb2.OutputRawRecord.STDERR  # type: ignore[attr-defined]
+            stream = "stderr" if record.output_raw.output_type == stderr else "stdout"
+            session.output.append((stream, record.output_raw.line))
+        elif kind == "environment":
+            env = record.environment
+            session.environment.update(
+                {
+                    "program": env.program,
+                    "args": list(env.args),
+                    "python": env.python,
+                    "executable": env.executable,
+                    "host": env.host,
+                    "git": {"remote_url": env.git.remote_url, "commit": env.git.commit},
+                }
+            )
     return session
 
 

@@ -25,14 +25,22 @@ def init(
     endpoint: str | None = None,
     dir: str | os.PathLike[str] | None = None,
     ranks: str = "zero",
+    console: str = "wrap",
+    save_code: bool = True,
 ) -> Run:
     """Start a run and make it the current one for the module-level `log` and `finish`.
 
     In a distributed job (RANK and WORLD_SIZE > 1 in the environment) every process of the
     job joins one run: with `ranks="zero"` only rank 0 logs; with `ranks="all"` every rank
     does, its keys prefixed `rank{N}/`.
+
+    `console="wrap"` tees stdout and stderr lines to the run (the terminal shows the
+    same bytes); `save_code=True` records git commit, branch, remote, dirty flag, the
+    diff against HEAD (artifact `diff.patch`), the command line and the interpreter.
     """
-    run = Run(project, name, group, config, tags, resume, mode, endpoint, dir, ranks)
+    run = Run(
+        project, name, group, config, tags, resume, mode, endpoint, dir, ranks, console, save_code
+    )
     registry.register(run)
     return run
 

@@ -18,11 +18,14 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Any, Literal
 
+    from trackd.client.console import ConsoleCapture
+
     Mode = Literal["online", "offline", "disabled"]
 MODES = ("online", "offline", "disabled")
 RESUME_QUERY_SECONDS = 2.0
 RANKS = ("zero", "all")
 RESUME = (None, "never", "allow", "must")
+CONSOLE = ("wrap", "off")
 
 
 class Run:
@@ -40,6 +43,8 @@ class Run:
         endpoint: str | None = None,
         dir: str | os.PathLike[str] | None = None,
         ranks: str = "zero",
+        console: str = "wrap",
+        save_code: bool = True,
     ) -> None:
         if not isinstance(project, str) or not project:
             raise TypeError(f"init(): project must be a non-empty string, got {project!r}")
@@ -57,6 +62,7 @@ class Run:
             raise ValueError("init(): resume needs a name: a run is resumed by project and name")
         if ranks not in RANKS:
             raise ValueError(f"init(): ranks must be one of {RANKS}, got {ranks!r}")
+        _check_console_options(console, save_code)
         rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
         job = _distributed_job() if rank is not None and (world or 0) > 1 else None
         self.project = project
@@ -98,11 +104,17 @@ class Run:
         self._finished = mode == "disabled"
         self._on_finished: Callable[[Any], None] | None = None  # set by the registry
         self._transport: Transport | None = None
+        self._console: ConsoleCapture | None = None
+        diff = _record_code_state(start_body) if save_code and mode != "disabled" else b""
         if mode != "disabled":
             self._endpoint = None if mode == "offline" else paths.endpoints(endpoint).ingest
             self._spool_dir = os.fspath(dir) if dir else paths.spool_dir(paths.data_dir())
             self._transport = self._new_transport()
             self._transport.send("run_start", start_body)
+            if diff:
+                self._send_diff(diff)
+            if console == "wrap":
+                self._start_console()
         self._enqueue = self._transport.queue.append if self._transport else None
 
     def _resume(self, resume: str, endpoint: str | None, mode: str) -> bool:
@@ -144,6 +156,32 @@ class Run:
         last = known.get("last_step")
         self._step = 0 if last is None else int(last) + 1
         return True
+
+    def _send_diff(self, diff: bytes) -> None:
+        """The uncommitted changes against HEAD, as the run's artifact `diff.patch`."""
+        stored, digest, size = store_bytes(diff, paths.data_dir())
+        self._send(
+            "artifact", {"path": stored, "name": "diff.patch", "sha256": digest, "size": size}
+        )
+
+    def _start_console(self) -> None:
+        from trackd.client.console import ConsoleCapture
+
+        self._console = ConsoleCapture()
+        self._console.install()
+        if self._transport is not None:
+            self._transport.console = self._console
+
+    def _drain_console(self, final: bool = False) -> None:
+        """Queue the console lines written so far (all of them at the end, partial ones too),
+        so that they come before whatever is queued next (a flush, the run's end)."""
+        console, transport = self._console, self._transport
+        if console is None or transport is None:
+            return
+        if final:
+            console.uninstall()
+            transport.console = None
+        console.deliver(transport.send, final=final)
 
     def _new_transport(self) -> Transport:
         return Transport(
@@ -263,6 +301,7 @@ class Run:
         """True once the daemon has durably stored everything logged before this call."""
         if self._transport is None:
             return True
+        self._drain_console()
         return self._transport.flush(timeout)
 
     def finish(self, status: str | None = None, timeout: float = 10.0) -> None:
@@ -280,6 +319,7 @@ class Run:
         transport = self._transport
         if transport is None:
             return
+        self._drain_console(final=True)
         if os.getpid() == self._owner_pid and self._ends_run:
             transport.send("run_end", {"status": status, "error": error, "ended": time.time()})
         transport.close(timeout)
@@ -294,6 +334,9 @@ class Run:
         self._transport.abandon()
         self._transport = self._new_transport()
         self._enqueue = self._transport.queue.append
+        if self._console is not None:
+            self._console.after_fork()
+            self._transport.console = self._console
 
     def __enter__(self) -> Run:
         return self
@@ -329,6 +372,23 @@ def _distributed_job() -> str:
     if explicit and explicit != "none":
         return explicit
     return f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+
+
+def _check_console_options(console: object, save_code: object) -> None:
+    if console not in CONSOLE:
+        raise ValueError(f"init(): console must be one of {CONSOLE}, got {console!r}")
+    if not isinstance(save_code, bool):
+        raise TypeError(f"init(): save_code must be a bool, got {type(save_code).__name__}")
+
+
+def _record_code_state(start_body: dict[str, Any]) -> bytes:
+    """Put `code` and `env` into the run_start body; return the diff against HEAD."""
+    from trackd.client.codestate import environment, git_state
+
+    code, diff = git_state()
+    start_body["code"] = code
+    start_body["env"] = environment()
+    return diff
 
 
 def _env_int(name: str) -> int | None:

@@ -30,6 +30,8 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `impor
 if TYPE_CHECKING:
     from typing import Any
 
+    from trackd.client.console import ConsoleCapture
+
 POLL_SECONDS = 0.01
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
@@ -109,6 +111,7 @@ class Transport:
         self._unreachable_since: float | None = None
         self._flushes: list[FlushRequest] = []
         self._stop = threading.Event()
+        self.console: ConsoleCapture | None = None  # set by a run with console="wrap"
         if endpoint:
             # Import zmq and make its context here, in the caller's thread: a fork (a
             # DataLoader worker) while the delivery thread is half-way through importing
@@ -184,6 +187,7 @@ class Transport:
             self._read_acks(socket)
         elif socket is None:
             self._stop.wait(POLL_SECONDS)
+        self._queue_console()
         self._pack_queue()
         if socket is None:
             self._spill()
@@ -202,6 +206,12 @@ class Transport:
         secure(socket)
         socket.connect(str(self.endpoint))
         return socket
+
+    def _queue_console(self) -> None:
+        """Captured console lines join the queue as `console` messages, in the order written."""
+        console = self.console
+        if console is not None:
+            console.deliver(self.send)
 
     def _pack_queue(self) -> None:
         """Turn queued rows and messages into numbered frames, in the order they were queued."""

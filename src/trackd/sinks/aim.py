@@ -40,14 +40,20 @@ How runs appear:
 * system samples -> Aim's system metrics (`__system__cpu`, `__system__gpu` with context
   {"gpu": I}, ...), what its resource tracker would record in the training process;
   Aim's own tracker, terminal capture and system params are off: the daemon is not the
-  training process.
+  training process. Console records are stored as its terminal capture stores
+  them (``LogLine`` values in the ``logs`` sequence, a step per line), and the
+  run_start's ``code``/``env`` (init(save_code=True)) as params ``trackd.code`` /
+  ``trackd.env`` and as Aim's ``__system_params`` (git_info, executable, arguments).
 
-Exactly once with no checkpoint. Aim keeps a metric's values keyed by step (a hash
-of it), so tracking the same key at the same step again overwrites the value in
-place instead of adding a point; the sequence's count and last value move only for
-a higher step. Params and tags are set, not appended. So every record re-sent after
-a crash or a failed write lands on itself. What remains is knowing that a write is
-stored before ``write()`` returns:
+Exactly once with one small checkpoint: the next terminal-log step of each run, so
+that console lines re-sent after a crash land on their own steps (a run whose first
+console lines came after the last checkpoint continues after the lines Aim holds,
+so those few lines can appear twice). Otherwise no checkpoint is needed: Aim keeps
+a metric's values keyed by step (a hash of it), so tracking the same key at the same
+step again overwrites the value in place instead of adding a point; the sequence's
+count and last value move only for a higher step. Params and tags are set, not
+appended. So every record re-sent after a crash or a failed write lands on itself.
+What remains is knowing that a write is stored before ``write()`` returns:
 
 * local repo: ``track`` writes each row in one RocksDB write batch, which goes to
   RocksDB's own write-ahead log before the call returns, so it survives the daemon
@@ -147,6 +153,10 @@ class AimSink(Sink):
         self._runs: dict[str, Any] = {}
         self._tags: dict[str, dict[str, str]] = {}
         self._unconfirmed = 0
+        from aim.ext.resource.log import LogLine
+
+        self._log_line: type[Any] = LogLine
+        self._log_steps: dict[str, int] = dict((context.state or {}).get("log_steps", {}))
         self._repo: Any = _call(self._connect)
         self._confirmation = _Confirmation(self._repo) if self._remote else None
         if self._artifacts_uri is None:
@@ -190,8 +200,12 @@ class AimSink(Sink):
     def _apply(self, record: Record) -> None:
         info, body = record.run, record.body
         run, created = self._run(info)
-        if record.type == "run_start" and not created:
-            self._start(run, info)
+        if record.type == "run_start":
+            if not created:
+                self._start(run, info)
+            self._write_code_state(run, body)
+        elif record.type == "console":
+            self._write_console(run, info.id, body)
         elif record.type == "metrics":
             for step, ts, values in body["rows"]:
                 self._track(run, step, ts, values)
@@ -216,6 +230,7 @@ class AimSink(Sink):
                 {"status": body["status"], "error": body.get("error"), "ended": body["ended"]},
             )
             self._close_run(info.id)
+            self._log_steps.pop(info.id, None)
 
     def _run(self, info: RunInfo) -> tuple[Any, bool]:
         """The open Aim run of a trackd run, reopened by its hash, else created (and mapped
@@ -287,6 +302,48 @@ class AimSink(Sink):
         else:
             track(numbers, ts, None, step, None, context=context)
         self._sent()
+
+    def _write_console(self, run: Any, run_id: str, body: dict[str, Any]) -> None:
+        """Console lines as Aim's own terminal capture stores them: `LogLine`s in the run's
+        `logs` sequence (empty context), one step per line, with the line's time. A run new
+        to this sink continues after the lines Aim holds (as Aim does on resume)."""
+        step = self._log_steps.get(run_id)
+        if step is None:
+            logs = run.get_terminal_logs()
+            step = logs.last_step() + 1 if logs else 0
+        for ts, _, text in body["lines"]:
+            self._track(run, step, ts, {"logs": self._log_line(text)}, media=True)
+            step += 1
+        self._log_steps[run_id] = step
+
+    def _write_code_state(self, run: Any, body: dict[str, Any]) -> None:
+        """init(save_code=True)'s code and env: params `trackd.code` / `trackd.env`, and
+        `__system_params` as Aim's own `log_system_params` fills it (git_info, executable,
+        arguments) so Aim's run page shows them where it shows its own."""
+        code, env = body.get("code"), body.get("env")
+        if code is None and env is None:
+            return
+        _set_params(run, "trackd", {"code": code, "env": env})
+        code, env = code or {}, env or {}
+        system: dict[str, Any] = {
+            "git_info": {
+                "branch": code.get("branch"),
+                "remote_origin_url": code.get("remote"),
+                "commit": {"hash": code.get("commit"), "timestamp": None, "author": None},
+            }
+            if code
+            else {},
+            "executable": env.get("executable"),
+            "arguments": env.get("argv"),
+        }
+        if env.get("cuda_visible_devices") is not None:
+            system["env_variables"] = {"CUDA_VISIBLE_DEVICES": env["cuda_visible_devices"]}
+        run["__system_params"] = system
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The next terminal-log step of each run with console lines: records re-sent from
+        the saved cursor land on the steps they had, overwriting themselves."""
+        return {"log_steps": dict(self._log_steps)}
 
     def _log_artifact(self, run: Any, body: dict[str, Any]) -> None:
         name = relative_path(body["name"])

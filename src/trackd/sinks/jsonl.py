@@ -1,8 +1,8 @@
 """The embedded default sink: one directory of plain files per run.
 
     ROOT/PROJECT/RUNNAME-RUNID8/
-      run.json  config.json  metrics.jsonl  summary.json  alerts.jsonl  artifacts/  media/
-      system.jsonl
+      run.json  config.json  metrics.jsonl  summary.json  alerts.jsonl  console.log
+      artifacts/  media/  system.jsonl
 
 A `media` record's file is copied to `media/KEY/STEP-SHA8.FORMAT` and indexed by a
 row of its own in `metrics.jsonl`: `{"step": 3, "ts": ..., "KEY": {"_type": "image",
@@ -15,14 +15,17 @@ a line `{"ts", "title", "text", "level"}` of `alerts.jsonl`.
 `init(tags=...)` and `set_tags`), since a plain-files sink has nowhere else to
 keep them.
 
+`run.json` also holds `code` and `env` from the run_start (null when the run was
+started with `save_code=False`); `console.log` the run's console lines, as text.
+
 `system.jsonl` holds one line per system sample: `{"ts": ..., "node": HOST, "cpu":
 ..., "gpu.0.util": ...}` (the sampler's names, see `trackd.daemon.sampler`).
 
-`metrics.jsonl`, `alerts.jsonl` and `system.jsonl` are the only files appended to,
-through `AppendOnlyFiles`, which makes the appends exactly-once across crashes and
-all-or-nothing per batch by cutting files back; the other files are replaced whole (write to a
-temporary name, rename), so they are never half-written and writing them
-again is harmless.
+`metrics.jsonl`, `alerts.jsonl`, `system.jsonl` and `console.log` are the only files
+appended to, through `AppendOnlyFiles`, which makes the appends exactly-once across
+crashes and all-or-nothing per batch by cutting files back; the other files are
+replaced whole (write to a temporary name, rename), so they are never half-written and
+writing them again is harmless.
 
 Sink files are written from the sink's own worker thread (every sink runs
 in one, since SDKs block), so plain file calls never block the daemon's
@@ -70,6 +73,9 @@ def json_lines(objects: list[dict[str, Any]]) -> bytes:
     if data.count(b"},{") == len(objects) - 1 and b":null" not in data:
         return data[1:-1].replace(b"},{", b"}\n{") + b"\n"
     return "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in objects).encode()
+
+
+CODE_STATE = ("code", "env")
 
 
 class JsonlSink(Sink):
@@ -123,6 +129,8 @@ class JsonlSink(Sink):
                         out.append({"step": step, "ts": ts, **values})
                         summary.update(values)
                     summary.update(kept)
+                elif record.type == "console":
+                    self._write_console(run_dir, record.body)
                 elif record.type == "media":
                     lines.setdefault(run_dir, []).append(self._media_row(run_dir, record.body))
                 elif record.type == "system":
@@ -165,6 +173,7 @@ class JsonlSink(Sink):
             self._configs[run_dir] = {**self._config(run_dir), **record.run.config}
             self._replace(run_dir, "config.json", self._configs[run_dir])
             self._write_run(run_dir, record.run, status="running", ended=None, error=None)
+            self._write_code_state(run_dir, body)
         elif record.type == "config":
             self._config(run_dir).update(body["values"])
             self._replace(run_dir, "config.json", self._configs[run_dir])
@@ -242,8 +251,20 @@ class JsonlSink(Sink):
                 "status": status,
                 "error": error,
                 "tags": {**previous.get("tags", {}), **run.tags},
+                **{key: previous[key] for key in CODE_STATE if key in previous},
             },
         )
+
+    def _write_code_state(self, run_dir: str, body: dict[str, Any]) -> None:
+        """`code` and `env` from the run_start (init(save_code=True)) into run.json."""
+        current = self._read(run_dir, "run.json")
+        current.update({key: body.get(key) for key in CODE_STATE})
+        self._replace(run_dir, "run.json", current)
+
+    def _write_console(self, run_dir: str, body: dict[str, Any]) -> None:
+        """console.log: the run's stdout and stderr lines in the order written, one a line."""
+        text = "".join(f"{line[2]}\n" for line in body["lines"])
+        self._files.append(f"{run_dir}/console.log", b"", text.encode(errors="replace"))
 
     def _replace(self, run_dir: str, name: str, value: dict[str, Any]) -> None:
         directory = self.root / run_dir
@@ -269,6 +290,7 @@ class JsonlSink(Sink):
         self._files.finish(f"{run_dir}/metrics.jsonl")
         self._files.finish(f"{run_dir}/alerts.jsonl")
         self._files.finish(f"{run_dir}/system.jsonl")
+        self._files.finish(f"{run_dir}/console.log")
         if run_dir in self._summaries:
             self._replace(run_dir, "summary.json", self._summaries.pop(run_dir))
         self._summary_dirty.discard(run_dir)

@@ -25,6 +25,12 @@ second one. Mapping of the records:
 * system: metrics `system/NAME` as MLflow's system-metrics monitor names them
   (`system/cpu_utilization_percentage`, `system/gpu_0_utilization_percentage`, ...),
   `system/NODE/NAME` for a node other than rank 0's (see `base.system_node`).
+* the code and environment of init(save_code=True): the tags MLflow's own client sets
+  (`mlflow.source.name` = the script, `mlflow.source.type` = LOCAL,
+  `mlflow.source.git.commit` / `.branch` / `.repoURL` / `.dirty`); the diff is the
+  artifact `diff.patch`, as any artifact;
+* console: artifact parts `console/console-SESSION-NNNNNN.log` (MLflow cannot append
+  to an artifact; see `console_parts`), concatenated in name order the run's console.
 
 Limits: every `log_batch` call carries one kind of entity, at most 1000 metrics
 or 100 params or 100 tags (so also under the server's 1 MB request cap). A
@@ -92,6 +98,7 @@ from trackd.sinks.base import (
     system_node,
     system_values,
 )
+from trackd.sinks.console_parts import ConsoleParts
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -158,6 +165,7 @@ class MlflowSink(Sink):
             raise mapped from exc
         context.state_dir.mkdir(parents=True, exist_ok=True)
         self._runs = RunMap(context.state_dir / "runs.json")
+        self._console = ConsoleParts((context.state or {}).get("console"))
         self._notices = Notices("mlflow")
         self._experiments: dict[str, str] = {}
         self._params: dict[str, dict[str, str]] = {}  # MLflow run -> params stored
@@ -323,6 +331,8 @@ class MlflowSink(Sink):
             if not created:
                 self._client.update_run(run_id, status="RUNNING")
             self._set_tags(run_id, _run_tags(record.run))
+            self._set_tags(run_id, _source_tags(body))
+            self._console.start(run_id, float(body.get("started") or record.run.started))
             self._log_params(run_id, _flatten(record.run.config))
         elif record.type == "config":
             self._log_params(run_id, _flatten(body["values"]))
@@ -337,9 +347,13 @@ class MlflowSink(Sink):
             self._log_media(run_id, body)
         elif record.type == "alert":
             self._write_alert(run_id, body)
+        elif record.type == "console":
+            self._write_console(run_id, record)
         elif record.type == "run_end":
             if body.get("error"):
                 self._set_tags(run_id, {"trackd.error": body["error"]})
+            if last := self._console.end(run_id):
+                self._upload_text(run_id, "console", *last)
             status = "FINISHED" if body["status"] == "finished" else "FAILED"
             self._client.set_terminated(run_id, status, end_time=int(body["ended"] * 1000))
             self._params.pop(run_id, None)
@@ -368,6 +382,24 @@ class MlflowSink(Sink):
         alert = {key: body[key] for key in ("ts", "title", "text", "level")}
         name = f"alerts/{round(body['ts'] * 1000)}-{body['level']}.json"
         self._client.log_text(run_id, json.dumps(alert), name)
+
+    def _write_console(self, run_id: str, record: Record) -> None:
+        """Console lines as artifact parts `console/console-SESSION-NNNNNN.log` (see
+        console_parts): closed parts go up once, the open one at most every few seconds."""
+        for name, text in self._console.add(run_id, record.body["lines"], record.run.started):
+            self._upload_text(run_id, "console", name, text)
+        if due := self._console.due(run_id):
+            self._upload_text(run_id, "console", *due)
+
+    def _upload_text(self, run_id: str, folder: str, name: str, text: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="trackd-mlflow-") as temporary:
+            path = Path(temporary) / name
+            path.write_text(text, encoding="utf-8", errors="replace")
+            self._client.log_artifact(run_id, str(path), artifact_path=folder)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The open console parts: the records they hold are behind the saved cursor."""
+        return {"console": self._console.state()}
 
     # --- runs and experiments ----------------------------------------------------------
 
@@ -560,6 +592,27 @@ _GPU_NAMES = {
 
 def _run_tags(run: RunInfo) -> dict[str, str]:
     return {**run.tags, **{f"trackd.{key}": str(value) for key, value in run.metadata().items()}}
+
+
+def _source_tags(start: dict[str, Any]) -> dict[str, str]:
+    """The tags MLflow's own client sets from the code a run started from (its default and
+    git run-context providers): source name and type, git commit, branch, repo URL, dirty."""
+    code, env = start.get("code") or {}, start.get("env") or {}
+    argv = env.get("argv") or []
+    tags = (
+        {
+            "mlflow.source.name": str(argv[0]) if argv and argv[0] else "<console>",
+            "mlflow.source.type": "LOCAL",
+        }
+        if env
+        else {}
+    )
+    for key, field in (("commit", "commit"), ("branch", "branch"), ("repoURL", "remote")):
+        if code.get(field) is not None:
+            tags[f"mlflow.source.git.{key}"] = str(code[field])
+    if code:
+        tags["mlflow.source.git.dirty"] = str(bool(code.get("dirty"))).lower()
+    return tags
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:

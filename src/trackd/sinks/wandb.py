@@ -27,8 +27,14 @@ How runs appear:
   (failed), with the status and error in summary ``trackd/status`` and
   ``trackd/error``; system samples -> W&B stats records (the System panel), as wandb's
   own monitor writes them, under its names (``cpu``, ``gpu.0.gpu``, ...). wandb's own
-  sampler, console capture and git/code saving are off: the daemon is not the
-  training process.
+  console capture, system metrics and metadata collection are off: the daemon is not
+  the training process. Instead console records become wandb's console output records
+  (``files/output.log`` and the Logs tab), and the run_start's ``code``/``env``
+  (init(save_code=True)) become wandb's run metadata (the ``EnvironmentRecord``:
+  program, args, python, executable, host, git remote and commit). Both go through
+  ``Run._interface`` (private; see ``_interface``). Console lines in the transaction
+  log's unfinished block when the daemon is killed are not re-sent (unlike history
+  rows): they may be missing from W&B after a crash.
 * alert -> ``run.alert(title, text, level)``: an AlertRecord in the run's transaction
   log, which ``wandb sync`` (or online mode) turns into W&B's alert.
 * artifact -> a W&B artifact, as ``run.log_artifact(path, name=NAME)`` makes one: named
@@ -244,6 +250,9 @@ class WandbSink(Sink):
         body = record.body
         if record.type == "run_start":
             self._update(run.id, attached, state, config=self._config(run), tags=run.tags)
+            self._call(run.id, self._write_environment, attached, run, body)
+        elif record.type == "console":
+            self._call(run.id, self._write_console, attached, body)
         elif record.type == "metrics":
             self._call(run.id, self._log_rows, attached, state, body["rows"])
         elif record.type == "media":
@@ -486,6 +495,51 @@ class WandbSink(Sink):
 
             self._call(run_id, set_tags)
 
+    def _write_console(self, attached: _Attached, body: dict[str, Any]) -> None:
+        """Console lines as wandb's own console capture sends them (`OutputRawRecord`s in the
+        transaction log, one a line, with the line's time: what `wandb sync` fills the Logs
+        tab from) and as the run's `files/output.log`."""
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        interface = _interface(attached.handle)
+        output_raw: Any = pb.OutputRawRecord  # type: ignore[attr-defined]
+        for ts, stream, text in body["lines"]:
+            kind = output_raw.STDERR if stream == "stderr" else output_raw.STDOUT
+            output = output_raw(output_type=kind, line=f"{text}\n")
+            output.timestamp.FromNanoseconds(int(ts * 1e9))
+            interface._publish_output_raw(output, nowait=False)
+        # wandb-core writes output.log only when it captures the console itself, which in
+        # the daemon would capture the daemon's: so the file is written here, as it would be.
+        output_log = Path(attached.handle.settings.files_dir) / "output.log"
+        with output_log.open("a", encoding="utf-8", errors="replace") as out:
+            out.write("".join(f"{line[2]}\n" for line in body["lines"]))
+
+    def _write_environment(self, attached: _Attached, run: RunInfo, body: dict[str, Any]) -> None:
+        """The training process's code and environment (init(save_code=True)) as wandb's own
+        run metadata, an `EnvironmentRecord`: program, args, python, executable, host, git
+        remote and commit. wandb's own collection is off in the daemon (x_disable_meta): it
+        would describe the daemon, not the training process."""
+        from wandb.proto import wandb_internal_pb2 as pb
+
+        env, code = body.get("env"), body.get("code") or {}
+        if not env:
+            return
+        argv = [str(arg) for arg in env.get("argv") or []]
+        started = float(body.get("started") or run.started)
+        record = pb.EnvironmentRecord(  # type: ignore[attr-defined]
+            program=argv[0] if argv else "",
+            args=argv[1:],
+            python=str(env.get("python") or ""),
+            executable=str(env.get("executable") or ""),
+            host=str(env.get("host") or run.host or ""),
+            writer_id=f"trackd-{run.id}-{started!r}",
+        )
+        record.started_at.FromNanoseconds(int(started * 1e9))
+        if code.get("commit") or code.get("remote"):
+            record.git.commit = str(code.get("commit") or "")
+            record.git.remote_url = str(code.get("remote") or "")
+        _interface(attached.handle).publish_environment(record)
+
     def _finish(self, attached: _Attached, body: dict[str, Any]) -> None:
         status, error = body["status"], body.get("error")
         attached.handle.summary.update({"trackd/status": status, "trackd/error": error})
@@ -682,6 +736,18 @@ def _artifacts_in(path: Path, read_record: RecordReader) -> set[str]:
     except OSError:
         pass
     return parser.artifacts
+
+
+def _interface(handle: Any) -> Any:
+    """The run's wandb interface (`Run._interface`, private): the only way to hand
+    wandb-core output and environment records. tests/test_console_sinks.py has the
+    contract test that fails by name when wandb changes it."""
+    interface = getattr(handle, "_interface", None)
+    if interface is None:
+        raise SinkError(
+            "wandb: this wandb has no Run._interface; console/metadata need it", retriable=False
+        )
+    return interface
 
 
 def _md5(path: Path) -> bytes:
