@@ -89,14 +89,13 @@ class SystemMetrics:
                 try:
                     ts = time.time()
                     node, per_run = await loop.run_in_executor(thread, self._sample, targets)
+                    self.latest = {"ts": ts, "node": self.node, "values": node}
+                    for run_id, own in per_run.items():
+                        self._send(run_id, ts, {**node, **own})
                 except Exception:  # a bug must cost one sample, never the sampler
                     self.errors += 1
                     if self.errors == 1:
                         log.exception("system sampler: a sample failed")
-                    continue
-                self.latest = {"ts": ts, "node": self.node, "values": node}
-                for run_id, own in per_run.items():
-                    self._send(run_id, ts, {**node, **own})
         finally:
             thread.submit(self._sampler.close)
             thread.shutdown(wait=False)  # the close above still runs: NVML is released
