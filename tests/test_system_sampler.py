@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from conftest import HELPERS
+from trackd.daemon.ledger import Ledger
 from trackd.daemon.sampler import NodeSampler
-from trackd.daemon.system import SystemMetrics, node_name
-from trackd.protocol import decode
+from trackd.daemon.system import SystemMetrics, local_pids, node_name
+from trackd.protocol import decode, validate
 
 GIB = 1024**3
 
@@ -163,3 +164,17 @@ def test_a_failed_sample_is_counted_and_sampling_goes_on(tmp_path: Path) -> None
     assert {frame["r"] for frame in frames} == {"r"}  # an ended run is not sampled
     assert {frame["t"] for frame in frames} == {"system"}
     assert all(frame["b"]["values"]["proc.count"] >= 1 for frame in frames)
+
+
+def test_ranks_that_joined_the_run_are_measured_on_their_own_node() -> None:
+    """A joined rank's host and pid stay in its `joined` record and the run table."""
+    joined_body = {"values": {}, "host": "node-a", "pid": 202}
+    ledger = Ledger()
+    start = {"project": "p", "name": "n", "host": "node-a", "pid": 101, "started": 1.0}
+    ledger.apply({"v": 1, "s": "a", "q": 1, "t": "run_start", "r": "run", "b": start})
+    for session, body in (("b", joined_body), ("c", {**joined_body, "host": "node-b"})):
+        message = {"v": 1, "s": session, "q": 1, "t": "joined", "r": "run", "b": body}
+        validate(message)
+        ledger.apply(message)
+    assert local_pids(ledger.runs["run"], "node-a") == [101, 202]
+    assert local_pids(ledger.runs["run"], "node-b") == [202]
