@@ -12,7 +12,10 @@ Cases (`CASES`; add one by writing a function `(args) -> dict` and listing it th
   seconds. The cost of sampling is the difference from the daemon with sampling off,
   over the same window: per sampling round (one round = one `system` message per run,
   sampled, made durable in the WAL and written to system.jsonl) and as a share of one
-  core. Rounds are counted from the daemon's own `trackd status` (samples acked / 4).
+  core. Rounds are counted from the daemon's own `trackd status` (samples acked / 4),
+  which also gives the sampler thread's own CPU (psutil and NVML reads only): the rest
+  is the pipeline every message takes (WAL commit, fan-out, the JSONL sink's appends
+  and checkpoints).
 * `threads`: the training process's thread count (/proc/PID/status `Threads`, after
   `init()` and a `log()`) with system metrics on (1 s) and off: the daemon samples, so
   the training process runs no sampler thread of its own.
@@ -85,17 +88,23 @@ def sampler(args: argparse.Namespace) -> dict[str, Any]:
         def measure(daemon: Daemon, threads: list[int]) -> dict[str, Any]:
             time.sleep(args.settle)
             busy = wait_for_quiet(args.quiet_wait)
-            samples_before = daemon.request("status")["system"].get("samples", 0)
+            before = daemon.request("status")["system"]
             cpu_before, started = proc_cpu_seconds(daemon.pid), time.monotonic()
             time.sleep(args.window)
             cpu = proc_cpu_seconds(daemon.pid) - cpu_before
             elapsed = time.monotonic() - started
-            samples = daemon.request("status")["system"].get("samples", 0) - samples_before
+            after = daemon.request("status")["system"]
+            samples = after.get("samples", 0) - before.get("samples", 0)
+            reading = after.get("cpu_seconds", 0.0) - before.get("cpu_seconds", 0.0)
+            rounds = samples / RUNS
             return {
+                "sampler_thread_cpu_ms_per_round": round(1000 * reading / rounds, 3)
+                if rounds
+                else None,
                 "machine_busy_before": round(busy, 3),
                 "window_seconds": round(elapsed, 2),
                 "daemon_cpu_seconds": round(cpu, 3),
-                "rounds": samples / RUNS,
+                "rounds": rounds,
                 "daemon_rss_kb": proc_status_kb(daemon.pid, "VmRSS"),
             }
 

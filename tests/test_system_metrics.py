@@ -182,3 +182,37 @@ def test_interval_from_the_config_file_and_the_environment(
     assert load(str(config)).system_interval == 2.5
     monkeypatch.setenv("TRACKD_SYSTEM_INTERVAL", "0.5")
     assert load(str(config)).system_interval == 0.5
+
+
+LAUNCHER = """
+import os, subprocess, sys
+helper, stop = sys.argv[1], sys.argv[2]
+job = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}
+ranks = [
+    subprocess.Popen(
+        [sys.executable, helper, "--name", "ddp", "--stop", stop, "--rss-mb", str(100 * rank)],
+        env={**os.environ, **job, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        stdout=subprocess.DEVNULL,
+    )
+    for rank in (0, 1)
+]
+sys.exit(max(rank.wait() for rank in ranks))
+"""
+
+
+def test_every_rank_of_a_job_on_the_node_counts_in_its_runs_process_metrics(
+    daemon: Daemon, env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """Two ranks as torchrun starts them, with the default ranks="zero": only rank 0 talks
+    to the daemon, and rank 1 (holding 100 MiB) is measured with it."""
+    daemon.start(extra_env=SAMPLING)
+    stop = dirs["root"] / "stop"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(HELPERS / "load_client.py"), str(stop)], env=env
+    )
+    try:
+        rows = wait_for(lambda: [r for r in samples(dirs["data"], "ddp") if r["proc.count"] == 2])
+    finally:
+        stop.touch()
+        assert launcher.wait(60) == 0
+    assert rows[-1]["proc.rss"] > 100 * 1024**2

@@ -3,18 +3,25 @@ this machine has no NVIDIA GPU), and with no driver at all."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import json
 import logging
+import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import HELPERS
+from trackd.daemon.ledger import Ledger
 from trackd.daemon.sampler import NodeSampler
+from trackd.daemon.system import SystemMetrics, local_pids, node_name
+from trackd.protocol import decode, validate
 
 GIB = 1024**3
 
@@ -113,3 +120,61 @@ def test_nvml_not_installed_is_said_and_not_raised(tmp_path: Path) -> None:
     sampler.open()
     assert "gpus: none (NVML: nvidia-ml-py is not installed)" in sampler.found
     assert "cpu" in sampler.sample({})[0]
+
+
+class FailingOnce(NodeSampler):
+    """The real sampler, with a fault injected into its first reading."""
+
+    failed = False
+
+    def sample(
+        self, runs: Mapping[str, list[int]]
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected")
+        return super().sample(runs)
+
+
+def test_a_failed_sample_is_counted_and_sampling_goes_on(tmp_path: Path) -> None:
+    """Messages go to ingest as validated `system` frames with consecutive sequence numbers."""
+    frames: list[dict[str, Any]] = []
+    enough = asyncio.Event()
+
+    def receive(frame: bytes, _reply: object) -> bool:
+        frames.append(decode(frame))
+        if len(frames) >= 3:
+            enough.set()
+        return True
+
+    run = {"status": "running", "host": node_name(), "pid": os.getpid()}
+    ended = {"status": "finished", "host": node_name(), "pid": os.getpid()}
+    metrics = SystemMetrics(0.05, FailingOnce(tmp_path), lambda: {"r": run, "e": ended}, receive)
+
+    async def sample_a_while() -> None:
+        task = asyncio.create_task(metrics.run())
+        await asyncio.wait_for(enough.wait(), 30)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(sample_a_while())
+    assert metrics.status()["errors"] == 1
+    assert [frame["q"] for frame in frames] == list(range(1, len(frames) + 1))
+    assert {frame["r"] for frame in frames} == {"r"}  # an ended run is not sampled
+    assert {frame["t"] for frame in frames} == {"system"}
+    assert all(frame["b"]["values"]["proc.count"] >= 1 for frame in frames)
+
+
+def test_ranks_that_joined_the_run_are_measured_on_their_own_node() -> None:
+    """A joined rank's host and pid stay in its `joined` record and the run table."""
+    joined_body = {"values": {}, "host": "node-a", "pid": 202}
+    ledger = Ledger()
+    start = {"project": "p", "name": "n", "host": "node-a", "pid": 101, "started": 1.0}
+    ledger.apply({"v": 1, "s": "a", "q": 1, "t": "run_start", "r": "run", "b": start})
+    for session, body in (("b", joined_body), ("c", {**joined_body, "host": "node-b"})):
+        message = {"v": 1, "s": session, "q": 1, "t": "joined", "r": "run", "b": body}
+        validate(message)
+        ledger.apply(message)
+    assert local_pids(ledger.runs["run"], "node-a") == [101, 202]
+    assert local_pids(ledger.runs["run"], "node-b") == [202]

@@ -13,7 +13,8 @@ in the jsonl sink's `system.jsonl`:
   `disk.read_bytes|write_bytes` and `network.sent|recv` (counters since boot);
 * GPUs (`nvml.py`): `gpu.I.util|memory.used|memory.total|memory.percent|temp|power|
   power.percent|clock.sm`;
-* a run's own processes (its pids and their children): `proc.cpu` (% of one core,
+* a run's own processes (its pids, the other ranks of its job on this node, and their
+  children): `proc.cpu` (% of one core,
   summed), `proc.rss`, `proc.memory.percent`, `proc.threads`, `proc.count`, and
   `gpu.I.proc.memory`, the
   GPU memory they hold on GPU I.
@@ -56,7 +57,8 @@ class _RunProcesses:
         for pid in roots:
             try:
                 root = self.processes.get(pid) or psutil.Process(pid)
-                family = [root, *root.children(recursive=True)]
+                ranks = [root, *_job_siblings(root)]
+                family = [*ranks, *(child for rank in ranks for child in rank.children(True))]
             except _GONE:
                 continue
             for process in family:
@@ -90,6 +92,42 @@ class _RunProcesses:
         if measured_cpu:
             values["proc.cpu"] = cpu
         return values
+
+
+def _job_siblings(root: psutil.Process) -> list[psutil.Process]:
+    """The other ranks of `root`'s distributed job on this node.
+
+    With `ranks="zero"` (the client's default) only rank 0 talks to the daemon, so the
+    run's other processes are found here: the processes its launcher (torchrun,
+    accelerate) started beside it with the same job identity as the client takes it
+    (TORCHELASTIC_RUN_ID, else MASTER_ADDR:MASTER_PORT) and a RANK of their own.
+    """
+    try:
+        environment = root.environ()
+        parent = root.parent()
+    except _GONE:  # another user's process, or gone: its own readings say so
+        return []
+    if "RANK" not in environment or parent is None:
+        return []
+    job = _job(environment)
+    siblings = []
+    for process in parent.children():
+        if process.pid == root.pid:
+            continue
+        try:
+            other = process.environ()
+        except _GONE:
+            continue
+        if "RANK" in other and _job(other) == job:
+            siblings.append(process)
+    return siblings
+
+
+def _job(environment: dict[str, str]) -> str:
+    explicit = environment.get("TORCHELASTIC_RUN_ID")
+    if explicit and explicit != "none":
+        return explicit
+    return f"{environment.get('MASTER_ADDR', '')}:{environment.get('MASTER_PORT', '')}"
 
 
 class NodeSampler:

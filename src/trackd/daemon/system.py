@@ -68,6 +68,7 @@ class SystemMetrics:
         self.acked_ts: float | None = None
         self.dropped = 0
         self.errors = 0
+        self.cpu_seconds = 0.0  # the sampler thread's own, summed over its samples
         self.latest: dict[str, Any] | None = None
 
     async def run(self) -> None:
@@ -87,20 +88,27 @@ class SystemMetrics:
                 }
                 try:
                     ts = time.time()
-                    node, per_run = await loop.run_in_executor(
-                        thread, self._sampler.sample, targets
-                    )
+                    node, per_run = await loop.run_in_executor(thread, self._sample, targets)
+                    self.latest = {"ts": ts, "node": self.node, "values": node}
+                    for run_id, own in per_run.items():
+                        self._send(run_id, ts, {**node, **own})
                 except Exception:  # a bug must cost one sample, never the sampler
                     self.errors += 1
                     if self.errors == 1:
                         log.exception("system sampler: a sample failed")
-                    continue
-                self.latest = {"ts": ts, "node": self.node, "values": node}
-                for run_id, own in per_run.items():
-                    self._send(run_id, ts, {**node, **own})
         finally:
             thread.submit(self._sampler.close)
             thread.shutdown(wait=False)  # the close above still runs: NVML is released
+
+    def _sample(
+        self, targets: Mapping[str, list[int]]
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """In the sampler thread: one reading, its CPU time counted for `trackd status`."""
+        started = time.thread_time()
+        try:
+            return self._sampler.sample(targets)
+        finally:
+            self.cpu_seconds += time.thread_time() - started
 
     def _send(self, run_id: str, ts: float, values: dict[str, float]) -> None:
         self._seq += 1
@@ -135,5 +143,6 @@ class SystemMetrics:
             "acked_ts": self.acked_ts,
             "dropped": self.dropped,
             "errors": self.errors,
+            "cpu_seconds": round(self.cpu_seconds, 6),
             "latest": self.latest,
         }
