@@ -232,3 +232,34 @@ def test_a_wrong_console_or_save_code_raises_naming_it(
     with pytest.raises(error, match=named):
         trackd.init(project="bad", **arguments)
     assert vars(sys.stdout).get("write") is stdout_write, "a refused init() wrapped stdout"
+
+
+def test_daemon_killed_mid_flood_still_every_line_once_in_order(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """kill -9 of the daemon while a script floods its console, then a restart: console.log
+    holds every line exactly once, in order (acked lines from the WAL, the rest re-sent)."""
+    daemon.start()
+    count = 1_000_000
+    flood = ("--flood", str(count), "--no-fork")
+    script = subprocess.Popen(
+        [sys.executable, str(HELPERS / "console_client.py"), "--name", "killed", *flood],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    root = daemon.data_dir / "runs" / "console"
+
+    def delivered_some() -> bool:
+        found = list(root.glob("killed-*/console.log"))
+        return bool(found) and found[0].stat().st_size > 100_000
+
+    wait_for(delivered_some, timeout=120)
+    assert script.poll() is None, "the script ended before the kill: nothing was in flight"
+    daemon.kill()
+    daemon.start()
+    assert script.wait(300) == 0
+    wait_for(lambda: '"finished"' in "".join(p.read_text() for p in root.glob("*/run.json")))
+    daemon.flush()
+    lines = console_log(daemon.data_dir, "killed")
+    assert lines == [*PARENT_LINES, *(f"flood {i}" for i in range(count)), LAST_LINE]
