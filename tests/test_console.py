@@ -14,6 +14,7 @@ import trackd
 from conftest import HELPERS, Daemon, wait_for
 from trackd.client import console as console_module
 from trackd.client.console import ConsoleCapture
+from trackd.protocol import VERSION, ProtocolError, decode, encode
 
 PARENT_LINES = [
     "hello 0",
@@ -232,3 +233,83 @@ def test_a_wrong_console_or_save_code_raises_naming_it(
     with pytest.raises(error, match=named):
         trackd.init(project="bad", **arguments)
     assert vars(sys.stdout).get("write") is stdout_write, "a refused init() wrapped stdout"
+
+
+def test_daemon_killed_mid_flood_still_every_line_once_in_order(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """kill -9 of the daemon while a script floods its console, then a restart: console.log
+    holds every line exactly once, in order (acked lines from the WAL, the rest re-sent)."""
+    daemon.start()
+    count = 1_000_000
+    flood = ("--flood", str(count), "--no-fork")
+    script = subprocess.Popen(
+        [sys.executable, str(HELPERS / "console_client.py"), "--name", "killed", *flood],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    root = daemon.data_dir / "runs" / "console"
+
+    def delivered_some() -> bool:
+        found = list(root.glob("killed-*/console.log"))
+        return bool(found) and found[0].stat().st_size > 100_000
+
+    wait_for(delivered_some, timeout=120)
+    assert script.poll() is None, "the script ended before the kill: nothing was in flight"
+    daemon.kill()
+    daemon.start()
+    assert script.wait(300) == 0
+    wait_for(lambda: '"finished"' in "".join(p.read_text() for p in root.glob("*/run.json")))
+    daemon.flush()
+    lines = console_log(daemon.data_dir, "killed")
+    assert lines == [*PARENT_LINES, *(f"flood {i}" for i in range(count)), LAST_LINE]
+
+
+def test_the_traceback_of_an_uncaught_exception_is_in_the_console(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """A script dying of an uncaught exception: its traceback (printed by the chained hook
+    before the run ends) is the end of console.log, as in W&B's Logs tab."""
+    from test_client import CRASHING_SCRIPT, python
+
+    daemon.start()
+    result = python(env, CRASHING_SCRIPT.format(hook=""))
+    assert result.returncode == 1
+    assert "ValueError: boom-4711" in result.stderr
+    root = daemon.data_dir / "runs" / "crash"
+    wait_for(lambda: '"failed"' in "".join(p.read_text() for p in root.glob("*/run.json")))
+    daemon.flush()
+    (path,) = root.glob("c-*/console.log")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: boom-4711"
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        pytest.param({"lines": "text"}, "b.lines", id="lines-not-a-list"),
+        pytest.param({"lines": [[1.0, "stdout"]]}, r"b.lines\[0\]", id="short-line"),
+        pytest.param({"lines": [[1, "stdout", "x"]]}, r"b.lines\[0\].ts", id="ts-not-float"),
+        pytest.param({"lines": [[1.0, "stdin", "x"]]}, r"b.lines\[0\].stream", id="stream"),
+        pytest.param({"lines": [[1.0, "stdout", b"x"]]}, r"b.lines\[0\].text", id="bytes-text"),
+    ],
+)
+def test_a_malformed_console_message_is_refused_naming_the_field(
+    body: dict[str, Any], named: str
+) -> None:
+    """The protocol refuses a console body that is not [[ts, stdout|stderr, text], ...]."""
+    message = {"v": VERSION, "s": "s", "q": 1, "t": "console", "r": "r", "b": body}
+    with pytest.raises(ProtocolError, match=named):
+        decode(encode(message))
+
+
+def test_a_run_start_with_a_code_state_that_is_not_a_map_is_refused() -> None:
+    """run_start's code and env are maps (or nil)."""
+    body = {"project": "p", "name": "n", "started": 1.0, "code": "abc123"}
+    message = {"v": VERSION, "s": "s", "q": 1, "t": "run_start", "r": "r", "b": body}
+    with pytest.raises(ProtocolError, match=r"b\.code"):
+        decode(encode(message))
+    body["code"], body["env"] = None, {"argv": ["x"], "python": "3.11.7"}
+    assert decode(encode(message))["b"]["env"]["argv"] == ["x"]

@@ -4,6 +4,7 @@ real repo); TensorBoard and Trackio count a notice."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 import time
@@ -228,3 +229,56 @@ def test_wandb_private_interface_contract(tmp_path: Path, monkeypatch: pytest.Mo
         assert callable(interface.publish_environment)
     finally:
         run.finish()
+
+
+AIM_CRASH = """
+import sys, time
+from pathlib import Path
+from trackd.sinks.aim import AimSink
+from trackd.sinks.base import Record, RunInfo, SinkContext
+
+repo, state_dir, saved_at = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+started = time.time()
+run = RunInfo("a" * 32, "terminal", "crash", started=started)
+start = Record((0, 0), "run_start", run, {"started": started})
+records = [
+    Record((0, i + 1), "console", run, {"lines": [[started + i, "stdout", f"line {i:03d}"]]})
+    for i in range(30)
+]
+end = Record((0, 31), "run_end", run, {"status": "finished", "error": None, "ended": 2e9})
+
+def opened(state):
+    sink = AimSink(str(repo))
+    sink.open(SinkContext(state, state_dir))
+    return sink
+
+sink = opened(None)
+saved = sink.checkpoint()
+sink.write([start, *records[:10]])
+if saved_at == "mid-console":
+    saved = sink.checkpoint()
+sink.write(records[10:20])
+sink.close()  # the daemon dies: the next one starts from the saved cursor
+sink = opened(saved)
+resent = [start, *records] if saved_at == "before-the-run-start" else records[10:]
+sink.write([*resent, end])
+sink.close()
+"""
+
+
+@pytest.mark.parametrize("saved_at", ["before-the-run-start", "mid-console"])
+def test_aim_terminal_logs_are_exactly_once_across_a_crash(
+    tmp_path: Path, env: dict[str, str], saved_at: str
+) -> None:
+    """Records re-sent after a "crash" (from a checkpoint taken before the run_start, or
+    among the console records) land on the steps they had: every line once, in order.
+    (The sink runs in a process of its own: Aim keeps state and warnings process-wide.)"""
+    repo_path = tmp_path / "aim"
+    subprocess.run(
+        [sys.executable, "-c", AIM_CRASH, str(repo_path), str(tmp_path / "state"), saved_at],
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    expected = [f"line {index:03d}" for index in range(30)]
+    assert read_aim(env, repo_path)["crash"]["terminal_logs"] == expected

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 STREAMS = ("stdout", "stderr")
 MAX_LINE_CHARS = 16 * 1024
-MAX_PENDING_WRITES = 1 << 20
+MAX_PENDING_WRITES = 1 << 18  # about 130,000 lines waiting: 250 ms of a flood
 # One `console` message: well under the protocol's 16 MiB frame cap even at the line cap.
 MAX_LINES_PER_MESSAGE = 10_000
 MAX_CHARS_PER_MESSAGE = 1 << 20

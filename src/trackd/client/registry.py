@@ -78,9 +78,11 @@ def _chain_excepthook() -> None:
         import traceback
 
         error = "".join(traceback.format_exception(exc_type, exc, tb))
-        for run in list(_open):
-            run._finish("failed", error, EXIT_TIMEOUT)
-        previous(exc_type, exc, tb)
+        try:
+            previous(exc_type, exc, tb)  # first: the traceback it prints is console output too
+        finally:
+            for run in list(_open):
+                run._finish("failed", error, EXIT_TIMEOUT)
 
     sys.excepthook = excepthook
 

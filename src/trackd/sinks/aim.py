@@ -46,9 +46,9 @@ How runs appear:
   ``trackd.env`` and as Aim's ``__system_params`` (git_info, executable, arguments).
 
 Exactly once with one small checkpoint: the next terminal-log step of each run, so
-that console lines re-sent after a crash land on their own steps (a run whose first
-console lines came after the last checkpoint continues after the lines Aim holds,
-so those few lines can appear twice). Otherwise no checkpoint is needed: Aim keeps
+that console lines re-sent after a crash land on their own steps; a run_start sent
+again finds its session's first step in the run (param ``trackd.console_steps``).
+Otherwise no checkpoint is needed: Aim keeps
 a metric's values keyed by step (a hash of it), so tracking the same key at the same
 step again overwrites the value in place instead of adding a point; the sequence's
 count and last value move only for a higher step. Params and tags are set, not
@@ -204,6 +204,7 @@ class AimSink(Sink):
             if not created:
                 self._start(run, info)
             self._write_code_state(run, body)
+            self._start_console_session(run, info.id, float(body.get("started") or info.started))
         elif record.type == "console":
             self._write_console(run, info.id, body)
         elif record.type == "metrics":
@@ -303,10 +304,23 @@ class AimSink(Sink):
             track(numbers, ts, None, step, None, context=context)
         self._sent()
 
+    def _start_console_session(self, run: Any, run_id: str, started: float) -> None:
+        """The first terminal-log step of this session of the run, kept in the run itself
+        (param `trackd.console_steps.SESSION`): a run_start delivered again after a crash
+        finds it, so the session's lines, re-sent after it, land on the steps they had."""
+        key = ("trackd", "console_steps", f"{started:.6f}".replace(".", "_"))
+        base = run.get(key)
+        if not isinstance(base, int):
+            logs = run.get_terminal_logs()
+            base = logs.last_step() + 1 if logs else 0
+            run[key] = base
+        self._log_steps[run_id] = base
+
     def _write_console(self, run: Any, run_id: str, body: dict[str, Any]) -> None:
         """Console lines as Aim's own terminal capture stores them: `LogLine`s in the run's
-        `logs` sequence (empty context), one step per line, with the line's time. A run new
-        to this sink continues after the lines Aim holds (as Aim does on resume)."""
+        `logs` sequence (empty context), one step per line, with the line's time, counted
+        from the session's first step (`_start_console_session`); a run whose start this
+        sink never saw continues after the lines Aim holds (as Aim does on resume)."""
         step = self._log_steps.get(run_id)
         if step is None:
             logs = run.get_terminal_logs()
