@@ -240,17 +240,10 @@ def test_aim_gets_distributions_and_log_records(
     }
 
 
-TRACKIO_ALERTS = """
-import json, sys
-from trackio.sqlite_storage import SQLiteStorage
-print(json.dumps(SQLiteStorage.get_alerts("p")))
-"""
-
-
 def test_trackio_stores_histograms_and_alerts_as_trackio_would(
     daemon: Daemon, env: dict[str, str], tmp_path: Path
 ) -> None:
-    from test_sink_trackio import read_trackio
+    from test_sink_trackio import read_trackio, read_trackio_alerts
 
     trackio_dir = tmp_path / "trackio"
     daemon.start("--sink", "trackio:fallback", extra_env={"TRACKIO_DIR": str(trackio_dir)})
@@ -266,14 +259,7 @@ def test_trackio_stores_histograms_and_alerts_as_trackio_would(
         key: (step, {"_type": "trackio.histogram", "bins": v["edges"], "values": v["counts"]})
         for key, (step, v) in HISTOGRAMS.items()
     }
-    out = subprocess.run(
-        [sys.executable, "-c", TRACKIO_ALERTS],
-        env={**env, "TRACKIO_DIR": str(trackio_dir)},
-        capture_output=True,
-        check=True,
-        timeout=120,
-    )
-    alerts = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    alerts = read_trackio_alerts(env, trackio_dir, "p")
     assert sorted((a["title"], a["text"], a["level"], a["run"]) for a in alerts) == sorted(
         (a["title"], a["text"] or None, a["level"].lower(), "hist") for a in ALERTS
     )
