@@ -150,3 +150,29 @@ def test_the_ledger_rebuilds_a_resolved_resume_from_the_stored_run_start(tmp_pat
     assert Ledger.load(path).resolve(row) == expected
     other = _message(1, "metrics", "unrelated", {"rows": [[0, 1.0, {}]]})
     assert ledger.resolve(other) is other
+
+
+def test_a_daemon_killed_while_it_resolves_a_resume_keeps_one_run_every_row_once(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """A resume started with no daemon, whose rows reach a daemon started later, killed -9
+    mid-stream and restarted: the resume stays resolved (rebuilt from the WAL), so the run
+    is still one, and every row is in it once, steps 0..N in order."""
+    daemon.start()
+    first = log_rows(env, 5)
+    assert daemon.stop() == 0
+    rows = 4000
+    client = run_client(
+        env, "--name", "long", "--rows", str(rows), "--resume", "must", "--pace", "0.2"
+    )
+    assert client.stderr is not None
+    assert b"cannot ask the daemon" in client.stderr.readline()  # so it leaves it to the daemon
+    daemon.start()
+    wait_for(lambda: daemon.request("runs")[0]["rows"] > 5, timeout=60)
+    daemon.kill()
+    daemon.start()
+    assert finish_client(client)["id"] != first  # a provisional id: the daemon resolved it
+    wait_for(lambda: daemon.request("runs")[0]["rows"] == rows + 5, timeout=60)
+    assert steps_of(daemon) == {f"long-{first[:8]}": list(range(rows + 5))}
+    [run] = daemon.request("runs")
+    assert (run["id"], run["status"], run["last_step"]) == (first, "finished", rows + 4)
