@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Daemon, cli, finish_client, jsonl_runs, start_helper
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, start_helper, wait_for
 
 EVEN = {"counts": [1, 2, 3, 4], "edges": [0.0, 0.75, 1.5, 2.25, 3.0]}
 GIVEN = {"counts": [5, 0, 7], "edges": [0.0, 1.0, 3.0, 10.0]}
@@ -263,3 +263,24 @@ def test_trackio_stores_histograms_and_alerts_as_trackio_would(
     assert sorted((a["title"], a["text"], a["level"], a["run"]) for a in alerts) == sorted(
         (a["title"], a["text"] or None, a["level"].lower(), "hist") for a in ALERTS
     )
+
+
+def test_alerts_jsonl_holds_every_alert_once_across_a_daemon_kill(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """alerts.jsonl is appended exactly once per alert although the daemon is killed -9
+    while alerts stream in and the sink's batches are re-sent after the restart."""
+    root = tmp_path / "runs"
+    daemon.start("--sink", f"jsonl:{root}")
+    rows = 3000
+    client = run_client(
+        env, "--name", "alerts", "--rows", str(rows), "--alert-every", "2", "--pace", "0.1"
+    )
+    wait_for(lambda: daemon.status()["ingest"]["messages"] > 50, timeout=60)
+    daemon.kill()
+    daemon.start("--sink", f"jsonl:{root}")
+    run_id = finish_client(client)["id"]
+    daemon.flush()
+    lines = (root / "p" / f"alerts-{run_id[:8]}" / "alerts.jsonl").read_text().splitlines()
+    titles = [json.loads(line)["title"] for line in lines]
+    assert titles == [f"row {step}" for step in range(0, rows, 2)]
