@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import trackd
-from conftest import Daemon, finish_client, jsonl_runs, run_client, wait_for
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, wait_for
 from trackd.daemon.ledger import Ledger
 from trackd.protocol import VERSION
 
@@ -176,3 +176,20 @@ def test_a_daemon_killed_while_it_resolves_a_resume_keeps_one_run_every_row_once
     assert steps_of(daemon) == {f"long-{first[:8]}": list(range(rows + 5))}
     [run] = daemon.request("runs")
     assert (run["id"], run["status"], run["last_step"]) == (first, "finished", rows + 4)
+
+
+def test_replay_straight_to_a_sink_resolves_an_offline_resume_against_the_source(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """`trackd replay DATA_DIR --sink ...` (no daemon): the run in the WAL and an offline
+    resume of it in the spool are delivered as one run, steps continuing."""
+    daemon.start()
+    first = log_rows(env, 4)
+    assert daemon.stop() == 0
+    log_rows(env, 3, "--mode", "offline", "--resume", "allow")
+    out = tmp_path / "out"
+    result = cli(env, "replay", str(daemon.data_dir), "--sink", f"jsonl:{out}", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert {
+        run_dir: [row["step"] for row in rows] for run_dir, rows in jsonl_runs(out).items()
+    } == {f"long-{first[:8]}": list(range(7))}
