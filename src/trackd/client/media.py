@@ -297,6 +297,9 @@ def _plain_list(value: Any, what: str) -> list[Any]:
         raise TypeError(f"{what}: expected a sequence of numbers, got {type(value).__name__}")
     plain = []
     for index, item in enumerate(value):
+        if type(item) is float or type(item) is int:
+            plain.append(item)
+            continue
         number = item.item() if callable(getattr(item, "item", None)) else item
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise TypeError(f"{what}[{index}]: expected a number, got {type(item).__name__}")
@@ -319,8 +322,10 @@ def _binned(values: list[float], bins: int) -> tuple[list[int | float], list[flo
     width = (high - low) / bins
     edges = [low + index * width for index in range(bins)] + [high]
     counts: list[int | float] = [0] * bins
+    last = bins - 1
     for value in values:
-        counts[min(int((value - low) / width), bins - 1)] += 1
+        index = int((value - low) / width)
+        counts[index if index < last else last] += 1
     return counts, edges
 
 
