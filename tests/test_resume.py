@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import trackd
-from conftest import Daemon, finish_client, jsonl_runs, run_client, wait_for
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, wait_for
 from trackd.daemon.ledger import Ledger
 from trackd.protocol import VERSION
 
@@ -150,3 +150,46 @@ def test_the_ledger_rebuilds_a_resolved_resume_from_the_stored_run_start(tmp_pat
     assert Ledger.load(path).resolve(row) == expected
     other = _message(1, "metrics", "unrelated", {"rows": [[0, 1.0, {}]]})
     assert ledger.resolve(other) is other
+
+
+def test_a_daemon_killed_while_it_resolves_a_resume_keeps_one_run_every_row_once(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """A resume started with no daemon, whose rows reach a daemon started later, killed -9
+    mid-stream and restarted: the resume stays resolved (rebuilt from the WAL), so the run
+    is still one, and every row is in it once, steps 0..N in order."""
+    daemon.start()
+    first = log_rows(env, 5)
+    assert daemon.stop() == 0
+    rows = 4000
+    client = run_client(
+        env, "--name", "long", "--rows", str(rows), "--resume", "must", "--pace", "0.2"
+    )
+    assert client.stderr is not None
+    assert b"cannot ask the daemon" in client.stderr.readline()  # so it leaves it to the daemon
+    daemon.start()
+    wait_for(lambda: daemon.request("runs")[0]["rows"] > 5, timeout=60)
+    daemon.kill()
+    daemon.start()
+    assert finish_client(client)["id"] != first  # a provisional id: the daemon resolved it
+    wait_for(lambda: daemon.request("runs")[0]["rows"] == rows + 5, timeout=60)
+    assert steps_of(daemon) == {f"long-{first[:8]}": list(range(rows + 5))}
+    [run] = daemon.request("runs")
+    assert (run["id"], run["status"], run["last_step"]) == (first, "finished", rows + 4)
+
+
+def test_replay_straight_to_a_sink_resolves_an_offline_resume_against_the_source(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """`trackd replay DATA_DIR --sink ...` (no daemon): the run in the WAL and an offline
+    resume of it in the spool are delivered as one run, steps continuing."""
+    daemon.start()
+    first = log_rows(env, 4)
+    assert daemon.stop() == 0
+    log_rows(env, 3, "--mode", "offline", "--resume", "allow")
+    out = tmp_path / "out"
+    result = cli(env, "replay", str(daemon.data_dir), "--sink", f"jsonl:{out}", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert {
+        run_dir: [row["step"] for row in rows] for run_dir, rows in jsonl_runs(out).items()
+    } == {f"long-{first[:8]}": list(range(7))}

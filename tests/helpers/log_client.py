@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--finish-timeout", type=float, default=60.0)
     parser.add_argument("--resume", default=None, help="init(resume=...)")
     parser.add_argument("--media-last", action="store_true", help="end on a histogram's step")
+    parser.add_argument("--alert-every", type=int, default=0, help="an alert every N rows")
     args = parser.parse_args()
 
     run = trackd.init(
@@ -33,6 +34,8 @@ def main() -> None:
         started = time.perf_counter()
         run.log({"loss": 1.0 / (step + 1), "acc": step / args.rows, "i": step})
         worst = max(worst, time.perf_counter() - started)
+        if args.alert_every and step % args.alert_every == 0:
+            run.alert(f"row {step}", "", level="WARN")
         if args.pace and step % 100 == 99:
             time.sleep(args.pace)
     if args.media_last:

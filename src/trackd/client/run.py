@@ -359,8 +359,8 @@ class Run:
 
 
 def _digest(text: str) -> str:
-    """A run id from a name: the same project and name (and job) always give the same id, so a
-    resumed run, or every rank of a distributed job, continues one run."""
+    """A run id from a name: the same project, name and job always give the same id, so every
+    rank of a distributed job logs into one run without asking anyone."""
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()[:32]
