@@ -16,6 +16,7 @@ import pytest
 from conftest import Daemon, cli, finish_client, free_port, run_client, wait_for
 from helpers import auth_proxy, until_client
 from test_sink_aim import AimServer, assert_every_step_once, read_aim
+from trackd.sinks.aim import AimSink, remote_headers
 from trackd.sinks.base import SinkSpec
 
 ACCESS = {"CF-Access-Client-Id": "id-7f3a.access", "CF-Access-Client-Secret": "s3cret-9b1c"}
@@ -169,3 +170,42 @@ def test_without_the_headers_status_names_the_401_then_configured_the_run_is_del
     assert refused_by_proxy(proxy.log), "the first daemon was refused"
     assert_no_secret(shown.stdout, json.dumps(status), daemon.log())
     assert "wrong" not in shown.stdout + json.dumps(status)
+
+
+def test_headers_from_the_seed_variables_then_the_options() -> None:
+    """The NTN variables map to their headers; `headers`, then `headers_env`, override."""
+    environ = {
+        "CF_ACCESS_CLIENT_ID": "id",
+        "CF_ACCESS_CLIENT_SECRET": "secret",
+        "AIM_AUTH_TOKEN": "tok",
+        "AIM_CUSTOM_HEADERS": '{"X-Team": "ntn", "CF-Access-Client-Id": "custom-id"}',
+        "MY_SECRET": "from-env",
+    }
+    assert remote_headers({}, environ) == {
+        "CF-Access-Client-Id": "custom-id",
+        "CF-Access-Client-Secret": "secret",
+        "Authorization": "Bearer tok",
+        "X-Team": "ntn",
+    }
+    options = {
+        "headers": '{"X-Team": "option"}',
+        "headers_env": '{"CF-Access-Client-Secret": "MY_SECRET"}',
+    }
+    assert remote_headers(options, environ) == {
+        "CF-Access-Client-Id": "custom-id",
+        "CF-Access-Client-Secret": "from-env",
+        "Authorization": "Bearer tok",
+        "X-Team": "option",
+    }
+    assert remote_headers({}, {}) == {}
+
+
+def test_bad_header_options_are_refused_naming_them() -> None:
+    """A headers_env variable the daemon lacks, a headers value that is no table, and
+    headers on a local repo: a ValueError naming what is wrong, at start-up."""
+    with pytest.raises(ValueError, match=r"'ABSENT' .* not set"):
+        AimSink("aim://127.0.0.1:1", headers_env='{"X-Id": "ABSENT"}')
+    with pytest.raises(ValueError, match="option headers must be a table"):
+        AimSink("aim://127.0.0.1:1", headers="Bearer x")
+    with pytest.raises(ValueError, match="for a remote repo"):
+        AimSink("/tmp/repo", headers='{"X-Id": "1"}')
