@@ -5,6 +5,9 @@ servers are never contacted: its URL is a loopback port nobody listens on."""
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -149,6 +152,45 @@ def test_sigkill_twice_mid_run_every_step_and_artifact_once(
         content = archive.files[upload["file_path"]]
         digest = results[1]["artifacts"][upload["additional_params"]["fileName"]]
         assert hashlib.sha256(content).hexdigest() == digest
+
+
+MIDWAY = """
+import json, tempfile, trackd
+run = trackd.init(project="p", name="midway", mode="offline")
+for step in range(200):
+    run.log({"i": step, "loss": 1.0 / (step + 1)}, step=step)
+    if step in (50, 150):
+        with tempfile.NamedTemporaryFile(delete=False) as handle:
+            handle.write(b"artifact %d" % step)
+        run.log_artifact(handle.name, name="a%d.bin" % step)
+run.finish()
+print(json.dumps({"id": run.id}))
+"""
+
+
+def test_a_record_refused_mid_batch_is_dead_lettered_and_the_rest_lands_once(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A run spooled offline whose first artifact's stored file is then deleted: the daemon
+    delivers the spool in one go, the record fails in the middle of its batch and is
+    retried alone (the fan-out re-sends the batch one record at a time): it goes to the
+    dead letters, and every step and the other artifact are in the archive once."""
+    client = subprocess.run(
+        [sys.executable, "-c", MIDWAY], env=env, capture_output=True, text=True, check=True
+    )
+    run_id = json.loads(client.stdout.strip().splitlines()[-1])["id"]
+    gone = hashlib.sha256(b"artifact 50").hexdigest()
+    (daemon.data_dir / "artifacts" / gone[:2] / gone).unlink()
+    spec = offline_spec(tmp_path)
+    daemon.start("--sink", spec, extra_env=comet_env(tmp_path))
+    wait_for(lambda: list((tmp_path / "comet").glob("*.zip")), 60)  # the spool's run ended
+    assert daemon.status()["sinks"][SinkSpec.parse(spec).name]["dead_letters"] == 1
+    assert daemon.stop() == 0
+
+    (archive,) = read_archives(tmp_path / "comet")[hashlib.sha256(run_id.encode()).hexdigest()[:32]]
+    assert_every_step_once([archive], 200)
+    assert [upload_name(u) for u in archive.uploads] == ["a150.bin"]
+    assert archive.others["trackd.status"] == "finished"
 
 
 def test_online_without_an_api_key_is_retried_with_a_clear_error(
