@@ -191,7 +191,7 @@ class CometSink(Sink):
             self._add_tags(live, run.tags)
         elif record.type == "metrics":
             for step, _ts, values in body["rows"]:
-                numbers = {k: v for k, v in values.items() if isinstance(v, int | float)}
+                numbers = {k: _number(v) for k, v in values.items() if isinstance(v, int | float)}
                 if len(numbers) < len(values):
                     self._notices("values that are not numbers are not sent to Comet")
                 experiment.log_metrics(numbers, step=step)
@@ -578,6 +578,11 @@ class _Sdk:
             resume_strategy=create if session.number == 0 else get,
             user_provided_experiment_key=True,
         )
+
+
+def _number(value: float) -> float:
+    """A metric value as Comet takes it: a bool as 0/1 (Comet would store the text "True")."""
+    return int(value) if isinstance(value, bool) else value
 
 
 _GLOBAL_EXPERIMENT = threading.Lock()  # two Comet sinks in one daemon start sessions in turn
