@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, finish_client, meta_client, run_client, wait_for
+from conftest import Daemon, cli, finish_client, meta_client, run_client, wait_for
 from helpers import until_client
 from helpers.comet_archive import Archive, comet_env, metric_steps, read_archives
 from test_media import log_media
@@ -190,6 +190,46 @@ def test_a_record_refused_mid_batch_is_dead_lettered_and_the_rest_lands_once(
     (archive,) = read_archives(tmp_path / "comet")[hashlib.sha256(run_id.encode()).hexdigest()[:32]]
     assert_every_step_once([archive], 200)
     assert [upload_name(u) for u in archive.uploads] == ["a150.bin"]
+    assert archive.others["trackd.status"] == "finished"
+
+
+INTERLEAVED = """
+import sys, trackd
+run = trackd.init(project="p", name="off", mode="offline")
+for step in range(int(sys.argv[1])):
+    run.log({"i": step, "loss": 1.0 / (step + 1)}, step=step)
+    run.set_summary({"last": step})
+run.finish()
+"""
+
+
+def test_offline_spool_replayed_into_comet_twice_lands_once(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`trackd replay` of an offline run (more than one of replay's batches) into a Comet
+    sink, twice: one archive, every step once; the second replay adds nothing."""
+    spool_env = {**env, "TRACKD_DATA_DIR": str(tmp_path / "air-gapped")}
+    rows = 1500  # a summary after each row: 3,000 messages
+    subprocess.run(
+        [sys.executable, "-c", INTERLEAVED, str(rows)], env=spool_env, check=True, timeout=120
+    )
+    replays = []
+    for _ in range(2):
+        replayed = cli(
+            {**env, **comet_env(tmp_path)},
+            "replay",
+            str(tmp_path / "air-gapped" / "spool"),
+            "--sink",
+            offline_spec(tmp_path),
+            timeout=300,
+        )
+        assert replayed.returncode == 0, replayed.stderr
+        replays.append(replayed.stdout)
+    assert "3002 records delivered" in replays[0]  # run_start, rows, summaries, run_end
+    assert "0 records delivered" in replays[1]
+    ((archive,),) = read_archives(tmp_path / "comet").values()
+    assert_every_step_once([archive], rows)
+    assert archive.others["last"] == rows - 1
     assert archive.others["trackd.status"] == "finished"
 
 
