@@ -385,12 +385,17 @@ def _refusal(target: str, headers: dict[str, str]) -> SinkError | None:
     401/403 (Aim itself would fail on reading the refusal as JSON, naming neither)."""
     import requests
 
-    url = f"http://{target.removeprefix(REMOTE)}/status/"
-    try:
-        response = requests.get(url, headers=headers, timeout=10, allow_redirects=False)
-    except requests.RequestException:
-        return None  # no answer: Aim's own connection error says that
-    if response.status_code not in (401, 403):
+    for scheme in ("http", "https"):  # as Aim's client probes the server
+        url = f"{scheme}://{target.removeprefix(REMOTE)}/status/"
+        try:
+            response = requests.get(url, headers=headers, timeout=10, allow_redirects=False)
+        except requests.RequestException:
+            continue  # no answer: Aim's own connection error says that
+        if response.status_code in (401, 403):
+            break
+        if response.ok:
+            return None
+    else:
         return None
     sent = ", ".join(sorted(headers)) or "none"
     return SinkError(
