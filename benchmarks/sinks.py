@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/sinks.py --steps 5000 --only mlflow
     .venv/bin/python benchmarks/sinks.py --only mlflow --mlflow-default-steps 0 --repeat 3
 
-For each backend (mlflow, wandb offline, aim, tensorboard, trackio) and each way:
+For each backend (mlflow, wandb offline, aim, tensorboard, trackio, comet offline) and each way:
 
 * trackd: a fresh daemon (`python -m trackd serve --sink SPEC`) in a temporary
   directory; a fresh client process calls `run.log({3 metrics}, step)` N times (the
@@ -14,14 +14,17 @@ For each backend (mlflow, wandb offline, aim, tensorboard, trackio) and each way
 * own client: a fresh process does the same through the backend's SDK: mlflow
   `log_metrics(..., synchronous=False)` (default settings, and with
   MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS=1, its fastest), wandb offline `log`, aim
-  `Run.track` (one dict per step), tensorboardX `add_scalar` x3, trackio `log`; "until
-  in backend" ends when its own end call (`end_run`, `finish`, `close`) returns.
+  `Run.track` (one dict per step), tensorboardX `add_scalar` x3, trackio `log`, comet
+  `OfflineExperiment.log_metrics` (with the auto-logging the sink turns off also off);
+  "until in backend" ends when its own end call (`end_run`, `finish`, `close`, `end`:
+  Comet's offline archive written) returns.
 
 Every MLflow case gets its own fresh `mlflow server` (sqlite store, 127.0.0.1, started
 and SIGKILLed by PID as in tests/mlflow_server.py). After every case the backend is
 read back in a separate process (MlflowClient.get_metric_history, the .wandb
 transaction log via tests/helpers/wandb_log.py, the aim SDK, TensorBoard's
-EventAccumulator, trackio's SQLiteStorage) and must hold every step of every metric;
+EventAccumulator, trackio's SQLiteStorage, the messages of Comet's offline archives via
+tests/helpers/comet_archive.py) and must hold every step of every metric;
 a case that does not is reported as FAILED, not timed.
 
 The machine is shared, so each case records the 1-minute load average before it,
@@ -155,6 +158,25 @@ def case_trackio(steps: int, work: Path) -> dict[str, Any]:
     return {"loop": looped - started, "delivered": done - started}
 
 
+def case_comet(steps: int, work: Path) -> dict[str, Any]:
+    import comet_ml
+
+    from trackd.sinks.comet import QUIET
+
+    experiment = comet_ml.OfflineExperiment(
+        project_name=PROJECT, offline_directory=str(work / "comet"), **QUIET
+    )
+    experiment.set_name("own")
+    log_metrics = experiment.log_metrics
+    started = time.perf_counter()
+    for step in range(steps):
+        log_metrics(values(step), step=step)
+    looped = time.perf_counter()
+    experiment.end()
+    done = time.perf_counter()
+    return {"loop": looped - started, "delivered": done - started}
+
+
 CASES = {
     "trackd": case_trackd,
     "mlflow": case_mlflow,
@@ -162,6 +184,7 @@ CASES = {
     "aim": case_aim,
     "tensorboard": case_tensorboard,
     "trackio": case_trackio,
+    "comet": case_comet,
 }
 
 
@@ -217,6 +240,12 @@ def steps_in_backend(backend: str, work: Path) -> dict[str, list[int]]:
         (name,) = SQLiteStorage.get_runs(project)
         logs = SQLiteStorage.get_logs(project, name)
         return {key: sorted(log["step"] for log in logs if key in log) for key in KEYS}
+    if backend == "comet":
+        sys.path.insert(0, str(TESTS))
+        from helpers.comet_archive import metric_steps, read_archives
+
+        (archives,) = read_archives(work / "comet").values()
+        return {key: sorted(metric_steps(archives, key)) for key in KEYS}
     raise ValueError(backend)
 
 
@@ -359,6 +388,13 @@ def backend_env(backend: str, work: Path) -> dict[str, str]:
         }
     if backend == "trackio":
         env["TRACKIO_DIR"] = str(work / "trackio")
+    if backend == "comet":  # offline, and nothing can reach Comet's servers
+        env |= {
+            "COMET_API_KEY": "",
+            "COMET_CONFIG": str(work / "no-comet.config"),
+            "COMET_URL_OVERRIDE": f"http://127.0.0.1:{free_port()}/clientlib/",
+            "COMET_ERROR_TRACKING_ENABLE": "false",
+        }
     return env
 
 
@@ -369,6 +405,7 @@ def spec_for(backend: str, work: Path, uri: str | None) -> str:
         "aim": f"aim:{work / 'aim'}",
         "tensorboard": f"tensorboard:{work / 'tb'}",
         "trackio": f"trackio:{PROJECT}",
+        "comet": f"comet:{PROJECT}?offline_directory={work / 'comet'}",
     }[backend]
 
 

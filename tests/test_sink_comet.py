@@ -5,11 +5,14 @@ servers are never contacted: its URL is a loopback port nobody listens on."""
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Daemon, finish_client, meta_client, run_client, wait_for
+from conftest import Daemon, cli, finish_client, meta_client, run_client, wait_for
 from helpers import until_client
 from helpers.comet_archive import Archive, comet_env, metric_steps, read_archives
 from test_media import log_media
@@ -119,8 +122,8 @@ def test_sigkill_twice_mid_run_every_step_and_artifact_once(
         until_client.start(env, "art", stop, per_tick=1, tick=0.02, artifact_every=20),
     ]
     for _ in range(2):
-        delivered = int(daemon.status()["sinks"][name]["delivered_rows"]) if _ else 0
-        wait_for(lambda: daemon.status()["sinks"][name]["delivered_rows"] > delivered + 200, 60)  # noqa: B023
+        # Kill mid-stream, once this daemon (its counts start at 0) has delivered some rows.
+        wait_for(lambda: daemon.status()["sinks"][name]["delivered_rows"] > 200, 60)
         time.sleep(0.3)
         daemon.kill()
         daemon.start("--sink", spec, extra_env=extra_env)
@@ -149,6 +152,85 @@ def test_sigkill_twice_mid_run_every_step_and_artifact_once(
         content = archive.files[upload["file_path"]]
         digest = results[1]["artifacts"][upload["additional_params"]["fileName"]]
         assert hashlib.sha256(content).hexdigest() == digest
+
+
+MIDWAY = """
+import json, tempfile, trackd
+run = trackd.init(project="p", name="midway", mode="offline")
+for step in range(200):
+    run.log({"i": step, "loss": 1.0 / (step + 1)}, step=step)
+    if step in (50, 150):
+        with tempfile.NamedTemporaryFile(delete=False) as handle:
+            handle.write(b"artifact %d" % step)
+        run.log_artifact(handle.name, name="a%d.bin" % step)
+run.finish()
+print(json.dumps({"id": run.id}))
+"""
+
+
+def test_a_record_refused_mid_batch_is_dead_lettered_and_the_rest_lands_once(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A run spooled offline whose first artifact's stored file is then deleted: the daemon
+    delivers the spool in one go, the record fails in the middle of its batch and is
+    retried alone (the fan-out re-sends the batch one record at a time): it goes to the
+    dead letters, and every step and the other artifact are in the archive once."""
+    client = subprocess.run(
+        [sys.executable, "-c", MIDWAY], env=env, capture_output=True, text=True, check=True
+    )
+    run_id = json.loads(client.stdout.strip().splitlines()[-1])["id"]
+    gone = hashlib.sha256(b"artifact 50").hexdigest()
+    (daemon.data_dir / "artifacts" / gone[:2] / gone).unlink()
+    spec = offline_spec(tmp_path)
+    daemon.start("--sink", spec, extra_env=comet_env(tmp_path))
+    wait_for(lambda: list((tmp_path / "comet").glob("*.zip")), 60)  # the spool's run ended
+    assert daemon.status()["sinks"][SinkSpec.parse(spec).name]["dead_letters"] == 1
+    assert daemon.stop() == 0
+
+    (archive,) = read_archives(tmp_path / "comet")[hashlib.sha256(run_id.encode()).hexdigest()[:32]]
+    assert_every_step_once([archive], 200)
+    assert [upload_name(u) for u in archive.uploads] == ["a150.bin"]
+    assert archive.others["trackd.status"] == "finished"
+
+
+INTERLEAVED = """
+import sys, trackd
+run = trackd.init(project="p", name="off", mode="offline")
+for step in range(int(sys.argv[1])):
+    run.log({"i": step, "loss": 1.0 / (step + 1)}, step=step)
+    run.set_summary({"last": step})
+run.finish()
+"""
+
+
+def test_offline_spool_replayed_into_comet_twice_lands_once(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`trackd replay` of an offline run (more than one of replay's batches) into a Comet
+    sink, twice: one archive, every step once; the second replay adds nothing."""
+    spool_env = {**env, "TRACKD_DATA_DIR": str(tmp_path / "air-gapped")}
+    rows = 1500  # a summary after each row: 3,000 messages
+    subprocess.run(
+        [sys.executable, "-c", INTERLEAVED, str(rows)], env=spool_env, check=True, timeout=120
+    )
+    replays = []
+    for _ in range(2):
+        replayed = cli(
+            {**env, **comet_env(tmp_path)},
+            "replay",
+            str(tmp_path / "air-gapped" / "spool"),
+            "--sink",
+            offline_spec(tmp_path),
+            timeout=300,
+        )
+        assert replayed.returncode == 0, replayed.stderr
+        replays.append(replayed.stdout)
+    assert "3002 records delivered" in replays[0]  # run_start, rows, summaries, run_end
+    assert "0 records delivered" in replays[1]
+    ((archive,),) = read_archives(tmp_path / "comet").values()
+    assert_every_step_once([archive], rows)
+    assert archive.others["last"] == rows - 1
+    assert archive.others["trackd.status"] == "finished"
 
 
 def test_online_without_an_api_key_is_retried_with_a_clear_error(

@@ -362,7 +362,7 @@ async def _replay(settings: Any, source: Path, files: list[Path], run_name: str 
         started = time.monotonic()
         work = []
         for spec in settings.sinks:
-            task = bar.add_task(spec.text, total=total, rate="")
+            task = bar.add_task(spec.shown, total=total, rate="")
 
             def advance(n: int, task: Any = task) -> None:
                 done = bar.tasks[task].completed + n
@@ -378,7 +378,7 @@ async def _replay(settings: Any, source: Path, files: list[Path], run_name: str 
     for delivery in done:
         stats = delivery.stats
         click.echo(
-            f"{delivery.spec.text}: {stats.delivered_records} records delivered "
+            f"{delivery.spec.shown}: {stats.delivered_records} records delivered "
             f"({stats.delivered_rows} rows), {stats.dead_letters} dead letters"
         )
 

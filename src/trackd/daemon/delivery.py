@@ -134,7 +134,7 @@ class Delivery:
         self.stats.last_error_at = time.time()
         if not isinstance(exc, SinkError) and self.stats.last_error not in self._logged:
             self._logged.add(self.stats.last_error)
-            log.error("sink %s raised an unmapped error; retrying", self.spec.text, exc_info=exc)
+            log.error("sink %s raised an unmapped error; retrying", self.spec.shown, exc_info=exc)
 
     def _dead_letter(self, record: Record, reason: str) -> None:
         self.stats.dead_letters += 1
@@ -151,7 +151,7 @@ class Delivery:
         }
         with self._dead_letter_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, default=str) + "\n")
-        log.warning("sink %s: dead-lettered a %s record: %s", self.spec.text, record.type, reason)
+        log.warning("sink %s: dead-lettered a %s record: %s", self.spec.shown, record.type, reason)
 
     async def sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -162,7 +162,7 @@ class Delivery:
 
         Called on the sink's thread (via `call`): the sink's checkpoint may fsync.
         """
-        document = {"spec": self.spec.text, **progress, "state": self.sink.checkpoint()}
+        document = {"spec": self.spec.shown, **progress, "state": self.sink.checkpoint()}
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         with temporary.open("w", encoding="utf-8") as handle:
@@ -178,7 +178,7 @@ class Delivery:
                 await self.call(lambda: self.save(path, progress()))
                 await self.call(self.sink.close)
             except Exception:
-                log.exception("sink %s: error while closing", self.spec.text)
+                log.exception("sink %s: error while closing", self.spec.shown)
         self._executor.shutdown(wait=False)
 
 

@@ -77,7 +77,7 @@ class SinkWorker:
         stats = self.delivery.stats
         behind = stats.behind_since
         return {
-            "spec": self.spec.text,
+            "spec": self.spec.shown,
             **asdict(stats),
             "cursor": list(self.cursor),
             "lag_bytes": self.wal.bytes_between(self.cursor, self.ledger.position),

@@ -12,6 +12,7 @@ replay cut short resumes where it stopped.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,6 +104,11 @@ async def replay_into(
     def progress() -> dict[str, Any]:
         return {"sessions": dict(sessions)}
 
+    # Positions as sinks see them: growing across batches and across replays into this
+    # state (a sink may skip a record at or before the last position it handed over).
+    started = time.time_ns()
+    positions = ((started, ordinal) for ordinal in itertools.count())
+
     try:
         if not await delivery.open(SinkContext(saved.get("state"), state_dir)):
             return delivery
@@ -116,14 +122,14 @@ async def replay_into(
                 continue
             batch.append(message)
             if len(batch) >= BATCH_RECORDS:
-                await _deliver(delivery, batch, ledger, sessions)
+                await _deliver(delivery, batch, ledger, sessions, positions)
                 advance(len(batch))
                 batch = []
                 if time.monotonic() - saved_at > SAVE_SECONDS:
                     await delivery.call(delivery.save, progress_path, progress())
                     saved_at = time.monotonic()
         if batch:
-            await _deliver(delivery, batch, ledger, sessions)
+            await _deliver(delivery, batch, ledger, sessions, positions)
             advance(len(batch))
     finally:
         await delivery.close(progress_path, progress)
@@ -131,11 +137,15 @@ async def replay_into(
 
 
 async def _deliver(
-    delivery: Delivery, batch: list[Message], ledger: Ledger, sessions: dict[str, int]
+    delivery: Delivery,
+    batch: list[Message],
+    ledger: Ledger,
+    sessions: dict[str, int],
+    positions: Iterator[tuple[int, int]],
 ) -> None:
     records = [
-        Record((0, index), message["t"], ledger.info(message["r"]), message["b"])
-        for index, message in enumerate(batch)
+        Record(next(positions), message["t"], ledger.info(message["r"]), message["b"])
+        for message in batch
     ]
     if not await delivery.deliver(records):
         raise asyncio.CancelledError

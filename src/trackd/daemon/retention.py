@@ -131,5 +131,5 @@ class Retention:
             segment,
             len(lost),
             rows,
-            ", ".join(w.spec.text for w in behind) or "no sink",
+            ", ".join(w.spec.shown for w in behind) or "no sink",
         )

@@ -217,7 +217,7 @@ async def serve(settings: Settings) -> int:
         "trackd serving on %s; WAL at %s; sinks: %s",
         endpoints.ingest,
         wal.directory,
-        ", ".join(spec.text for spec in specs),
+        ", ".join(spec.shown for spec in specs),
     )
     await stop.wait()
     notifier.stopping()

@@ -7,7 +7,6 @@ Each later source overrides the earlier ones key by key. `TRACKD_SINKS` and
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import tomllib
 
 from trackd import paths
 from trackd.protocol import MAX_FRAME_BYTES
-from trackd.sinks.base import SinkSpec, sink_class_for
+from trackd.sinks.base import SinkSpec, looks_secret, sink_class_for
 
 
 class SettingsError(ValueError):
@@ -70,15 +69,6 @@ MIN_SYSTEM_INTERVAL = 0.5
 _ON_FULL = ("block", "drop_oldest")
 
 
-_URL_PASSWORD = re.compile(r"//([^:/@]+):([^@/]+)@")
-_SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "key")
-
-
-def looks_secret(name: str) -> bool:
-    lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
-
-
 def redact(tree: Any) -> Any:
     """A copy of config-like data with the values of secret-looking keys masked."""
     if isinstance(tree, dict):
@@ -96,9 +86,8 @@ def redacted(settings: Settings) -> dict[str, Any]:
         if item.name == "sinks":
             specs = value or [settings.default_sink]
             value = [
-                {"kind": spec.kind, "target": _URL_PASSWORD.sub(r"//\1:***@", spec.target)}
-                | {"name": spec.name}
-                | {k: ("***" if looks_secret(k) else v) for k, v in spec.options.items()}
+                {"kind": spec.kind, "target": spec.shown_target, "name": spec.name}
+                | spec.shown_options
                 for spec in specs
             ]
         elif isinstance(value, Path):

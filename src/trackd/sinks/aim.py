@@ -71,6 +71,16 @@ What remains is knowing that a write is stored before ``write()`` returns:
   the SDK still holds, unconfirmed and so sent again by the next daemon, and exits
   (see ``close()``: Aim alone would wait for the server forever).
 
+Behind an authenticating proxy (a remote repo only): ``headers`` (a TOML table, or a JSON
+object in a spec string) and ``headers_env`` (a table of header name -> the name of an
+environment variable of the daemon holding its value, so the secret stays out of the
+config file) are sent with every request and WebSocket upgrade. The variables the NTN
+setup's clients read are honoured when set in the daemon's environment:
+``CF_ACCESS_CLIENT_ID`` / ``CF_ACCESS_CLIENT_SECRET`` (headers ``CF-Access-Client-Id`` /
+``CF-Access-Client-Secret``), ``AIM_AUTH_TOKEN`` (``Authorization: Bearer ...``) and
+``AIM_CUSTOM_HEADERS`` (a JSON object); ``headers`` and then ``headers_env`` override
+them. A 401/403 from the proxy is a retried error naming the status in ``trackd status``.
+
 Errors: a value Aim refuses (TypeError/ValueError, e.g. a sequence changing type):
 permanent. Locks, connections, timeouts, the server's errors and OS errors: retriable.
 """
@@ -79,8 +89,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
+import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +131,7 @@ ALERT_LOG_LEVELS = {"INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logg
 class AimSink(Sink):
     kind = "aim"
     target_key = "repo"
-    known_options = ("timeout", "artifacts_uri")
+    known_options = ("timeout", "artifacts_uri", "headers", "headers_env")
 
     def __init__(self, target: str, **options: str) -> None:
         super().__init__(target, **options)
@@ -139,6 +152,9 @@ class AimSink(Sink):
                 f"aim sink: artifacts_uri needs a scheme (file://, s3://), "
                 f"got {self._artifacts_uri!r}"
             )
+        self._headers = remote_headers(options, os.environ) if self._remote else {}
+        if not self._remote and ("headers" in options or "headers_env" in options):
+            raise ValueError("aim sink: headers and headers_env are for a remote repo (aim://)")
         self._notices = Notices("aim")
 
     def open(self, context: SinkContext) -> None:
@@ -167,7 +183,7 @@ class AimSink(Sink):
     def _connect(self) -> Any:
         """The repo: a remote one connects to its server now; a local one is created if new."""
         if self._remote:
-            return self._aim.Repo(self.target)
+            return _remote_repo(self._aim, self.target, self._headers)
         path = Path(self.target).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         return self._aim.Repo(str(path), init=not self._aim.Repo.exists(str(path)))
@@ -491,6 +507,118 @@ _GPU_NAMES = {
 }
 
 
+SEED_HEADERS = {
+    "CF_ACCESS_CLIENT_ID": "CF-Access-Client-Id",
+    "CF_ACCESS_CLIENT_SECRET": "CF-Access-Client-Secret",
+}
+
+
+def remote_headers(options: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The headers for a remote repo: the NTN setup's variables, then `headers`, then
+    `headers_env` (see the module docstring); a bad option is a ValueError naming it."""
+    headers = {
+        name: environ[variable] for variable, name in SEED_HEADERS.items() if environ.get(variable)
+    }
+    if environ.get("AIM_AUTH_TOKEN"):
+        headers["Authorization"] = f"Bearer {environ['AIM_AUTH_TOKEN']}"
+    if environ.get("AIM_CUSTOM_HEADERS"):
+        headers |= _header_table(environ["AIM_CUSTOM_HEADERS"], "the AIM_CUSTOM_HEADERS variable")
+    headers |= _header_table(options.get("headers", "{}"), "option headers")
+    for name, variable in _header_table(
+        options.get("headers_env", "{}"), "option headers_env"
+    ).items():
+        value = environ.get(variable)
+        if value is None:
+            raise ValueError(
+                f"aim sink: option headers_env: the variable {variable!r} (for header {name!r})"
+                " is not set in the daemon's environment"
+            )
+        headers[name] = value
+    return headers
+
+
+def _header_table(text: str, where: str) -> dict[str, str]:
+    try:
+        table = json.loads(text)
+    except ValueError:
+        table = None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise ValueError(f'aim sink: {where} must be a table of strings, e.g. {{"X-Name": "..."}}')
+    return {str(name): value for name, value in table.items()}
+
+
+def _refusal(target: str, headers: dict[str, str]) -> SinkError | None:
+    """A clear error if the server, or a proxy in front of it, refuses our requests with
+    401/403 (Aim itself would fail on reading the refusal as JSON, naming neither)."""
+    import requests
+
+    for scheme in ("http", "https"):  # as Aim's client probes the server
+        url = f"{scheme}://{target.removeprefix(REMOTE)}/status/"
+        try:
+            response = requests.get(url, headers=headers, timeout=10, allow_redirects=False)
+        except requests.RequestException:
+            continue  # no answer: Aim's own connection error says that
+        if response.status_code in (401, 403):
+            break
+        if response.ok:
+            return None
+    else:
+        return None
+    sent = ", ".join(sorted(headers)) or "none"
+    return SinkError(
+        f"aim: {target} answered {response.status_code} {response.reason}: an access proxy"
+        f" refuses the headers sent (headers: {sent}); set the sink's headers/headers_env or"
+        " CF_ACCESS_CLIENT_ID/CF_ACCESS_CLIENT_SECRET, AIM_AUTH_TOKEN, AIM_CUSTOM_HEADERS",
+        retriable=True,
+    )
+
+
+_CLIENT_SWAP = threading.Lock()
+
+
+def _remote_repo(aim: Any, target: str, headers: dict[str, str]) -> Any:
+    """A remote repo whose client sends `headers` with every request.
+
+    Aim's ``Client`` keeps its headers in ``request_headers``, but sets it to ``{}`` in
+    its constructor, which already makes requests (a proxy answers them 401), and its
+    ``refresh_ws`` (a reconnect after the server or proxy went away) opens the WebSocket
+    without them. So, the private uses, listed here: a subclass whose ``request_headers``
+    are this sink's (Aim's assignment ignored) and whose ``refresh_ws`` reconnects through
+    the ``ws`` property, which sends them; and ``aim.sdk.repo.Client``, the name the Repo
+    constructor looks its client class up by, pointed at the subclass while this repo is
+    made (under a lock, restored at once: another repo gets Aim's own client).
+    """
+    refused = _refusal(target, headers)
+    if refused is not None:
+        raise refused
+    if not headers:
+        return aim.Repo(target)
+    from aim.ext.transport.client import Client
+    from aim.sdk import repo
+
+    repo_module: Any = repo
+
+    class HeaderClient(Client):
+        @property
+        def request_headers(self) -> dict[str, str]:
+            return dict(headers)
+
+        @request_headers.setter
+        def request_headers(self, value: dict[str, str]) -> None:
+            pass  # Aim's own `{}`
+
+        def refresh_ws(self) -> None:
+            self._ws = None
+            _ = self.ws  # connects now, with the headers, as Aim's refresh_ws would without
+
+    with _CLIENT_SWAP:
+        previous, repo_module.Client = repo_module.Client, HeaderClient
+        try:
+            return aim.Repo(target)
+        finally:
+            repo_module.Client = previous
+
+
 def _set_params(run: Any, group: str, values: dict[str, Any]) -> None:
     """Set params one key at a time under `group`, so earlier keys stay."""
     for key, value in values.items():
@@ -548,7 +676,8 @@ def _mapped(exc: Exception) -> SinkError | None:
     module = type(exc).__module__
     code = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(code, int):  # an HTTP error from the server (requests' errors are OSErrors)
-        return SinkError(message, retriable=retriable_status(code))
+        # 401/403: credentials an operator (or the proxy's owner) can fix, not a bad record
+        return SinkError(message, retriable=code in (401, 403) or retriable_status(code))
     if isinstance(exc, TypeError | ValueError):
         return SinkError(message, retriable=False)
     if isinstance(exc, OSError):

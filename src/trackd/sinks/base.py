@@ -145,6 +145,23 @@ class SinkSpec:
         return f"{self.kind}:{self.target}" + (f"?{query}" if query else "")
 
     @property
+    def shown(self) -> str:
+        """The spec as logs, `trackd status` and `config show` show it: secrets masked."""
+        options = self.shown_options
+        query = "&".join(f"{key}={value}" for key, value in sorted(options.items()))
+        return f"{self.kind}:{self.shown_target}" + (f"?{query}" if query else "")
+
+    @property
+    def shown_target(self) -> str:
+        return _URL_PASSWORD.sub(r"//\1:***@", self.target)
+
+    @property
+    def shown_options(self) -> dict[str, str]:
+        """Options with secret-looking values masked, and the values (not the names) of
+        a header table (e.g. aim's `headers`: proxy credentials, `Authorization`)."""
+        return {key: _shown_option(key, value) for key, value in self.options.items()}
+
+    @property
     def name(self) -> str:
         """A stable, file-name-safe identity: the sink's cursor and dead letters are keyed by it."""
         return f"{self.kind}-{hashlib.sha256(self.text.encode()).hexdigest()[:10]}"
@@ -163,7 +180,7 @@ class SinkSpec:
         if not isinstance(kind, str):
             raise ValueError('sinks: every [[sinks]] table needs kind = "..."')
         sink_class = sink_class_for(kind)
-        options = {key: str(value) for key, value in table.items() if key != "kind"}
+        options = {key: _option_text(value) for key, value in table.items() if key != "kind"}
         target = options.pop(sink_class.target_key, None)
         if target is None:
             raise ValueError(f'sinks: a {kind} sink needs {sink_class.target_key} = "..."')
@@ -171,6 +188,32 @@ class SinkSpec:
 
     def build(self) -> Sink:
         return sink_class_for(self.kind)(self.target, **self.options)
+
+
+_URL_PASSWORD = re.compile(r"//([^:/@]+):([^@/]+)@")
+_SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "key")
+HEADER_OPTIONS = frozenset({"headers"})
+
+
+def looks_secret(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def _shown_option(name: str, value: str) -> str:
+    if name in HEADER_OPTIONS:
+        try:
+            table = json.loads(value)
+        except ValueError:
+            return "***"
+        return json.dumps({str(k): "***" for k in table}) if isinstance(table, dict) else "***"
+    return "***" if looks_secret(name) else value
+
+
+def _option_text(value: Any) -> str:
+    """A config table's option as a spec option: a nested table (e.g. aim's `headers`) or a
+    list as JSON, which its sink parses; anything else as text."""
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
 
 
 def sink_class_for(kind: str) -> type[Sink]:

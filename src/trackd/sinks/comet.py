@@ -168,9 +168,14 @@ class CometSink(Sink):
                     continue  # handed over already: a retried batch or a re-sent one
                 _call(self._apply, record)
                 done = tuple(record.position)
-        finally:
+        except _Abandoned:
+            raise  # the sessions were archived as of their marks: the rest is sent again
+        except BaseException:
             if done != self._marks.done:
-                self._settle(done)
+                self._settle(done)  # what went before the failed record stays handed over
+            raise
+        if done != self._marks.done:
+            self._settle(done)
 
     def _apply(self, record: Record) -> None:
         run, body = record.run, record.body
@@ -186,7 +191,7 @@ class CometSink(Sink):
             self._add_tags(live, run.tags)
         elif record.type == "metrics":
             for step, _ts, values in body["rows"]:
-                numbers = {k: v for k, v in values.items() if isinstance(v, int | float)}
+                numbers = {k: _number(v) for k, v in values.items() if isinstance(v, int | float)}
                 if len(numbers) < len(values):
                     self._notices("values that are not numbers are not sent to Comet")
                 experiment.log_metrics(numbers, step=step)
@@ -280,18 +285,21 @@ class CometSink(Sink):
 
     def _settle(self, done: tuple[int, ...] | None) -> None:
         """Wait until every live session holds what was handed to it, then move the marks."""
+        sizes = {}
         try:
-            for live in self._live.values():
+            for run_id, live in self._live.items():
                 if self._mode == "offline":
-                    live.session.size = live.settle(self._timeout)
+                    sizes[run_id] = live.settle(self._timeout)
                 elif not live.experiment.flush():
                     raise SinkError("comet: the server did not confirm the writes", retriable=True)
-        except SinkError:
+        except SinkError as error:
             # What the sessions hold past their marks cannot be told apart: every one is
-            # archived as of the marks, and the retried batch goes to new sessions.
+            # archived as of its mark, and what came after goes to new sessions.
             for run_id in list(self._live):
                 self._abandon(run_id)
-            raise
+            raise _Abandoned(str(error), retriable=True) from error
+        for run_id, size in sizes.items():
+            self._live[run_id].session.size = size
         self._marks.done = done
         self._marks.save()
 
@@ -305,13 +313,17 @@ class CometSink(Sink):
             self._salvage(run_id, self._marks.runs[run_id])
 
     def _end(self, run_id: str, ended: float) -> None:
+        """End the session; its archive holds at least what its mark says (its run_end's
+        others included), even if the SDK's end fails halfway."""
         live = self._live.pop(run_id)
-        live.experiment.end()
         marks = self._marks.runs[run_id]
-        if self._mode == "offline":
-            self._salvage(run_id, marks)
-        marks.ended = ended
-        self._marks.save()
+        try:
+            live.experiment.end()
+        finally:
+            if self._mode == "offline":
+                self._salvage(run_id, marks)
+            marks.ended = ended
+            self._marks.save()
 
     def _salvage(self, run_id: str, marks: _RunMarks) -> None:
         """Make the archive of a session that is over (see the module docstring)."""
@@ -369,6 +381,10 @@ class CometSink(Sink):
             except Exception:
                 log.exception("comet: closing the session of run %s", run_id)
         self._live.clear()
+
+
+class _Abandoned(SinkError):
+    """Sessions stopped and archived as of their marks: nothing of the batch is settled."""
 
 
 @dataclass
@@ -562,6 +578,11 @@ class _Sdk:
             resume_strategy=create if session.number == 0 else get,
             user_provided_experiment_key=True,
         )
+
+
+def _number(value: float) -> float:
+    """A metric value as Comet takes it: a bool as 0/1 (Comet would store the text "True")."""
+    return int(value) if isinstance(value, bool) else value
 
 
 _GLOBAL_EXPERIMENT = threading.Lock()  # two Comet sinks in one daemon start sessions in turn
