@@ -269,3 +269,24 @@ def test_online_without_a_server_is_retried_with_a_clear_error(
     assert extra_env["COMET_URL_OVERRIDE"] in status["last_error"]
     assert status["dead_letters"] == 0
     assert daemon.stop() == 0
+
+
+def test_a_histogram_is_a_comet_3d_histogram_at_its_step(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """trackd.Histogram reaches Comet as log_histogram_3d's asset at the step it was logged,
+    holding every counted value (its bins' midpoints carry the counts)."""
+    daemon.start("--sink", offline_spec(tmp_path), extra_env=comet_env(tmp_path))
+    run_id = finish_client(run_client(env, "--name", "h", "--rows", "3", "--media-last"))["id"]
+    daemon.flush()
+    assert daemon.stop() == 0
+
+    (archive,) = found = read_archives(tmp_path / "comet")[
+        hashlib.sha256(run_id.encode()).hexdigest()[:32]
+    ]
+    assert len(found) == 1
+    (upload,) = [u for u in archive.uploads if u["upload_type"] == "histogram3d"]
+    assert upload["additional_params"]["step"] == 3
+    stored = json.loads(archive.files[upload["file_path"]])
+    # Comet's sparse form: [bin index, count] per non-empty bin of its own exponential bins
+    assert [count for _index, count in stored["index_values"]] == [1, 2]  # [1.0, 2.0, 3.0]

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -266,8 +267,11 @@ class CometSink(Sink):
             marks.tags += new
 
     def _media(self, experiment: Any, body: dict[str, Any]) -> None:
-        source = stored_file(body, "comet")
         key, step, kind = body["key"], body["step"], body["kind"]
+        if kind == "histogram":
+            self._write_histogram(experiment, body)
+            return
+        source = stored_file(body, "comet")
         metadata = {"caption": body["caption"]} if body.get("caption") else None
         if kind == "table":
             table = read_table(source)
@@ -280,6 +284,16 @@ class CometSink(Sink):
             experiment.log_image(str(source), name=key, step=step, metadata=metadata)
         else:
             self._notices(f"{kind} media have no Comet form here; skipped")
+
+    def _write_histogram(self, experiment: Any, body: dict[str, Any]) -> None:
+        """Comet's 3D histogram at the step: each bin's midpoint added with its count, the
+        form Comet's Histogram takes when converting TensorBoard's (ordered values+counts)."""
+        counts, edges = body["counts"], body["edges"]
+        histogram = self._comet.Histogram()
+        if counts:
+            middles = [(low + high) / 2 for low, high in itertools.pairwise(edges)]
+            histogram.add(middles, counts=counts)
+        experiment.log_histogram_3d(histogram, name=body["key"], step=body["step"])
 
     # --- durability ---------------------------------------------------------------------
 
