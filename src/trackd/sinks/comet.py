@@ -217,6 +217,8 @@ class CometSink(Sink):
             experiment.log_others({"trackd.status": body["status"], "trackd.error": error})
             self._settle(tuple(record.position))
             self._end(run.id, float(body["ended"]))
+        else:  # system samples, console lines, alerts: not sent to Comet yet
+            self._notices(f"{record.type} records are not sent to Comet; skipped")
 
     def _start(self, run: RunInfo) -> _Live:
         """Start the run's next Comet session: the experiment is created by its first."""
