@@ -217,7 +217,7 @@ def test_mlflow_console_parts_are_exactly_once_across_a_crash(
 
 def test_wandb_private_interface_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The private wandb names the W&B sink uses for console and metadata still exist:
-    `Run._interface` with `_publish_output_raw` and `publish_environment`."""
+    `Run._interface` with `_publish` and `publish_environment`."""
     import wandb
 
     for key, value in wandb_env(tmp_path).items():
@@ -225,7 +225,7 @@ def test_wandb_private_interface_contract(tmp_path: Path, monkeypatch: pytest.Mo
     run = wandb.init(project="contract", settings=wandb.Settings(console="off", silent=True))
     try:
         interface = run._interface
-        assert callable(interface._publish_output_raw)
+        assert callable(interface._publish)
         assert callable(interface.publish_environment)
     finally:
         run.finish()

@@ -10,6 +10,7 @@ from pathlib import Path
 from conftest import Daemon, finish_client, meta_client, run_client, wait_for
 from helpers import until_client
 from helpers.wandb_log import Session, read_runs
+from test_system_metrics import samples
 
 ROWS = 2000
 
@@ -162,3 +163,47 @@ def test_sigkill_mid_run_every_artifact_once(
         [entry] = artifact["files"]
         stored = Path(entry["local_path"])
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+
+
+def test_sigkill_mid_run_every_console_line_alert_and_system_sample_once(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The daemon, sampling the system every 0.5 s, SIGKILLed twice while a run logs rows,
+    prints a line every 5 steps and sends an alert every 25: the stats, console and alert
+    records the unfinished block of a log lost are written again in the resumed run and the
+    re-sent ones already stored are skipped. Across the run's sessions every line is there
+    once and in order (in the logs and in files/output.log), every alert once, and every
+    system sample the daemon's jsonl sink holds once in W&B's stats."""
+    extra_env = {**wandb_env(tmp_path), "TRACKD_SYSTEM_INTERVAL": "0.5"}
+    wandb_dir = tmp_path / "wandb" / "wandb"
+    sinks = ("--sink", "wandb:*", "--sink", f"jsonl:{daemon.data_dir / 'runs'}")
+    stop = tmp_path / "stop"
+    daemon.start(*sinks, extra_env=extra_env)
+    client = until_client.start(
+        env, "noisy", stop, per_tick=1, tick=0.02, console_every=5, alert_every=25
+    )
+    for kill in (1, 2):
+        # Kill once this daemon has handed W&B a few samples, lines and alerts: with a row
+        # every 20 ms they all still sit in the unfinished first block of the session's log.
+        wait_for(lambda: len(list(wandb_dir.glob("offline-run-*/*.wandb"))) >= kill, 60)  # noqa: B023
+        sampled = len(samples(daemon.data_dir, "noisy", project="p"))
+        wait_for(lambda: len(samples(daemon.data_dir, "noisy", project="p")) >= sampled + 3, 60)  # noqa: B023
+        daemon.kill()
+        daemon.start(*sinks, extra_env=extra_env)
+    stop.touch()
+    result = finish_client(client)
+    daemon.flush()
+    assert daemon.stop() == 0
+
+    sessions = read_runs(wandb_dir)[result["id"]]
+    assert len(sessions) >= 2, "the run was resumed after a kill"
+    assert steps(sessions) == list(range(result["rows"]))
+    printed = [f"{line}\n" for line in result["lines"]]
+    assert [text for s in sessions for _, text in s.output] == printed
+    assert "".join(session.output_log for session in sessions) == "".join(printed)
+    alerts = [alert["title"] for session in sessions for alert in session.alerts]
+    assert sorted(alerts) == sorted(result["alerts"])
+    sampled = [row["ts"] for row in samples(daemon.data_dir, "noisy", project="p")]
+    assert len(sampled) >= 6
+    stats = [sample["_timestamp"] for session in sessions for sample in session.stats]
+    assert sorted(stats) == sorted(sampled)

@@ -50,9 +50,9 @@ def first_line(process: subprocess.Popen[str]) -> dict[str, Any]:
     return result
 
 
-def samples(data: Path, name: str) -> list[dict[str, Any]]:
+def samples(data: Path, name: str, project: str = "sys") -> list[dict[str, Any]]:
     """The rows of a run's system.jsonl under the default jsonl sink."""
-    found = list((data / "runs" / "sys").glob(f"{name}-*/system.jsonl"))
+    found = list((data / "runs" / project).glob(f"{name}-*/system.jsonl"))
     if not found:
         return []
     return [json.loads(line) for line in found[0].read_text().splitlines()]

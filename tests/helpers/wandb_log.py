@@ -69,10 +69,13 @@ class Session:
     exit_code: int | None = None
     output: list[tuple[str, str]] = field(default_factory=list)  # (stream, raw text)
     environment: dict[str, Any] = field(default_factory=dict)
+    output_log: str = ""  # the session's files/output.log
 
 
 def read_session(path: Path) -> Session:
     session = Session(path)
+    output_log = path.parent / "files" / "output.log"
+    session.output_log = output_log.read_text() if output_log.exists() else ""
     for payload in payloads(path.read_bytes()):
         record = wandb_internal_pb2.Record.FromString(payload)  # type: ignore[attr-defined]
         kind = record.WhichOneof("record_type")

@@ -31,12 +31,10 @@ How runs appear:
   the training process. Instead console records become wandb's console output records
   (``files/output.log`` and the Logs tab), and the run_start's ``code``/``env``
   (init(save_code=True)) become wandb's run metadata (the ``EnvironmentRecord``:
-  program, args, python, executable, host, git remote and commit). Both go through
-  ``Run._interface`` (private; see ``_interface``). Console lines in the transaction
-  log's unfinished block when the daemon is killed are not re-sent (unlike history
-  rows): they may be missing from W&B after a crash.
-* alert -> ``run.alert(title, text, level)``: an AlertRecord in the run's transaction
-  log, which ``wandb sync`` (or online mode) turns into W&B's alert.
+  program, args, python, executable, host, git remote and commit). These, the stats
+  and the alert records go through ``Run._interface`` (private; see ``_interface``).
+* alert -> an AlertRecord in the run's transaction log, as ``run.alert(title, text,
+  level)`` writes it, which ``wandb sync`` (or online mode) turns into W&B's alert.
 * artifact -> a W&B artifact, as ``run.log_artifact(path, name=NAME)`` makes one: named
   NAME ("/" -> "-", at most 128 characters), type "unspecified", holding the one file
   under NAME, with ``metadata["trackd.artifact"]`` = {name, sha256}. The file is not
@@ -68,11 +66,17 @@ ago and the fan-out's cursor moved past them. The cursor alone cannot be trusted
    stored or handed over is skipped. In online mode the server's resume step
    (``starting_step``) counts too; rows that reached a local log but not the server stay
    recoverable with ``wandb sync`` on that run directory.
-3. Artifacts are exactly-once the same way: per open run the checkpoint keeps the
-   artifacts handed over but not yet seen in complete blocks of the log, each named by
-   its ``trackd.artifact`` metadata; attaching a run reads its earlier logs whole for
-   the artifacts they hold (only records that mention ``trackd.artifact`` are decoded),
-   logs the kept ones that are missing and skips any re-sent one already there.
+3. Artifacts, system samples (stats records), console lines (output records) and alerts
+   are exactly-once by identity: per open run the checkpoint keeps those handed over
+   but not yet seen in complete blocks of the log. An artifact is named by its
+   ``trackd.artifact`` metadata; the sink's stats, output and alert records carry theirs
+   in the record's ``uuid`` (``trackd:KIND:DIGEST`` of the sample's time and node, the
+   line's time, stream, text and place in its record, the alert's time and title), and
+   are kept serialized. Attaching a run reads its earlier logs whole for the identities
+   they hold (only records that carry one are decoded), writes the kept ones that are
+   missing and skips any re-sent one already there. As it reads an earlier log it also
+   writes that session's ``files/output.log`` anew from the lines the log holds, so a
+   line lost to a crash and written again later is in one session's file only.
 4. A finished run's log is complete (``finish()`` closes it), so after its run_end the
    sink stores the run's end time in ``ended.json``; records of that run arriving later
    are re-deliveries and are skipped, until a run_start that began after that end (a
@@ -133,7 +137,11 @@ TAG_LIMIT = 64
 PROJECT_LIMIT = 128
 ARTIFACT_NAME_LIMIT = 128
 ARTIFACT_KEY = "trackd.artifact"  # the metadata that names a trackd artifact in a W&B log
+# The `uuid` prefix of a stats, console or alert record the sink writes: the rest is the
+# record's identity, so that a log read back tells which of them it holds.
+MARK = "trackd:"
 SERVICE_EXIT_SECONDS = 30.0
+ALERT_WAIT_MS = 60_000  # run.alert()'s default wait_duration
 
 # The transaction log: LevelDB log format after a 7-byte header (":W&B", magic 0xBEE1,
 # version 0) that opens the first block; chunks have a CRC-32 (IEEE) of type + payload.
@@ -173,7 +181,8 @@ _GPU_NAMES = {
     "clock.sm": ("gpu.{i}.smClock", 1.0),
     "proc.memory": ("gpu.process.{i}.memoryAllocatedBytes", 1.0),
 }
-# A log record's payload -> its history step (int), its trackd artifact (str), or None.
+# A log record's payload -> its history step (int), its identity (str: a marked record's,
+# a trackd artifact's), or None.
 RecordReader = Callable[[bytes], int | str | None]
 
 
@@ -199,18 +208,14 @@ class WandbSink(Sink):
         except ImportError as exc:
             raise SinkError(f"wandb: {exc}; pip install 'trackd[wandb]'", retriable=False) from exc
 
+        decode: Callable[[bytes], Any] = wandb_internal_pb2.Record.FromString  # type: ignore[attr-defined]
+
         def read_record(payload: bytes) -> int | str | None:
-            record = wandb_internal_pb2.Record.FromString(payload)  # type: ignore[attr-defined]
-            kind = record.WhichOneof("record_type")
-            if kind == "history":
-                return int(record.history.step.num)
-            if kind == "artifact" and record.artifact.metadata:
-                marked = json.loads(record.artifact.metadata).get(ARTIFACT_KEY)
-                return _artifact_identity(marked) if isinstance(marked, dict) else None
-            return None
+            return _identity(decode(payload))
 
         self._wandb = wandb
         self._media_dir = context.state_dir / "media"
+        self._decode = decode
         self._read_record: RecordReader = read_record
         context.state_dir.mkdir(parents=True, exist_ok=True)
         self._run_ids = RunMap(context.state_dir / "runs.json")
@@ -224,7 +229,7 @@ class WandbSink(Sink):
             lost_rows = run_state.pending and run_state.pending[-1][0] > self._stored_step(
                 run_state
             )
-            if lost_rows or run_state.artifacts:
+            if lost_rows or run_state.artifacts or run_state.records:
                 try:
                     self._call(run_id, self._attach, run_id, run_state)
                 except SinkError as error:
@@ -252,7 +257,7 @@ class WandbSink(Sink):
             self._update(run.id, attached, state, config=self._config(run), tags=run.tags)
             self._call(run.id, self._write_environment, attached, run, body)
         elif record.type == "console":
-            self._call(run.id, self._write_console, attached, body)
+            self._call(run.id, self._write_console, attached, state, body)
         elif record.type == "metrics":
             self._call(run.id, self._log_rows, attached, state, body["rows"])
         elif record.type == "media":
@@ -268,15 +273,15 @@ class WandbSink(Sink):
         elif record.type == "artifact":
             self._call(run.id, self._log_artifact, attached, state, body)
         elif record.type == "alert":
-            self._call(run.id, self._write_alert, attached, body)
+            self._call(run.id, self._write_alert, attached, state, body)
         elif record.type == "system":
-            self._call(run.id, self._write_system, attached, record)
+            self._call(run.id, self._write_system, attached, state, record)
         elif record.type == "run_end":
             self._call(run.id, self._finish, attached, body)
             del self._attached[run.id], self._states[run.id]
             self._ended.set(run.id, repr(float(body["ended"])))
 
-    def _write_system(self, attached: _Attached, record: Record) -> None:
+    def _write_system(self, attached: _Attached, state: _RunState, record: Record) -> None:
         """A sample as a W&B stats record, what wandb's own system monitor writes (the run's
         System panel), under its names; another node's (not rank 0's) keys end in
         `/l:NODE`, as W&B labels a node's samples (`x_label`)."""
@@ -290,18 +295,16 @@ class WandbSink(Sink):
         if "proc.cpu" in body["values"] and cores:  # W&B's `cpu`: the process, over all cores
             values["cpu"] = body["values"]["proc.cpu"] / cores
         node = system_node(record.run, body["node"])
-        stats = pb.StatsRecord(stats_type=pb.StatsRecord.StatsType.SYSTEM)
-        stats.timestamp.FromNanoseconds(int(body["ts"] * 1e9))
+        # The interface's own `publish_stats` stamps the current time, where a sample
+        # delivered late must keep its own: the record is made here.
+        marked = pb.Record(uuid=_mark("stats", body["ts"], node))
+        marked.stats.stats_type = pb.StatsRecord.StatsType.SYSTEM
+        marked.stats.timestamp.FromNanoseconds(int(body["ts"] * 1e9))
         for key, value in values.items():
-            stats.item.add(key=f"{key}/l:{node}" if node else key, value_json=json.dumps(value))
-        # Private: the run's interface to wandb-core (`Run._interface`), and its record
-        # calls. The interface's own `publish_stats` stamps the current time, where a
-        # sample delivered late must keep its own; test_system_sinks fails by name if
-        # wandb changes them.
-        interface: Any = attached.handle._interface  # InterfaceShared, in fact
-        if interface is None:
-            raise SinkError("wandb: the run has no connection to wandb-core", retriable=True)
-        interface._publish(interface._make_record(stats=stats))
+            marked.stats.item.add(
+                key=f"{key}/l:{node}" if node else key, value_json=json.dumps(value)
+            )
+        self._hand_over(attached, state, [marked])
 
     def _ended_before(self, record: Record) -> bool:
         """Whether the record belongs to a W&B run that already ended (a re-delivery)."""
@@ -360,20 +363,25 @@ class WandbSink(Sink):
         if state.summary:
             handle.summary.update(state.summary)
         follower = _LogFollower(log_path, self._read_record)
-        artifacts = self._stored_artifacts(state, exclude=log_path)
-        attached = _Attached(handle, follower, last=stored, artifacts=artifacts)
+        identities = self._stored_identities(state, exclude=log_path)
+        attached = _Attached(handle, follower, last=stored, stored=identities)
         self._attached[run_id] = attached
         pending, state.pending = state.pending, []
         self._log_rows(attached, state, pending)
         kept, state.artifacts = state.artifacts, []
         for body in kept:
             self._log_artifact(attached, state, body)
-        if state.pending or state.artifacts:
+        marked, state.records = state.records, {}
+        self._hand_over(
+            attached, state, [self._decode(base64.b64decode(k)) for k in marked.values()]
+        )
+        if state.pending or state.artifacts or state.records:
             log.info(
-                "wandb: run %s resumed: re-logged %d rows and %d artifacts",
+                "wandb: run %s resumed: re-logged %d rows, %d artifacts, %d other records",
                 state.wandb_id,
                 len(state.pending),
                 len(state.artifacts),
+                len(state.records),
             )
         return attached
 
@@ -396,17 +404,32 @@ class WandbSink(Sink):
                 return step
         return -1
 
-    def _stored_artifacts(self, state: _RunState, exclude: Path | None) -> set[str]:
-        """The trackd artifacts in the run's earlier logs, which are read whole; only the
-        records that mention the marker are decoded."""
-        marker = ARTIFACT_KEY.encode()
-
-        def read_artifact(payload: bytes) -> int | str | None:
-            return self._read_record(payload) if marker in payload else None
-
+    def _stored_identities(self, state: _RunState, exclude: Path | None) -> set[str]:
+        """The identities (artifacts, marked records) in the run's earlier logs."""
         found: set[str] = set()
         for path in self._logs(state, exclude):
-            found |= _artifacts_in(path, read_artifact)
+            found |= self._identities_in(path)
+        return found
+
+    def _identities_in(self, path: Path) -> set[str]:
+        """The identities in a log no one writes to any more, read whole (only the records
+        that carry a mark are decoded). Its session's files/output.log is written anew from
+        the console lines the log holds: it may hold lines the log lost to a crash, which a
+        later session wrote again."""
+        lines: list[str] = []
+
+        def read_marked(payload: bytes) -> int | str | None:
+            if MARK.encode() not in payload and ARTIFACT_KEY.encode() not in payload:
+                return None
+            record = self._decode(payload)
+            if record.WhichOneof("record_type") == "output_raw":
+                lines.append(record.output_raw.line)
+            return _identity(record)
+
+        found = _identities_in(path, read_marked)
+        files = path.parent / "files"
+        if lines or (files / "output.log").exists():
+            _write_output_log(files, lines, "w")
         return found
 
     def _log_rows(self, attached: _Attached, state: _RunState, rows: Iterable[Row]) -> None:
@@ -425,7 +448,7 @@ class WandbSink(Sink):
         """Log the artifact unless the run's logs hold it or it was handed over already."""
         marked = {"name": body["name"], "sha256": body.get("sha256") or Path(body["path"]).name}
         identity = _artifact_identity(marked)
-        if identity in attached.artifacts:
+        if attached.holds(identity):
             return
         source = stored_file(body, "wandb")
         entry = relative_path(body["name"])
@@ -440,14 +463,20 @@ class WandbSink(Sink):
         digest = base64.b64encode(_md5(source)).decode("ascii")
         artifact._add_local_file(name=entry, path=str(source), digest=digest, policy="immutable")
         attached.handle.log_artifact(artifact)
-        attached.artifacts.add(identity)
+        attached.handed.add(identity)
         state.artifacts.append({"name": body["name"], "path": body["path"], **marked})
 
-    @staticmethod
-    def _write_alert(attached: _Attached, body: dict[str, Any]) -> None:
-        """`run.alert()`: an AlertRecord in the run's transaction log (sent by `wandb sync`
-        offline), W&B's levels being trackd's."""
-        attached.handle.alert(title=body["title"], text=body["text"], level=body["level"])
+    def _write_alert(self, attached: _Attached, state: _RunState, body: dict[str, Any]) -> None:
+        """An AlertRecord in the run's transaction log, as `run.alert()` writes it (sent by
+        `wandb sync` offline, with its default wait of a minute between equal titles), W&B's
+        levels being trackd's. Its identity is its time and title."""
+        from wandb.proto import wandb_internal_pb2
+
+        pb: Any = wandb_internal_pb2  # generated: no attributes mypy can see
+        record = pb.Record(uuid=_mark("alert", body["ts"], body["title"]))
+        record.alert.title, record.alert.text = body["title"], body["text"]
+        record.alert.level, record.alert.wait_duration = body["level"], ALERT_WAIT_MS
+        self._hand_over(attached, state, [record])
 
     def _write_histogram(self, body: dict[str, Any]) -> Any:
         if not body["counts"]:  # wandb.Histogram refuses one of no bins (no finite value)
@@ -495,24 +524,48 @@ class WandbSink(Sink):
 
             self._call(run_id, set_tags)
 
-    def _write_console(self, attached: _Attached, body: dict[str, Any]) -> None:
+    def _write_console(self, attached: _Attached, state: _RunState, body: dict[str, Any]) -> None:
         """Console lines as wandb's own console capture sends them (`OutputRawRecord`s in the
         transaction log, one a line, with the line's time: what `wandb sync` fills the Logs
-        tab from) and as the run's `files/output.log`."""
-        from wandb.proto import wandb_internal_pb2 as pb
+        tab from) and as the run's `files/output.log` (see `_hand_over`). A line's identity
+        is its time, stream, text and place in the record (a line printed twice at once)."""
+        from wandb.proto import wandb_internal_pb2
 
-        interface = _interface(attached.handle)
-        output_raw: Any = pb.OutputRawRecord  # type: ignore[attr-defined]
-        for ts, stream, text in body["lines"]:
-            kind = output_raw.STDERR if stream == "stderr" else output_raw.STDOUT
-            output = output_raw(output_type=kind, line=f"{text}\n")
+        pb: Any = wandb_internal_pb2  # generated: no attributes mypy can see
+        records = []
+        for index, (ts, stream, text) in enumerate(body["lines"]):
+            record = pb.Record(uuid=_mark("console", ts, stream, index, text))
+            output = record.output_raw
+            kinds = pb.OutputRawRecord
+            output.output_type = kinds.STDERR if stream == "stderr" else kinds.STDOUT
+            output.line = f"{text}\n"
             output.timestamp.FromNanoseconds(int(ts * 1e9))
-            interface._publish_output_raw(output, nowait=False)
+            records.append(record)
+        self._hand_over(attached, state, records)
+
+    def _hand_over(self, attached: _Attached, state: _RunState, records: list[Any]) -> None:
+        """Hand wandb-core records marked with their identity (`uuid`), skipping those its
+        logs hold or that were handed over already; each is kept in the state until a
+        complete block of the log holds it (see the docstring).
+
+        Private: the run's interface to wandb-core (`Run._interface`) and its `_publish`;
+        the contract test in tests/test_console_sinks.py fails by name if wandb changes them.
+        """
+        interface = _interface(attached.handle)
+        lines = []
+        for record in records:
+            if attached.holds(record.uuid):
+                continue
+            kept = base64.b64encode(record.SerializeToString()).decode("ascii")
+            interface._publish(record)  # it stamps the record's stream: serialized before
+            attached.handed.add(record.uuid)
+            state.records[record.uuid] = kept
+            if record.WhichOneof("record_type") == "output_raw":
+                lines.append(record.output_raw.line)
         # wandb-core writes output.log only when it captures the console itself, which in
         # the daemon would capture the daemon's: so the file is written here, as it would be.
-        output_log = Path(attached.handle.settings.files_dir) / "output.log"
-        with output_log.open("a", encoding="utf-8", errors="replace") as out:
-            out.write("".join(f"{line[2]}\n" for line in body["lines"]))
+        if lines:
+            _write_output_log(Path(attached.handle.settings.files_dir), lines, "a")
 
     def _write_environment(self, attached: _Attached, run: RunInfo, body: dict[str, Any]) -> None:
         """The training process's code and environment (init(save_code=True)) as wandb's own
@@ -551,8 +604,13 @@ class WandbSink(Sink):
             stored = attached.log.advance()
             state = self._states[run_id]
             state.pending = [row for row in state.pending if row[0] > stored]
-            logged = attached.log.artifacts
+            logged = attached.log.take_identities()
             state.artifacts = [a for a in state.artifacts if _artifact_identity(a) not in logged]
+            state.records = {k: v for k, v in state.records.items() if k not in logged}
+            # What was handed over lies before the cursor saved with this state: the fan-out
+            # re-sends only what follows it (a batch it retries), but after a restart, whose
+            # attach reads the logs again. So a long run's identities do not pile up here.
+            attached.handed.clear()
         return {"pid": os.getpid(), "runs": {k: asdict(v) for k, v in self._states.items()}}
 
     def close(self) -> None:
@@ -623,6 +681,7 @@ class _RunState:
     pending: list[Row] = field(default_factory=list)
     log_dir: str | None = None
     artifacts: list[dict[str, Any]] = field(default_factory=list)  # handed over, not yet seen
+    records: dict[str, str] = field(default_factory=dict)  # marked: identity -> base64 Record
 
 
 @dataclass
@@ -632,17 +691,22 @@ class _Attached:
     handle: wandb.Run
     log: _LogFollower
     last: int
-    artifacts: set[str]  # identities stored in earlier logs or handed over to this session
+    stored: set[str]  # identities in the run's earlier logs
     in_progress: bool = False  # whether the row at `last` still takes values
+    handed: set[str] = field(default_factory=set)  # identities handed over since a checkpoint
+
+    def holds(self, identity: str) -> bool:
+        """Whether the identity is stored already or was handed over (a re-sent record)."""
+        return identity in self.stored or identity in self.handed
 
 
 class _LogParser:
     """LevelDB log chunks reassembled into W&B records, keeping the last history step and
-    the trackd artifacts seen."""
+    the identities (trackd artifacts, marked records) seen."""
 
     def __init__(self, read_record: RecordReader) -> None:
         self.last_step = -1
-        self.artifacts: set[str] = set()
+        self.identities: set[str] = set()
         self._read_record = read_record
         self._partial: bytes | None = None
 
@@ -670,13 +734,13 @@ class _LogParser:
                 if isinstance(found, int):
                     self.last_step = max(self.last_step, found)
                 elif found is not None:
-                    self.artifacts.add(found)
+                    self.identities.add(found)
                 self._partial = None
         return True
 
 
 class _LogFollower:
-    """The last step and the artifacts stored in the live log of an attached run, read in
+    """The last step and the identities stored in the live log of an attached run, read in
     whole blocks as wandb-core completes them."""
 
     def __init__(self, path: Path, read_record: RecordReader) -> None:
@@ -684,9 +748,11 @@ class _LogFollower:
         self._offset = 0
         self._parser = _LogParser(read_record)
 
-    @property
-    def artifacts(self) -> set[str]:
-        return self._parser.artifacts
+    def take_identities(self) -> set[str]:
+        """The identities read since the last call (each is wanted once: a run's whole
+        console would pile up here)."""
+        taken, self._parser.identities = self._parser.identities, set()
+        return taken
 
     def advance(self) -> int:
         try:
@@ -723,8 +789,8 @@ def _last_step_in(path: Path, read_record: RecordReader) -> int:
     return -1
 
 
-def _artifacts_in(path: Path, read_record: RecordReader) -> set[str]:
-    """The trackd artifacts in a log no one writes to any more, read a block at a time."""
+def _identities_in(path: Path, read_record: RecordReader) -> set[str]:
+    """The identities in a log no one writes to any more, read a block at a time."""
     parser = _LogParser(read_record)
     try:
         with path.open("rb") as handle:
@@ -735,7 +801,32 @@ def _artifacts_in(path: Path, read_record: RecordReader) -> set[str]:
                 start += BLOCK
     except OSError:
         pass
-    return parser.artifacts
+    return parser.identities
+
+
+def _identity(record: Any) -> int | str | None:
+    """A log record's history step, or its identity: a marked record's (its `uuid`), a
+    trackd artifact's (its `trackd.artifact` metadata); None for any other record."""
+    if record.uuid.startswith(MARK):
+        return str(record.uuid)
+    kind = record.WhichOneof("record_type")
+    if kind == "history":
+        return int(record.history.step.num)
+    if kind == "artifact" and record.artifact.metadata:
+        marked = json.loads(record.artifact.metadata).get(ARTIFACT_KEY)
+        return _artifact_identity(marked) if isinstance(marked, dict) else None
+    return None
+
+
+def _mark(kind: str, *parts: object) -> str:
+    """The `uuid` of a record the sink writes: what identifies it among its kind."""
+    digest = hashlib.sha1(json.dumps(parts).encode(), usedforsecurity=False).hexdigest()
+    return f"{MARK}{kind}:{digest[:24]}"
+
+
+def _write_output_log(files_dir: Path, lines: list[str], mode: str) -> None:
+    with (files_dir / "output.log").open(mode, encoding="utf-8", errors="replace") as out:
+        out.write("".join(lines))
 
 
 def _interface(handle: Any) -> Any:
