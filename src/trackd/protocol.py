@@ -63,6 +63,9 @@ RUN_STATUSES: Final = frozenset({"finished", "failed"})
 # frames?, fps?, columns?, rows?}. `step` is the step of the log() call it came with.
 MEDIA_KINDS: Final = frozenset({"image", "table", "video"})
 MEDIA_FORMATS: Final = {"image": ("png",), "table": ("json",), "video": ("gif", "mp4")}
+# A tag a drop-in shim sets once per run for each documented no-op it accepted, named
+# after the call (`trackd.ignored.wandb.watch`): the daemon counts them in its status.
+IGNORED_TAG: Final = "trackd.ignored."
 _MAX_DEPTH: Final = 32
 
 

@@ -39,7 +39,11 @@ class Run:
         endpoint: str | None = None,
         dir: str | os.PathLike[str] | None = None,
         ranks: str = "zero",
+        *,
+        run_id: str | None = None,
     ) -> None:
+        """`run_id` names the run outright (the drop-in shims pass W&B's `id=` and MLflow's
+        `start_run(run_id=...)`); by default it is derived from the name or random."""
         if not isinstance(project, str) or not project:
             raise TypeError(f"init(): project must be a non-empty string, got {project!r}")
         if name is not None and (not isinstance(name, str) or not name):
@@ -50,7 +54,9 @@ class Run:
             raise ValueError(f"init(): mode must be one of {MODES}, got {mode!r}")
         if resume not in RESUME:
             raise ValueError(f"init(): resume must be one of {RESUME}, got {resume!r}")
-        if resume is not None and name is None:
+        if run_id is not None and (not isinstance(run_id, str) or not run_id.isprintable()):
+            raise TypeError(f"init(): run_id must be a printable string, got {run_id!r}")
+        if resume is not None and name is None and run_id is None:
             raise ValueError("init(): resume needs a name: a run is resumed by project and name")
         if ranks not in RANKS:
             raise ValueError(f"init(): ranks must be one of {RANKS}, got {ranks!r}")
@@ -61,7 +67,9 @@ class Run:
             f"job-{_digest(job)[:8]}" if job else time.strftime("run-%Y%m%d-%H%M%S")
         )
         self.group = group
-        if job is not None:  # every process of the job logs into one run
+        if run_id:
+            self.id = run_id
+        elif job is not None:  # every process of the job logs into one run
             self.id = _digest(f"trackd:{project}/{self.name}/{job}")
             if ranks == "zero" and rank != 0:
                 mode = "disabled"
