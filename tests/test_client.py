@@ -659,8 +659,11 @@ def test_four_threads_logging_to_one_run_get_unique_steps(daemon: Daemon) -> Non
 
 
 def test_all_is_exactly_the_public_client_api() -> None:
-    """trackd.__all__ names the client API (init, log, finish, Run) and every name resolves."""
+    """trackd.__all__ names the client API (init, log, finish, alert, Run, media) and every
+    name resolves."""
     assert set(trackd.__all__) - {"__version__"} == {
+        "Histogram",
+        "alert",
         "Image",
         "Run",
         "Table",

@@ -346,7 +346,9 @@ def test_protocol_validates_media_bodies_naming_the_field() -> None:
     assert decode(media_frame(kind="table", format="json", columns=["a"], rows=1))["t"] == "media"
     cases: dict[str, dict[str, Any]] = {
         "b.step: expected int, got str": {"step": "3"},
-        "b.kind: expected one of ['image', 'table', 'video'], got 'audio'": {"kind": "audio"},
+        "b.kind: expected one of ['histogram', 'image', 'table', 'video'], got 'audio'": {
+            "kind": "audio"
+        },
         "b.format: a video is one of ('gif', 'mp4'), got 'png'": {"kind": "video"},
         "b.caption: expected str or nil, got int": {"caption": 5},
         "b.key: expected a non-empty name": {"key": ""},

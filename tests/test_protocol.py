@@ -65,7 +65,16 @@ BODIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         {"status": st.sampled_from(["finished", "failed"]), "ended": FLOATS},
         optional={"error": optional(st.text(max_size=40))},
     ),
+    "alert": st.fixed_dictionaries(
+        {
+            "ts": FLOATS,
+            "title": st.text(max_size=20),
+            "text": st.text(max_size=40),
+            "level": st.sampled_from(["INFO", "WARN", "ERROR"]),
+        }
+    ),
 }
+HISTOGRAM = {"step": 0, "ts": 1.0, "key": "h", "kind": "histogram", "counts": [1, 2]}
 
 
 @st.composite
@@ -182,6 +191,15 @@ def test_a_wrong_protocol_version_is_refused(version: Any) -> None:
         ("artifact", {"path": "/x", "name": None}, "b.name"),
         ("run_end", {"status": "crashed", "ended": 1.0}, "b.status"),
         ("run_end", {"status": "failed", "ended": 1.0, "error": 3}, "b.error"),
+        ("alert", {"ts": 1.0, "title": "t", "text": "x", "level": "DEBUG"}, "b.level"),
+        ("alert", {"ts": 1.0, "title": None, "text": "x", "level": "INFO"}, "b.title"),
+        ("alert", {"ts": 1.0, "title": "t", "level": "INFO"}, "b.text"),
+        ("media", {**HISTOGRAM, "edges": [0.0, 1.0]}, "b.edges: expected one more edge"),
+        ("media", {**HISTOGRAM, "edges": [0.0, 2.0, 1.0]}, "b.edges: edges must not decrease"),
+        ("media", {**HISTOGRAM, "counts": [1, "2"], "edges": [0, 1, 2]}, "b.counts[1]"),
+        ("media", {**HISTOGRAM, "counts": [1, -2], "edges": [0, 1, 2]}, "b.counts: a bin"),
+        ("media", {**HISTOGRAM, "edges": [0.0, math.nan, 2.0]}, "b.edges[1]: expected a finite"),
+        ("media", HISTOGRAM, "b.edges: expected list"),
     ],
 )
 def test_a_wrong_body_field_is_named(kind: str, body: dict[str, Any], field: str) -> None:
@@ -194,6 +212,13 @@ def test_a_run_start_config_that_is_not_a_map_is_refused(config: Any) -> None:
     """run_start's config must be a map (sinks merge it as one): anything else names b.config."""
     body = {"project": "p", "name": "n", "started": 1.0, "config": config}
     assert error_of(encode(envelope(t="run_start", b=body))).startswith("b.config")
+
+
+def test_a_histogram_travels_inline_without_a_store_file() -> None:
+    """A histogram media body needs counts and edges, and no path, sha256, size or format."""
+    for counts, edges in (([1, 2], [0.0, 0.5, 1.0]), ([], []), ([0.5], [1, 1])):
+        message = envelope(t="media", b={**HISTOGRAM, "counts": counts, "edges": edges})
+        assert decode(encode(message)) == message
 
 
 def test_a_bad_body_error_carries_the_sender() -> None:

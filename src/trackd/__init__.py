@@ -3,10 +3,21 @@
 This module is the public client API and nothing else (see `__all__`).
 """
 
-from trackd.client import finish, init, log
-from trackd.client.media import Image, Table, Video
+from trackd.client import alert, finish, init, log
+from trackd.client.media import Histogram, Image, Table, Video
 from trackd.client.run import Run
 
 __version__ = "0.1.0"
 
-__all__ = ["Image", "Run", "Table", "Video", "__version__", "finish", "init", "log"]
+__all__ = [
+    "Histogram",
+    "Image",
+    "Run",
+    "Table",
+    "Video",
+    "__version__",
+    "alert",
+    "finish",
+    "init",
+    "log",
+]

@@ -249,6 +249,10 @@ def _tail_lines(
             return []
         if as_json:
             return [json.dumps({"project": project, "run": run, "type": kind, **body}, default=str)]
+        if kind == "alert":
+            from trackd.cli_views import alert_line
+
+            return [f"{project}/{run} alert {alert_line(body)}"]
         return [f"{project}/{run} {kind} {json.dumps(body, default=str)}"]
     lines = []
     for step, ts, values in body["rows"]:

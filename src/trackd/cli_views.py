@@ -71,6 +71,18 @@ def print_status(status: dict[str, Any]) -> None:
             sink["last_error"] or "-",
         )
     console.print(table)
+    if status.get("alerts"):
+        console.print("recent alerts:")
+        for alert in status["alerts"]:
+            console.print(
+                f"  {_ago(alert['ts'])} {alert['project']}/{alert['name']} " + alert_line(alert),
+                markup=False,
+            )
+
+
+def alert_line(body: dict[str, Any]) -> str:
+    """One alert as `tail` and `status` show it: `[LEVEL] title: text`."""
+    return f"[{body['level']}] {body['title']}" + (f": {body['text']}" if body["text"] else "")
 
 
 def print_runs(runs: list[dict[str, Any]]) -> None:
@@ -116,6 +128,8 @@ class LiveView:
         if kind != "metrics":
             if kind in ("run_start", "run_end"):
                 self._events.append(f"{run}: {kind} {body.get('status', '')}".rstrip())
+            elif kind == "alert":
+                self._events.append(f"{run}: alert {alert_line(body)}")
             return
         for step, _, values in body["rows"]:
             for key, value in values.items():

@@ -14,6 +14,16 @@ the refused sequence number stays used up across restarts; likewise `joined`
 replaces the run_start of a process joining a run the daemon already has (its
 `b.join` is true), so that a late rank never reopens a finished run.
 
+Two bodies carry their data inline rather than in the content-addressed store:
+
+* a `media` of kind `histogram`: `{step, ts, key, kind: "histogram", counts, edges,
+  caption?}`, where `counts` holds one non-negative number per bin and `edges` the
+  bins' boundaries, one more than the counts (both empty for a histogram of no finite
+  value). No `path`, `sha256`, `size` or `format`: a histogram is a few hundred
+  numbers, so a store file would cost more than it carries.
+* an `alert` (`trackd.alert`, W&B's and trackio's call): `{ts, title, text, level}`,
+  `level` one of `ALERT_LEVELS`.
+
 On disk (the daemon's WAL and the client's spool) frames are wrapped in
 records: a little-endian u32 length, a u32 CRC-32 of the payload, then the
 payload. A reader stops at the first record that is short or fails its CRC,
@@ -24,6 +34,8 @@ Depends on nothing of trackd: the client imports it.
 
 from __future__ import annotations
 
+import itertools
+import math
 import struct
 import zlib
 
@@ -50,6 +62,7 @@ MESSAGE_TYPES: Final = frozenset(
         "artifact",
         "media",
         "run_end",
+        "alert",
         "reject",
         "joined",
     }
@@ -61,11 +74,13 @@ RUN_STATUSES: Final = frozenset({"finished", "failed"})
 # A `media` body references a file in the content-addressed store (bytes never travel in
 # frames): {step, ts, key, kind, path, sha256, size, format, caption?, width?, height?,
 # frames?, fps?, columns?, rows?}. `step` is the step of the log() call it came with.
-MEDIA_KINDS: Final = frozenset({"image", "table", "video"})
+MEDIA_KINDS: Final = frozenset({"image", "table", "video", "histogram"})
 MEDIA_FORMATS: Final = {"image": ("png",), "table": ("json",), "video": ("gif", "mp4")}
 # A tag a drop-in shim sets once per run for each documented no-op it accepted, named
 # after the call (`trackd.ignored.wandb.watch`): the daemon counts them in its status.
 IGNORED_TAG: Final = "trackd.ignored."
+INLINE_MEDIA_KINDS: Final = frozenset({"histogram"})  # data in the body, no store file
+ALERT_LEVELS: Final = ("INFO", "WARN", "ERROR")
 _MAX_DEPTH: Final = 32
 
 
@@ -187,15 +202,20 @@ def _validate_media(body: Message) -> None:
     kind = _require(body, "kind", str, "b.")
     if kind not in MEDIA_KINDS:
         raise ProtocolError(f"b.kind: expected one of {sorted(MEDIA_KINDS)}, got {kind!r}")
+    if step < 0:
+        raise ProtocolError("b.step: must not be negative")
+    _optional(body, "caption", str)
+    if kind == "histogram":
+        _validate_histogram(body)
+        return
     _require(body, "path", str, "b.")
     _require(body, "sha256", str, "b.")
     size = _require(body, "size", int, "b.")
     fmt = _require(body, "format", str, "b.")
     if fmt not in MEDIA_FORMATS[kind]:
         raise ProtocolError(f"b.format: a {kind} is one of {MEDIA_FORMATS[kind]}, got {fmt!r}")
-    if step < 0 or size < 0:
-        raise ProtocolError(f"b.{'step' if step < 0 else 'size'}: must not be negative")
-    _optional(body, "caption", str)
+    if size < 0:
+        raise ProtocolError("b.size: must not be negative")
     for field in ("width", "height", "frames", "rows"):
         _optional(body, field, int)
     _optional(body, "fps", float)
@@ -204,6 +224,38 @@ def _validate_media(body: Message) -> None:
         isinstance(columns, list) and all(type(c) is str for c in columns)
     ):
         raise ProtocolError(f"b.columns: expected a list of strings or nil, got {_kind(columns)}")
+
+
+def _validate_histogram(body: Message) -> None:
+    counts = _number_list(body, "counts")
+    edges = _number_list(body, "edges")
+    if any(count < 0 for count in counts):
+        raise ProtocolError("b.counts: a bin count must not be negative")
+    if len(edges) != (len(counts) + 1 if counts else 0):
+        raise ProtocolError(
+            f"b.edges: expected one more edge than counts ({len(counts)}), got {len(edges)}"
+        )
+    if any(low > high for low, high in itertools.pairwise(edges)):
+        raise ProtocolError("b.edges: edges must not decrease")
+
+
+def _number_list(body: Message, field: str) -> list[int | float]:
+    values: list[int | float] = _require(body, field, list, "b.")
+    for index, value in enumerate(values):
+        if type(value) not in (int, float):
+            raise ProtocolError(f"b.{field}[{index}]: expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise ProtocolError(f"b.{field}[{index}]: expected a finite number, got {value}")
+    return values
+
+
+def _validate_alert(body: Message) -> None:
+    _require(body, "ts", float, "b.")
+    _require(body, "title", str, "b.")
+    _require(body, "text", str, "b.")
+    level = _require(body, "level", str, "b.")
+    if level not in ALERT_LEVELS:
+        raise ProtocolError(f"b.level: expected one of {list(ALERT_LEVELS)}, got {level!r}")
 
 
 def _validate_reject(body: Message) -> None:
@@ -228,6 +280,7 @@ _BODY_VALIDATORS: Final = {
     "artifact": _validate_artifact,
     "media": _validate_media,
     "run_end": _validate_run_end,
+    "alert": _validate_alert,
     "reject": _validate_reject,
     "joined": _validate_values,
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 from trackd.client import registry
+from trackd.client.media import Histogram
 from trackd.client.media import Image as _TrackdImage
 from trackd.client.media import Table as _TrackdTable
 from trackd.client.media import Video as _TrackdVideo
@@ -286,10 +287,8 @@ class Run:
     def alert(
         self, title: str, text: str, level: str | None = None, wait_duration: object = None
     ) -> None:
-        trackd_alert = getattr(self._trackd, "alert", None)
-        if trackd_alert is None:
-            raise NotImplementedError("wandb.alert() needs trackd's alerts (not in this build)")
-        trackd_alert(title, text, level=str(level or AlertLevel.INFO).rsplit(".", 1)[-1])
+        """Recorded on the run (shown by `trackd tail`); `wait_duration` is not applied."""
+        self._trackd.alert(title, text, level=level or AlertLevel.INFO)
 
     def define_metric(self, name: str, *args: object, **kwargs: object) -> None:
         """Accepted and ignored: every key is charted against the step."""
@@ -401,18 +400,6 @@ class Table:
 
     def to_trackd(self) -> _TrackdTable:
         return _TrackdTable(columns=self.columns, data=self.data)
-
-
-def Histogram(sequence: Any = None, np_histogram: Any = None, num_bins: int = 64) -> Any:
-    """`wandb.Histogram`: trackd's histogram, in W&B's two forms."""
-    import trackd
-
-    histogram = getattr(trackd, "Histogram", None)
-    if histogram is None:
-        raise NotImplementedError("wandb.Histogram() needs trackd.Histogram (not in this build)")
-    if np_histogram is not None:
-        return histogram(np_histogram=np_histogram)
-    return histogram(sequence, num_bins=num_bins)
 
 
 class Artifact:

@@ -64,6 +64,7 @@ class Session:
     summary: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int | None = None
 
 
@@ -106,6 +107,9 @@ def read_session(path: Path) -> Session:
                     ],
                 }
             )
+        elif kind == "alert":
+            alert = record.alert
+            session.alerts.append({"title": alert.title, "text": alert.text, "level": alert.level})
         elif kind == "exit":
             session.exit_code = record.exit.exit_code
     return session

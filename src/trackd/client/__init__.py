@@ -45,6 +45,11 @@ def finish(status: str | None = None, timeout: float = 10.0) -> None:
     _current("finish").finish(status, timeout)
 
 
+def alert(title: str, text: str = "", level: object = "INFO") -> None:
+    """Record an alert on the current run (see `Run.alert`)."""
+    _current("alert").alert(title, text, level)
+
+
 def _current(verb: str) -> Run:
     run = registry.current
     if run is None:
@@ -52,4 +57,4 @@ def _current(verb: str) -> Run:
     return run
 
 
-__all__ = ["Run", "finish", "init", "log"]
+__all__ = ["Run", "alert", "finish", "init", "log"]

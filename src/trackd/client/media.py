@@ -1,11 +1,13 @@
-"""Media for `log()`: `Image`, `Table` and `Video`, in trackio's shapes.
+"""Media for `log()`: `Image`, `Table`, `Video` and `Histogram`, in trackio's shapes.
 
 Each object encodes itself when constructed (so a bad array fails at once, in the
 caller's line): an image to PNG, a video to an animated GIF (Pillow writes it without
 ffmpeg; a `.mp4` or `.gif` file is taken as it is), a table to JSON `{"columns": [...],
 "data": [[...], ...]}`. NumPy, Pillow and pandas are imported here only when an object is
 built. `log()` stores the bytes in the content-addressed store under DATA_DIR/artifacts
-and sends a `media` message naming the file: bytes never travel in frames.
+and sends a `media` message naming the file: bytes never travel in frames. A
+`Histogram` is the exception: its counts and edges are a few hundred numbers and travel
+inline in the `media` body (`inline` is true).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Media:
     data: bytes = b""
     source: str | None = None  # a file taken as it is (stored by path, not re-encoded)
     caption: str | None = None
+    inline: bool = False  # the data travels in the media body itself (meta()), not as a file
 
     def meta(self) -> dict[str, Any]:
         return {}
@@ -243,3 +246,96 @@ def _cell(value: Any) -> Any:
     if callable(item):
         return item()
     return str(value)
+
+
+MAX_BINS = 512  # W&B's and trackio's cap
+
+
+class Histogram(Media):
+    """A histogram, in W&B's and trackio's forms: `Histogram(sequence, num_bins=64)` bins the
+    finite values of a list, NumPy array or tensor; `Histogram(np_histogram=(counts, edges))`
+    takes `numpy.histogram`'s result as it is. A plain list is binned without NumPy (as
+    `numpy.histogram` would: equal-width bins over [min, max], the last bin closed)."""
+
+    kind = "histogram"
+    inline = True
+
+    def __init__(
+        self,
+        sequence: Any = None,
+        np_histogram: tuple[Any, Any] | None = None,
+        num_bins: int = 64,
+        caption: str | None = None,
+    ) -> None:
+        self.caption = _caption(caption, "Histogram()")
+        if (sequence is None) == (np_histogram is None):
+            raise ValueError("Histogram(): pass either sequence or np_histogram=(counts, edges)")
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+            raise ValueError(f"Histogram(): num_bins must be a positive int, got {num_bins!r}")
+        if np_histogram is not None:
+            self.counts, self.edges = _given_histogram(np_histogram)
+        else:
+            self.counts, self.edges = _binned(_finite_values(sequence), min(num_bins, MAX_BINS))
+
+    def meta(self) -> dict[str, Any]:
+        return {"counts": self.counts, "edges": self.edges}
+
+    def __repr__(self) -> str:
+        return f"<trackd.Histogram {len(self.counts)} bins caption={self.caption!r}>"
+
+
+def _plain_list(value: Any, what: str) -> list[Any]:
+    """A flat list of Python numbers from a list, tuple, NumPy array or tensor."""
+    if hasattr(value, "detach"):  # a torch tensor, maybe on a GPU
+        value = value.detach().cpu()
+    if hasattr(value, "tolist") and hasattr(value, "shape"):
+        value = value.reshape(-1).tolist() if hasattr(value, "reshape") else value.tolist()
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{what}: expected a sequence of numbers, got {type(value).__name__}")
+    plain = []
+    for index, item in enumerate(value):
+        number = item.item() if callable(getattr(item, "item", None)) else item
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise TypeError(f"{what}[{index}]: expected a number, got {type(item).__name__}")
+        plain.append(number)
+    return plain
+
+
+def _finite_values(sequence: Any) -> list[float]:
+    import math
+
+    return [float(v) for v in _plain_list(sequence, "Histogram(): sequence") if math.isfinite(v)]
+
+
+def _binned(values: list[float], bins: int) -> tuple[list[int | float], list[float]]:
+    if not values:
+        return [], []
+    low, high = min(values), max(values)
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    width = (high - low) / bins
+    edges = [low + index * width for index in range(bins)] + [high]
+    counts: list[int | float] = [0] * bins
+    for value in values:
+        counts[min(int((value - low) / width), bins - 1)] += 1
+    return counts, edges
+
+
+def _given_histogram(given: Any) -> tuple[list[int | float], list[float]]:
+    import itertools
+    import math
+
+    if not isinstance(given, tuple | list) or len(given) != 2:
+        raise TypeError("Histogram(): np_histogram must be a (counts, edges) pair")
+    counts = _plain_list(given[0], "Histogram(): np_histogram counts")
+    edges = [float(e) for e in _plain_list(given[1], "Histogram(): np_histogram edges")]
+    if len(edges) != (len(counts) + 1 if counts else 0):
+        raise ValueError(
+            f"Histogram(): np_histogram needs one more edge than counts, "
+            f"got {len(counts)} counts and {len(edges)} edges"
+        )
+    if not all(math.isfinite(v) for v in [*counts, *edges]) or any(c < 0 for c in counts):
+        raise ValueError("Histogram(): np_histogram counts and edges must be finite, counts >= 0")
+    if any(low > high for low, high in itertools.pairwise(edges)):
+        raise ValueError("Histogram(): np_histogram edges must not decrease")
+    return counts, edges

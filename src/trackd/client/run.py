@@ -11,6 +11,7 @@ from trackd.client import registry
 from trackd.client.artifacts import store_artifact, store_bytes
 from trackd.client.transport import Transport
 from trackd.client.values import WithMedia, json_tree, metric_row, scalar, string_map
+from trackd.protocol import ALERT_LEVELS
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
@@ -168,12 +169,13 @@ class Run:
         data_dir = paths.data_dir()
         bodies = []
         for key, item in found.media:
-            if item.source is not None:
-                stored, digest, size = store_artifact(item.source, data_dir)
-            else:
-                stored, digest, size = store_bytes(item.data, data_dir)
-            body: dict[str, Any] = {"key": key, "kind": item.kind, "format": item.format}
-            body.update(path=stored, sha256=digest, size=size, caption=item.caption)
+            body: dict[str, Any] = {"key": key, "kind": item.kind, "caption": item.caption}
+            if not item.inline:
+                if item.source is not None:
+                    stored, digest, size = store_artifact(item.source, data_dir)
+                else:
+                    stored, digest, size = store_bytes(item.data, data_dir)
+                body.update(format=item.format, path=stored, sha256=digest, size=size)
             body.update(item.meta())
             bodies.append(body)
         transport = self._transport
@@ -226,6 +228,20 @@ class Run:
         stored, digest, size = store_artifact(source, paths.data_dir())
         body = {"path": stored, "name": name or os.path.basename(source), "sha256": digest}
         self._send("artifact", {**body, "size": size})
+
+    def alert(self, title: str, text: str = "", level: object = "INFO") -> None:
+        """Record an alert on the run (W&B's and trackio's call): `trackd tail` shows it,
+        `trackd status` lists it, and sinks whose backend has alerts pass it on.
+        `level` is INFO, WARN or ERROR, in any case, or W&B's / trackio's AlertLevel."""
+        if not isinstance(title, str) or not title:
+            raise TypeError(f"alert(): title must be a non-empty string, got {title!r}")
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise TypeError(f"alert(): text must be a string, got {type(text).__name__}")
+        self._send(
+            "alert", {"ts": time.time(), "title": title, "text": text, "level": _level(level)}
+        )
 
     def _send(self, type_: str, body: dict[str, Any]) -> None:
         if self._transport is not None and not self._finished:
@@ -314,6 +330,17 @@ def _step(step: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"log(): step must be an int, got {type(step).__name__}")
     return value
+
+
+def _level(level: object) -> str:
+    """INFO, WARN or ERROR from a string in any case or an enum member (W&B's AlertLevel
+    has the values "INFO"..., trackio's "info"...); WARNING is taken for WARN."""
+    value = getattr(level, "value", level)
+    name = value.upper() if isinstance(value, str) else None
+    name = "WARN" if name == "WARNING" else name
+    if name not in ALERT_LEVELS:
+        raise ValueError(f"alert(): level must be one of {list(ALERT_LEVELS)}, got {level!r}")
+    return name
 
 
 def _mapping(values: object, what: str) -> dict[str, Any]:

@@ -120,7 +120,13 @@ class Control:
                 "running": sum(1 for run in runs if run.get("status") == "running"),
             },
             "sinks": {worker.spec.name: worker.status() for worker in self.fanout.workers},
+            "alerts": [self._alert(alert) for alert in self.ingest.ledger.alerts],
         }
+
+    def _alert(self, alert: dict[str, Any]) -> dict[str, Any]:
+        run = self.ingest.ledger.runs.get(alert["run"], {})
+        where = {"project": run.get("project"), "name": run.get("name")}
+        return {**alert, **where}
 
     def read_wal(self, position: object, max_bytes: object) -> dict[str, Any]:
         """Durable records from `position` (the WAL's start if nil), for `tail --since-start`."""

@@ -61,7 +61,7 @@ class _Accepted:
             return cls(frame, message, reply)
         rows = message["b"]["rows"]
         light = {**message, "b": {"rows": []}}
-        return cls(frame, light, reply, len(rows), rows[-1][0] if rows else None)
+        return cls(frame, light, reply, len(rows), max(row[0] for row in rows) if rows else None)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from trackd.daemon.wal import Position
 from trackd.protocol import Message
 from trackd.sinks.base import RunInfo
 
+RECENT_ALERTS = 20
+
 
 class Ledger:
     def __init__(self) -> None:
@@ -29,6 +32,8 @@ class Ledger:
         self.runs: dict[str, dict[str, Any]] = {}
         self.position: Position = (0, 0)
         self._infos: dict[str, RunInfo] = {}
+        # The latest alerts, for `trackd status`: kept in memory only (the WAL holds them all).
+        self.alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
 
     def apply(self, message: Message) -> None:
         session, seq = message["s"], message["q"]
@@ -56,7 +61,11 @@ class Ledger:
             return
         if kind == "metrics":
             rows = body["rows"]
-            self.count_rows(run_id, len(rows), rows[-1][0] if rows else None)
+            self.count_rows(run_id, len(rows), max(row[0] for row in rows) if rows else None)
+        elif kind == "media" and run_id in self.runs:
+            self._reach(self.runs[run_id], body["step"])
+        elif kind == "alert":
+            self.alerts.append({"run": run_id, **body})
         elif kind == "run_end" and run_id in self.runs:
             self.runs[run_id].update(
                 status=body["status"], ended=body["ended"], error=body.get("error")
@@ -66,7 +75,14 @@ class Ledger:
         run = self.runs.get(run_id)
         if run is not None and rows:
             run["rows"] += rows
-            run["last_step"] = last_step
+            self._reach(run, last_step)
+
+    @staticmethod
+    def _reach(run: dict[str, Any], step: int | None) -> None:
+        """`last_step` is the highest step of anything logged (rows and media), so that a
+        resumed run continues after it even if its steps went back or ended on media."""
+        if step is not None and (run["last_step"] is None or step > run["last_step"]):
+            run["last_step"] = step
 
     def info(self, run_id: str) -> RunInfo:
         """The RunInfo sinks see; a run whose start was never received gets a placeholder."""

@@ -34,7 +34,9 @@ How runs appear:
   as Markdown (the caption first), Aim having no table form and its text explorer
   showing text per step; videos have no Aim form (Aim has Image, Audio, Text,
   Distribution and Figure; an animated GIF as an ``aim.Image`` keeps its first frame
-  only), so they are a counted notice.
+  only), so they are a counted notice; histograms -> ``aim.Distribution`` at their step.
+* alerts -> the run's log records (``run.log_warning``'s sequence: Aim's Logs tab), at
+  their level.
   System metrics, terminal capture and system params are off: the daemon is not the
   training process.
 
@@ -68,6 +70,8 @@ permanent. Locks, connections, timeouts, the server's errors and OS errors: retr
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -97,6 +101,9 @@ QUIET: dict[str, Any] = {
     "log_system_params": False,
     "capture_terminal_logs": False,
 }
+
+
+ALERT_LOG_LEVELS = {"INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logging.ERROR}
 
 
 class AimSink(Sink):
@@ -195,6 +202,8 @@ class AimSink(Sink):
             self._log_artifact(run, body)
         elif record.type == "media":
             self._media(run, body)
+        elif record.type == "alert":
+            self._write_alert(run, body)
         elif record.type == "run_end":
             _set_params(
                 run,
@@ -261,8 +270,37 @@ class AimSink(Sink):
         run.log_artifact(str(source), name=name, block=True)
         self._sent()
 
+    def _write_histogram(self, run: Any, body: dict[str, Any]) -> None:
+        """An ``aim.Distribution`` of the counts over the edges' range: Aim's bins are of
+        equal width, so uneven edges (a user's np_histogram) are spread evenly (a notice)."""
+        counts, edges = body["counts"], body["edges"]
+        if not counts:
+            return
+        width = (edges[-1] - edges[0]) / len(counts)
+        if any(
+            abs(high - low - width) > 1e-9 * max(1.0, abs(width))
+            for low, high in itertools.pairwise(edges)
+        ):
+            self._notices("histograms with uneven bins are shown with even bins in Aim")
+        value = self._aim.Distribution(hist=counts, bin_range=(edges[0], edges[-1]))
+        self._track(run, body["step"], body["ts"], {body["key"]: value}, media=True)
+
+    def _write_alert(self, run: Any, body: dict[str, Any]) -> None:
+        """Into the run's log records (`run.log_warning`'s sequence, the UI's Logs tab). The
+        step is the alert's time in microseconds, so a re-sent alert lands on itself."""
+        from aim.sdk.logging.log_record import LogRecord
+
+        text = body["title"] + (f": {body['text']}" if body["text"] else "")
+        level = ALERT_LOG_LEVELS[body["level"]]
+        value = LogRecord(text, level, timestamp=body["ts"], logger_info=("trackd.alert", 0))
+        step = round(body["ts"] * 1_000_000)
+        self._track(run, step, body["ts"], {"__log_records": value}, media=True)
+
     def _media(self, run: Any, body: dict[str, Any]) -> None:
         kind = body["kind"]
+        if kind == "histogram":
+            self._write_histogram(run, body)
+            return
         if kind == "video":
             self._notices("videos have no Aim form; skipped")
             return

@@ -1,18 +1,20 @@
 """The embedded default sink: one directory of plain files per run.
 
     ROOT/PROJECT/RUNNAME-RUNID8/
-      run.json  config.json  metrics.jsonl  summary.json  artifacts/  media/
+      run.json  config.json  metrics.jsonl  summary.json  alerts.jsonl  artifacts/  media/
 
 A `media` record's file is copied to `media/KEY/STEP-SHA8.FORMAT` and indexed by a
 row of its own in `metrics.jsonl`: `{"step": 3, "ts": ..., "KEY": {"_type": "image",
 "path": "media/...", "sha256": ..., "caption": ..., "width": ..., ...}}`, beside the
-numbers of the same `log()` call (same step).
+numbers of the same `log()` call (same step). A histogram has no file: its index row
+holds `{"_type": "histogram", "counts": [...], "edges": [...]}` itself. Each alert is
+a line `{"ts", "title", "text", "level"}` of `alerts.jsonl`.
 
 `run.json` carries DESIGN.md's fields and, beyond them, the run's tags (from
 `init(tags=...)` and `set_tags`), since a plain-files sink has nowhere else to
 keep them.
 
-`metrics.jsonl` is the only file appended to, through `AppendOnlyFiles`,
+`metrics.jsonl` and `alerts.jsonl` are the only files appended to, through `AppendOnlyFiles`,
 which makes the appends exactly-once across crashes and all-or-nothing per
 batch by cutting files back; the other files are replaced whole (write to a
 temporary name, rename), so they are never half-written and writing them
@@ -118,12 +120,7 @@ class JsonlSink(Sink):
                         summary.update(values)
                     summary.update(kept)
                 elif record.type == "media":
-                    body = record.body
-                    relative = f"media/{media_file_name(body)}"
-                    self._copy_file(run_dir, body["path"], relative)
-                    index = {body["key"]: media_index(body, relative)}
-                    row = {"step": body["step"], "ts": body["ts"], **index}
-                    lines.setdefault(run_dir, []).append(row)
+                    lines.setdefault(run_dir, []).append(self._media_row(run_dir, record.body))
                 else:
                     self._flush_lines(lines)
                     lines = {}
@@ -134,6 +131,26 @@ class JsonlSink(Sink):
             self._summary_dirty.clear()
         except OSError as exc:
             raise SinkError(f"jsonl: {exc}", retriable=True) from exc
+
+    def _media_row(self, run_dir: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The index row of a media record; a file-backed one is copied to `media/`."""
+        if body["kind"] == "histogram":
+            return self._write_histogram(body)
+        relative = f"media/{media_file_name(body)}"
+        self._copy_file(run_dir, body["path"], relative)
+        return {"step": body["step"], "ts": body["ts"], body["key"]: media_index(body, relative)}
+
+    @staticmethod
+    def _write_histogram(body: dict[str, Any]) -> dict[str, Any]:
+        """A histogram is its own index row: counts and edges inline, no file."""
+        value = {"_type": "histogram", "counts": body["counts"], "edges": body["edges"]}
+        if body.get("caption") is not None:
+            value["caption"] = body["caption"]
+        return {"step": body["step"], "ts": body["ts"], body["key"]: value}
+
+    def _write_alert(self, run_dir: str, body: dict[str, Any]) -> None:
+        alert = {key: body[key] for key in ("ts", "title", "text", "level")}
+        self._files.append(f"{run_dir}/alerts.jsonl", b"", json_lines([alert]))
 
     def _apply(self, run_dir: str, record: Record) -> None:
         body = record.body
@@ -156,6 +173,8 @@ class JsonlSink(Sink):
             self._replace(run_dir, "run.json", current)
         elif record.type == "artifact":
             self._copy_artifact(run_dir, body["path"], body["name"])
+        elif record.type == "alert":
+            self._write_alert(run_dir, body)
         elif record.type == "run_end":
             self._write_run(
                 run_dir,
@@ -237,6 +256,7 @@ class JsonlSink(Sink):
 
     def _close_run(self, run_dir: str) -> None:
         self._files.finish(f"{run_dir}/metrics.jsonl")
+        self._files.finish(f"{run_dir}/alerts.jsonl")
         if run_dir in self._summaries:
             self._replace(run_dir, "summary.json", self._summaries.pop(run_dir))
         self._summary_dirty.discard(run_dir)

@@ -15,7 +15,10 @@ second one. Mapping of the records:
 * media: an artifact `media/KEY/STEP-SHA8.FORMAT` (what `log_image` and `log_table`
   with an `artifact_file` store: the PNG, the GIF video, the table as JSON
   `{"columns", "data"}`, log_table's format), uploaded as the client encoded it;
-  the same name each time, so a re-sent record overwrites instead of adding;
+  the same name each time, so a re-sent record overwrites instead of adding; a
+  histogram: the JSON artifact `histograms/KEY/STEP.json` {key, step, counts, edges};
+* alert: the JSON artifact `alerts/TS_MS-LEVEL.json` {ts, title, text, level} (MLflow
+  has no alerts);
 * summary: tags `summary/KEY` (summary values may be any JSON, and a tag is
   overwritten in place, where a metric would add a point to the history);
 * run_end: `set_terminated` FINISHED or FAILED, the error in tag `trackd.error`.
@@ -81,6 +84,7 @@ from trackd.sinks.base import (
     SinkError,
     is_retriable_os_error,
     media_file_name,
+    relative_path,
     retriable_status,
 )
 
@@ -306,7 +310,9 @@ class MlflowSink(Sink):
         elif record.type == "artifact":
             self._log_artifact(run_id, body["path"], body["name"])
         elif record.type == "media":
-            self._log_artifact(run_id, body["path"], f"media/{media_file_name(body)}")
+            self._log_media(run_id, body)
+        elif record.type == "alert":
+            self._write_alert(run_id, body)
         elif record.type == "run_end":
             if body.get("error"):
                 self._set_tags(run_id, {"trackd.error": body["error"]})
@@ -316,6 +322,28 @@ class MlflowSink(Sink):
             self._verify.discard(run_id)
             for stored in [key for key in self._history if key[0] == run_id]:
                 del self._history[stored]
+
+    def _log_media(self, run_id: str, body: dict[str, Any]) -> None:
+        if body["kind"] == "histogram":
+            self._write_histogram(run_id, body)
+        else:
+            self._log_artifact(run_id, body["path"], f"media/{media_file_name(body)}")
+
+    def _write_histogram(self, run_id: str, body: dict[str, Any]) -> None:
+        """The JSON artifact `histograms/KEY/STEP.json` (MLflow has no histogram form):
+        {"key", "step", "counts", "edges"}; a re-sent record overwrites it."""
+        histogram = {key: body[key] for key in ("key", "step", "counts", "edges")}
+        if body.get("caption") is not None:
+            histogram["caption"] = body["caption"]
+        name = f"histograms/{relative_path(body['key'])}/{body['step']}.json"
+        self._client.log_text(run_id, json.dumps(histogram), name)
+
+    def _write_alert(self, run_id: str, body: dict[str, Any]) -> None:
+        """MLflow has no alerts: each is the JSON artifact `alerts/TS_MS-LEVEL.json`
+        {"ts", "title", "text", "level"}, named by its time so a re-sent one overwrites."""
+        alert = {key: body[key] for key in ("ts", "title", "text", "level")}
+        name = f"alerts/{round(body['ts'] * 1000)}-{body['level']}.json"
+        self._client.log_text(run_id, json.dumps(alert), name)
 
     # --- runs and experiments ----------------------------------------------------------
 

@@ -16,8 +16,10 @@ What lands where, all of it readable by TensorBoard's own EventAccumulator:
   `trackd/artifacts`;
 * media -> images at the row's step (`add_image`'s form: a PNG in a Summary.Image), a
   GIF video as an animated image (`add_video`'s form, as tensorboardX writes it), a
-  table as a markdown text under its key; an MP4 video has no TensorBoard form (a
-  counted notice);
+  table as a markdown text under its key, a histogram as a histogram summary
+  (`add_histogram`'s HistogramProto); an MP4 video has no TensorBoard form (a counted
+  notice);
+* alerts -> rows of the text `trackd/alerts` (TensorBoard has no alerts);
 * run_end -> the text `trackd/status` and an HParams session end info
   (STATUS_SUCCESS or STATUS_FAILURE), the status column of the HParams table.
 
@@ -51,6 +53,7 @@ its writer's background thread and self-named files would defeat the cutting.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -142,6 +145,8 @@ class TensorboardSink(Sink):
             out.add(encoder.text("trackd/artifacts", step, now, text))
         elif record.type == "media":
             self._media(body, out)
+        elif record.type == "alert":
+            self._write_alert(body, step, out)
         elif record.type == "run_end":
             failed = body["status"] != "finished"
             error = "".join(f"\n    {line}" for line in (body.get("error") or "").splitlines())
@@ -151,7 +156,19 @@ class TensorboardSink(Sink):
         else:
             self._notices(f"{record.type} records have no TensorBoard form; skipped")
 
+    def _write_alert(self, body: dict[str, Any], step: int, out: _Pending) -> None:
+        """TensorBoard has no alerts: each is a row of the text `trackd/alerts`."""
+        text = _table({"level": body["level"], "title": body["title"], "text": body["text"]})
+        out.add(self._encoder.text("trackd/alerts", step, body["ts"], text))
+
+    def _write_histogram(self, body: dict[str, Any], out: _Pending) -> None:
+        if body["counts"]:
+            out.add(self._encoder.histogram(body["key"], body["step"], body["ts"], body))
+
     def _media(self, body: dict[str, Any], out: _Pending) -> None:
+        if body["kind"] == "histogram":
+            self._write_histogram(body, out)
+            return
         if body["kind"] == "video" and body["format"] != "gif":
             self._notices(f"{body['format']} videos have no TensorBoard form; skipped")
             return
@@ -230,6 +247,7 @@ class _Encoder:
             ) from exc
         self._event = event_pb2.Event
         self._summary = summary_pb2.Summary
+        self._histogram = summary_pb2.HistogramProto
         self._api = api_pb2
         self._plugin_data = plugin_data_pb2
         self._hparams_pb = summary_v2.hparams_pb
@@ -269,6 +287,23 @@ class _Encoder:
             height=size[0], width=size[1], colorspace=3, encoded_image_string=encoded
         )
         summary = self._summary(value=[self._summary.Value(tag=tag, image=picture)])
+        return self._frame(self._event(wall_time=wall_time, step=step, summary=summary))
+
+    def histogram(self, tag: str, step: int, wall_time: float, body: dict[str, Any]) -> bytes:
+        """`add_histogram`'s form (a HistogramProto, as tensorboardX writes it): each bucket
+        its right edge and count; sum and sum of squares from the bucket centres."""
+        counts, edges = body["counts"], body["edges"]
+        centres = [(low + high) / 2 for low, high in itertools.pairwise(edges)]
+        histogram = self._histogram(
+            min=edges[0],
+            max=edges[-1],
+            num=sum(counts),
+            sum=sum(c * x for c, x in zip(counts, centres, strict=True)),
+            sum_squares=sum(c * x * x for c, x in zip(counts, centres, strict=True)),
+            bucket_limit=edges[1:],
+            bucket=counts,
+        )
+        summary = self._summary(value=[self._summary.Value(tag=tag, histo=histogram)])
         return self._frame(self._event(wall_time=wall_time, step=step, summary=summary))
 
     def hparams(self, values: dict[str, bool | float | str], group: str, started: float) -> bytes:

@@ -35,7 +35,11 @@ How runs appear:
   store where it can be (else copied); a table is `{"_type": "trackio.table", "_value":
   [{column: value, ...}, ...]}`, its rows inline, and Trackio's tables have no caption.
   The file name comes from the key and the content (Trackio picks a random one), so a
-  re-sent record finds its file in place.
+  re-sent record finds its file in place. A histogram is `trackio.Histogram`'s
+  `{"_type": "trackio.histogram", "bins": edges, "values": counts}`, inline.
+* alerts: rows of Trackio's alerts table (`SQLiteStorage.bulk_alert`, what
+  `trackio.alert()` ends in), level in Trackio's lower case, at the run's last stored
+  step; each alert's id is a hash of it, so a re-sent one is ignored.
 
 Idempotence. Trackio dedupes metric rows by `log_id` (an `INSERT OR IGNORE` on a
 unique index: how it makes its own re-sends and fragment imports idempotent). Each
@@ -125,6 +129,8 @@ class TrackioSink(Sink):
                     media = {body["key"]: self._media(run, body)}
                     out = rows.setdefault(record.run.id, _Rows())
                     out.add(record.run.id, body["step"], body["ts"], self._metrics(media))
+                elif record.type == "alert":
+                    self._write_alert(record.run.id, run, record.body)
                 else:
                     self._apply(run, record)
                 if record.type == "run_end":
@@ -181,8 +187,31 @@ class TrackioSink(Sink):
             return
         run.pending = True
 
+    def _write_alert(self, run_id: str, run: _Run, body: dict[str, Any]) -> None:
+        """Into Trackio's alerts table, as `trackio.alert()` stores one; its alert id comes
+        from the alert itself, so a re-sent one is ignored (INSERT OR IGNORE)."""
+        identity = "\0".join([run_id, repr(body["ts"]), body["title"], body["text"]])
+        self._storage.bulk_alert(
+            project=run.project,
+            run=run.name,
+            run_id=run_id,
+            titles=[body["title"]],
+            texts=[body["text"] or None],
+            levels=[body["level"].lower()],
+            steps=[None if run.anchor is None else run.anchor[1]],
+            timestamps=[_iso(body["ts"])],
+            alert_ids=["trackd-" + hashlib.sha256(identity.encode()).hexdigest()[:32]],
+        )
+
+    @staticmethod
+    def _write_histogram(body: dict[str, Any]) -> dict[str, Any]:
+        """`trackio.Histogram._to_dict()`'s form."""
+        return {"_type": "trackio.histogram", "bins": body["edges"], "values": body["counts"]}
+
     def _media(self, run: _Run, body: dict[str, Any]) -> dict[str, Any]:
         """What `trackio.log()` stores for the media object, its file placed as Trackio would."""
+        if body["kind"] == "histogram":
+            return self._write_histogram(body)
         source = stored_file(body, self.kind)
         if body["kind"] == "table":
             table = read_table(source)

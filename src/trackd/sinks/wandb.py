@@ -20,12 +20,15 @@ How runs appear:
 * config -> config, plus ``trackd`` (``RunInfo.metadata()``); tags -> W&B
   tags ``name:value`` (``name`` if the value is empty) plus the spec's ``tags``;
   metrics -> history rows at their step with the client's time as ``_timestamp``;
-  summary -> summary; media -> ``wandb.Image`` / ``wandb.Video`` / ``wandb.Table`` in the
+  summary -> summary; media -> ``wandb.Image`` / ``wandb.Video`` / ``wandb.Table`` /
+  ``wandb.Histogram`` (from the counts and edges, W&B's ``np_histogram``) in the
   history row of their step (merged with that step's numbers, and kept in "pending" like
   any row, so a crash re-logs them too); the end -> exit code 0 (finished) or 1
   (failed), with the status and error in summary ``trackd/status`` and
   ``trackd/error``. Console capture, system metrics and git/code saving are off: the
   daemon is not the training process.
+* alert -> ``run.alert(title, text, level)``: an AlertRecord in the run's transaction
+  log, which ``wandb sync`` (or online mode) turns into W&B's alert.
 * artifact -> a W&B artifact, as ``run.log_artifact(path, name=NAME)`` makes one: named
   NAME ("/" -> "-", at most 128 characters), type "unspecified", holding the one file
   under NAME, with ``metadata["trackd.artifact"]`` = {name, sha256}. The file is not
@@ -224,6 +227,8 @@ class WandbSink(Sink):
             self._call(run.id, attached.handle.summary.update, body["values"])
         elif record.type == "artifact":
             self._call(run.id, self._log_artifact, attached, state, body)
+        elif record.type == "alert":
+            self._call(run.id, self._write_alert, attached, body)
         elif record.type == "run_end":
             self._call(run.id, self._finish, attached, body)
             del self._attached[run.id], self._states[run.id]
@@ -369,11 +374,25 @@ class WandbSink(Sink):
         attached.artifacts.add(identity)
         state.artifacts.append({"name": body["name"], "path": body["path"], **marked})
 
+    @staticmethod
+    def _write_alert(attached: _Attached, body: dict[str, Any]) -> None:
+        """`run.alert()`: an AlertRecord in the run's transaction log (sent by `wandb sync`
+        offline), W&B's levels being trackd's."""
+        attached.handle.alert(title=body["title"], text=body["text"], level=body["level"])
+
+    def _write_histogram(self, body: dict[str, Any]) -> Any:
+        if not body["counts"]:  # wandb.Histogram refuses one of no bins (no finite value)
+            self._notices("empty histograms are logged to W&B as null")
+            return None
+        return self._wandb.Histogram(np_histogram=(body["counts"], body["edges"]))
+
     def _media(self, value: Any) -> Any:
         """A W&B media object for a media record's body (numbers pass through)."""
         if not isinstance(value, dict) or MEDIA not in value:
             return value
         body = value[MEDIA]
+        if body["kind"] == "histogram":
+            return self._write_histogram(body)
         source = stored_file(body, "wandb")
         caption = body.get("caption")
         if body["kind"] == "table":
