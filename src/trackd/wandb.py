@@ -609,3 +609,25 @@ def _trackd_values(data: dict[str, Any]) -> dict[str, Any]:
 
 def __getattr__(name: str) -> Any:
     return real_attribute("wandb", name, UNSUPPORTED)
+
+
+__all__ = [
+    "AlertLevel",
+    "Artifact",
+    "Histogram",
+    "Image",
+    "Run",
+    "Table",
+    "Video",
+    "alert",
+    "config",
+    "define_metric",
+    "finish",
+    "init",
+    "log",
+    "log_artifact",
+    "login",
+    "run",
+    "summary",
+    "watch",
+]
