@@ -23,7 +23,7 @@ import time
 from trackd.client import registry
 from trackd.client.media import Image as _TrackdImage
 from trackd.client.run import Run as _TrackdRun
-from trackd.client.shim import known_run, real_attribute
+from trackd.client.shim import known_run, real_attribute, remember_run
 from trackd.client.values import scalar
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
@@ -189,6 +189,7 @@ def start_run(
         run_id=run_id,
     )
     registry.register(trackd_run)
+    remember_run(trackd_run)  # MLflow resumes by run id alone, so offline too
     active = ActiveRun(trackd_run, Experiment(project))
     active.data.tags.update(run_tags)
     _stack.append(active)

@@ -22,7 +22,14 @@ from trackd.client.media import Image as _TrackdImage
 from trackd.client.media import Table as _TrackdTable
 from trackd.client.media import Video as _TrackdVideo
 from trackd.client.run import Run as _TrackdRun
-from trackd.client.shim import check_keys, known_run, mark_ignored, not_supported, real_attribute
+from trackd.client.shim import (
+    check_keys,
+    known_run,
+    mark_ignored,
+    not_supported,
+    real_attribute,
+    remember_run,
+)
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
@@ -181,6 +188,7 @@ class Run:
         self._log = trackd_run.log
         self._step = trackd_run._step  # after a resume: past the run's highest step
         self._pending: dict[str, Any] | None = None
+        self._remembered = False  # started with an id: its last step noted for offline resumes
         self.config = Config(self)
         self.summary = Summary(self)
         self.tags = tuple(tags)
@@ -302,6 +310,8 @@ class Run:
         """End the run: a non-zero exit code marks it failed."""
         global run, config, summary
         self._commit()
+        if self._remembered:
+            remember_run(self._trackd, last_step=self._step - 1)
         self._trackd.finish("failed" if exit_code else "finished")
         if run is self:
             run, config, summary = None, _PreInit("config"), _PreInit("summary")
@@ -492,7 +502,7 @@ def init(
         if reinit in (None, False, "default", "return_previous"):
             return run
         run.finish()
-    known = known_run(id) if id is not None and resume in ("allow", "must", True, "auto") else None
+    known = known_run(id) if id is not None else None
     project = project or os.environ.get("WANDB_PROJECT") or (known or {}).get("project")
     name = name or os.environ.get("WANDB_NAME") or (known or {}).get("name")
     label_list = list(tags or ())
@@ -510,7 +520,13 @@ def init(
         run_id=id,
     )
     registry.register(trackd_run)
+    if id is not None:
+        remember_run(trackd_run)
     new = Run(trackd_run, label_list, notes)
+    new._remembered = id is not None
+    last = (known or {}).get("last_step") if trackd_run._step == 0 and resume else None
+    if isinstance(last, int):  # no daemon answered: continue after what this machine saw
+        new._step = last + 1
     new.config.update(values)
     if notes:
         trackd_run.set_tags({"notes": notes})

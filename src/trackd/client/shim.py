@@ -8,6 +8,10 @@ only when the user reaches for a name the shim does not define (reading results 
 
 from __future__ import annotations
 
+import json
+import os
+
+from trackd import paths
 from trackd.protocol import IGNORED_TAG
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
@@ -67,15 +71,43 @@ def mark_ignored(run: Run | None, call: str) -> None:
 
 
 def known_run(run_id: str, endpoint: str | None = None) -> dict[str, Any] | None:
-    """The daemon's record of a run (project, name, last step), or None when it knows no such
-    run or cannot be asked (then the run is resumed by its id alone, as the spool is)."""
+    """The daemon's record of a run (project, name, last step); without a daemon that knows
+    it, what a shim on this machine remembered when it started the run (`remember_run`), so
+    a run resumed by id alone keeps its project and name offline too. None: no such run."""
     from trackd.client.control import DaemonUnreachable, request
 
     try:
         known = request("run", endpoint=endpoint, timeout=KNOWN_RUN_SECONDS, id=run_id)
     except (DaemonUnreachable, RuntimeError, ValueError):
+        known = None
+    if isinstance(known, dict):
+        return known
+    try:
+        with open(_record(run_id), encoding="utf-8") as handle:
+            remembered = json.load(handle)
+    except (OSError, ValueError):
         return None
-    return known if isinstance(known, dict) else None
+    return remembered if isinstance(remembered, dict) else None
+
+
+def remember_run(run: Run, last_step: int | None = None) -> None:
+    """Note the project and name (and at its end the last step) of a run a shim started, for a
+    resume by id alone while no daemon can be asked."""
+    path = _record(run.id)
+    record = {"project": run.project, "name": run.name, "last_step": last_step}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+    except OSError:
+        pass  # only a later resume by id alone, offline, misses the name: never the run itself
+
+
+def _record(run_id: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:32]
+    return os.path.join(paths.data_dir(), "shim-runs", f"{digest}.json")
 
 
 def check_keys(function: str, given: dict[str, object], allowed: Collection[str]) -> None:
