@@ -45,6 +45,8 @@ UNSUPPORTED = frozenset(
     | {"log_param_async", "last_active_run", "get_parent_run"}
 )
 
+GOOD_KEYS_KEPT = 100_000
+_good_keys: set[str] = set()  # metric names already checked against MLflow's rule
 _tracking_uri: str | None = None
 _experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 _stack: list[ActiveRun] = []
@@ -77,7 +79,8 @@ class RunInfo:
 
 
 class RunData:
-    """`run.data`: what this process logged to the run (params, tags, each metric's last)."""
+    """`run.data`: the params and tags this process gave the run (metrics are not kept: as in
+    MLflow, whose `active_run().data` is the run as it was when it started)."""
 
     def __init__(self) -> None:
         self.params: dict[str, str] = {}
@@ -281,10 +284,15 @@ def _log_row(
     timestamp: int | None,
     call: str,
 ) -> None:
+    """Queue trackd's row (step, ts, values) with MLflow's step and time: the hot path of a
+    training loop, so a key checked once is not checked again and floats pass as they are."""
     row = {}
     for key, value in values.items():
-        _check_key(key, "metric")
-        row[key] = float(scalar(value, f"{call}(): {key!r}"))
+        if key not in _good_keys:
+            _check_key(key, "metric")
+            if len(_good_keys) < GOOD_KEYS_KEPT:
+                _good_keys.add(key)
+        row[key] = value if type(value) is float else float(scalar(value, f"{call}(): {key!r}"))
     if step is None:
         step = 0
     elif type(step) is not int:
@@ -293,11 +301,10 @@ def _log_row(
         raise TypeError(f"{call}(): timestamp must be an int (ms), got {type(timestamp).__name__}")
     trackd_run = active._trackd
     ts = time.time() if timestamp is None else timestamp / 1000
-    with trackd_run._lock:  # trackd's row (step, ts, values), with MLflow's step and time
+    with trackd_run._lock:
         enqueue = trackd_run._enqueue
         if enqueue is not None:
             enqueue((step, ts, row))
-    active.data.metrics.update(row)
 
 
 def set_tag(key: str, value: Any, synchronous: bool | None = None) -> None:
