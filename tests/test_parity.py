@@ -26,7 +26,6 @@ CORPUS = Path(__file__).parent / "parity"
 SWAPS = {
     "import wandb\n": "import trackd.wandb as wandb\n",
     "import mlflow\n": "import trackd.mlflow as mlflow\n",
-    "import mlflow  # noqa: E402\n": "import trackd.mlflow as mlflow  # noqa: E402\n",
 }
 # Every difference by design between the real library's run and the shim's, as a pattern of
 # flattened fields, with its reason. Anything not matched here must be equal.
