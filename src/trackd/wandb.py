@@ -502,7 +502,8 @@ def init(
         if reinit in (None, False, "default", "return_previous"):
             return run
         run.finish()
-    known = known_run(id) if id is not None else None
+    wanted = resume or not name or not project  # else nothing to learn: no round trip
+    known = known_run(id) if id is not None and wanted else None
     project = project or os.environ.get("WANDB_PROJECT") or (known or {}).get("project")
     name = name or os.environ.get("WANDB_NAME") or (known or {}).get("name")
     label_list = list(tags or ())
