@@ -225,7 +225,10 @@ class Run:
         moves on; with a higher `step` the pending row is committed and the new one waits
         for a later step or commit=True; a lower `step` is ignored with a warning."""
         if step is None and commit is None and self._pending is None:
-            self._send(data, self._step)  # the common case: one row, committed at once
+            try:  # the common case: one row, committed at once (inlined: a call costs 0.1 µs)
+                self._log(data, self._step)
+            except TypeError as error:
+                self._log_converted(data, self._step, error)
             self._step += 1
             return
         if not isinstance(data, dict):
@@ -263,11 +266,16 @@ class Run:
     def _send(self, data: dict[str, Any], step: int) -> None:
         try:
             self._log(data, step)
-        except TypeError:  # a W&B-only object (a Table built row by row): trackd's, then again
-            converted = _trackd_values(data)
-            if converted is data:
-                raise
-            self._log(converted, step)
+        except TypeError as error:
+            self._log_converted(data, step, error)
+
+    def _log_converted(self, data: dict[str, Any], step: int, error: TypeError) -> None:
+        """A row trackd refused: with W&B-only objects (a Table built row by row) made
+        trackd's it goes again; without any, the refusal stands."""
+        converted = _trackd_values(data)
+        if converted is data:
+            raise error
+        self._log(converted, step)
 
     def log_artifact(
         self,
