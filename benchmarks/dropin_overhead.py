@@ -31,7 +31,7 @@ def measure(blocks: int, calls: int) -> dict[str, list[int]]:
     from trackd import mlflow, wandb
 
     base = trackd.init(project="bench", name="overhead-run-log")
-    shim_run = wandb.init(project="bench", name="overhead-wandb", reinit="create_new")
+    shim_run = wandb.init(project="bench", name="overhead-wandb")
     mlflow.set_experiment("bench")
     mlflow.start_run(run_name="overhead-mlflow")
     log_metrics = mlflow.log_metrics

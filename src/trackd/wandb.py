@@ -549,7 +549,10 @@ def init(
 
 
 def log(data: dict[str, Any], step: int | None = None, commit: bool | None = None) -> None:
-    _current("log").log(data, step, commit)
+    current = run  # not through _current(): this is the training loop's call
+    if current is None:
+        raise RuntimeError("call trackd.wandb.init() before wandb.log()")
+    current.log(data, step, commit)
 
 
 def finish(exit_code: int | None = None, quiet: bool | None = None) -> None:
