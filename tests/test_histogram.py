@@ -45,6 +45,17 @@ def test_numpy_arrays_and_tensors_are_flattened_and_binned() -> None:
         assert (got.counts, got.edges) == (expected.counts, expected.edges)
 
 
+def test_an_array_is_binned_by_numpy_as_trackio_bins_it() -> None:
+    """A NumPy array (or tensor, or boolean array) gets numpy.histogram's exact counts and
+    edges, its non-finite values left out."""
+    data = np.random.default_rng(0).normal(size=10_000)
+    counts, edges = np.histogram(data, bins=64)
+    with_nan = np.concatenate([data, [np.nan, np.inf]])
+    histogram = trackd.Histogram(with_nan)
+    assert (histogram.counts, histogram.edges) == (counts.tolist(), edges.tolist())
+    assert trackd.Histogram(np.array([True, False, True]), num_bins=2).counts == [1, 2]
+
+
 def test_np_histogram_is_taken_as_it_is() -> None:
     """np_histogram=(counts, edges) keeps numpy's counts and edges as plain lists."""
     counts, edges = np.histogram([0.1, 0.2, 0.9], bins=3, range=(0.0, 1.0))
@@ -70,6 +81,8 @@ def test_bins_are_capped_at_512_as_wandb_and_trackio_cap_them() -> None:
         ((), {"np_histogram": ([1, -1], [0, 1, 2])}, ValueError, "counts >= 0"),
         ((), {"np_histogram": ([1, 1], [0, 2, 1])}, ValueError, "must not decrease"),
         ((), {"np_histogram": [1, 2, 3]}, TypeError, "(counts, edges) pair"),
+        ((), {"np_histogram": ([1] * 513, range(514))}, ValueError, "513 bins, at most 512"),
+        ((np.array(["a", "b"]),), {}, TypeError, "dtype <U1"),
     ],
 )
 def test_a_bad_histogram_is_refused_naming_the_argument(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Daemon, cli, finish_client, jsonl_runs, start_helper
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, start_helper, wait_for
 
 EVEN = {"counts": [1, 2, 3, 4], "edges": [0.0, 0.75, 1.5, 2.25, 3.0]}
 GIVEN = {"counts": [5, 0, 7], "edges": [0.0, 1.0, 3.0, 10.0]}
@@ -240,17 +240,10 @@ def test_aim_gets_distributions_and_log_records(
     }
 
 
-TRACKIO_ALERTS = """
-import json, sys
-from trackio.sqlite_storage import SQLiteStorage
-print(json.dumps(SQLiteStorage.get_alerts("p")))
-"""
-
-
 def test_trackio_stores_histograms_and_alerts_as_trackio_would(
     daemon: Daemon, env: dict[str, str], tmp_path: Path
 ) -> None:
-    from test_sink_trackio import read_trackio
+    from test_sink_trackio import read_trackio, read_trackio_alerts
 
     trackio_dir = tmp_path / "trackio"
     daemon.start("--sink", "trackio:fallback", extra_env={"TRACKIO_DIR": str(trackio_dir)})
@@ -266,14 +259,28 @@ def test_trackio_stores_histograms_and_alerts_as_trackio_would(
         key: (step, {"_type": "trackio.histogram", "bins": v["edges"], "values": v["counts"]})
         for key, (step, v) in HISTOGRAMS.items()
     }
-    out = subprocess.run(
-        [sys.executable, "-c", TRACKIO_ALERTS],
-        env={**env, "TRACKIO_DIR": str(trackio_dir)},
-        capture_output=True,
-        check=True,
-        timeout=120,
-    )
-    alerts = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    alerts = read_trackio_alerts(env, trackio_dir, "p")
     assert sorted((a["title"], a["text"], a["level"], a["run"]) for a in alerts) == sorted(
         (a["title"], a["text"] or None, a["level"].lower(), "hist") for a in ALERTS
     )
+
+
+def test_alerts_jsonl_holds_every_alert_once_across_a_daemon_kill(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path
+) -> None:
+    """alerts.jsonl is appended exactly once per alert although the daemon is killed -9
+    while alerts stream in and the sink's batches are re-sent after the restart."""
+    root = tmp_path / "runs"
+    daemon.start("--sink", f"jsonl:{root}")
+    rows = 3000
+    client = run_client(
+        env, "--name", "alerts", "--rows", str(rows), "--alert-every", "2", "--pace", "0.1"
+    )
+    wait_for(lambda: daemon.status()["ingest"]["messages"] > 50, timeout=60)
+    daemon.kill()
+    daemon.start("--sink", f"jsonl:{root}")
+    run_id = finish_client(client)["id"]
+    daemon.flush()
+    lines = (root / "p" / f"alerts-{run_id[:8]}" / "alerts.jsonl").read_text().splitlines()
+    titles = [json.loads(line)["title"] for line in lines]
+    assert titles == [f"row {step}" for step in range(0, rows, 2)]

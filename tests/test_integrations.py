@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,23 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 import lightning
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 import trackd
 from conftest import Daemon, jsonl_runs
+from trackd.integrations._common import RunHandle
 from trackd.integrations.accelerate import TrackdTracker
 from trackd.integrations.lightning import TrackdLogger
 from trackd.integrations.transformers import TrackdCallback
@@ -141,9 +151,9 @@ def lightning_trainer(logger: TrackdLogger, root: Path) -> lightning.Trainer:
 def test_lightning_logger_records_hparams_step_metrics_and_finishes(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    """fit() then test(): with resume="allow" both stages land in the one run."""
+    """fit() then test(), no resume given: both stages land in the one run."""
     daemon.start()
-    logger = TrackdLogger(project="pl", run_name="tiny", resume="allow")
+    logger = TrackdLogger(project="pl", run_name="tiny")
     trainer = lightning_trainer(logger, tmp_path)
     model = TinyRegressor(lr=0.05, hidden=4)
     trainer.fit(model, DataLoader(regression(), batch_size=8), DataLoader(regression(8)))
@@ -244,6 +254,9 @@ def test_transformers_callback_records_args_model_config_logs_and_finishes(
     trainer.train()
     assert callback.handle is not None
     assert callback.handle.ended
+    trainer.evaluate()  # after train(), no resume given: the same run, re-opened
+    assert not callback.handle.ended
+    callback.handle.end()  # what the atexit hook does for a run left open
     daemon.flush()
 
     directory = run_dir(daemon, "hf", "bert")
@@ -255,12 +268,137 @@ def test_transformers_callback_records_args_model_config_logs_and_finishes(
     assert config_json["model/num_parameters"] == model.num_parameters()
     logged = rows(directory)
     assert [row["step"] for row in logged if "train/loss" in row] == [2, 4, 6]
-    assert [row["step"] for row in logged if "eval/loss" in row] == [3, 6]
+    assert [row["step"] for row in logged if "eval/loss" in row] == [3, 6, 6]
     assert all(row["train/learning_rate"] > 0 for row in logged if "train/loss" in row)
     summary = read(directory / "summary.json")
     assert summary["train_runtime"] > 0
-    assert summary["train_loss"] == pytest.approx(trainer.state.log_history[-1]["train_loss"])
+    assert summary["train_loss"] == pytest.approx(trainer.state.log_history[-2]["train_loss"])
     assert read(directory / "run.json")["status"] == "finished"
+
+
+# --- accelerate's W&B and MLflow tracker calls --------------------------------------
+
+
+def test_accelerate_tracker_offers_the_wandb_and_mlflow_trackers_calls(
+    daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """log_images, log_table, log_artifact(s) and log_figure through get_tracker("trackd");
+    a value that is neither a number nor text is dropped with a warning, once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    daemon.start()
+    accelerator = Accelerator(cpu=True, log_with=[TrackdTracker(project="acc", run_name="calls")])
+    accelerator.init_trackers("acc")
+    tracker = accelerator.get_tracker("trackd")
+    pixels = np.zeros((4, 6, 3), dtype=np.uint8)
+    tracker.log_images({"samples": [pixels, pixels + 200], "single": [pixels]}, step=0)
+    tracker.log_table("preds", columns=["text", "score"], data=[["a", 1.5]], step=1)
+    (tmp_path / "ckpt.bin").write_bytes(b"weights")
+    (tmp_path / "dir" / "sub").mkdir(parents=True)
+    (tmp_path / "dir" / "a.txt").write_text("a")
+    (tmp_path / "dir" / "sub" / "b.txt").write_text("b")
+    tracker.log_artifact(str(tmp_path / "ckpt.bin"), artifact_path="models")
+    tracker.log_artifacts(str(tmp_path / "dir"), artifact_path="extra")
+    figure, axes = pyplot.subplots()
+    axes.plot([1, 2, 3])
+    tracker.log_figure(figure, "plots/curve.png")
+    pyplot.close(figure)
+    with caplog.at_level("WARNING", logger="trackd.integrations.accelerate"):
+        accelerator.log({"loss": 0.5, "hist": [1, 2], "note": "ok"}, step=2)
+        accelerator.log({"loss": 0.4, "hist": [3]}, step=3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "TrackdTracker: 'hist' is a list, not a number or text; dropped"
+    ]
+    run = accelerator.get_tracker("trackd", unwrap=True)
+    accelerator.end_training()
+    daemon.flush()
+
+    directory = run_dir(daemon, "acc", "calls")
+    logged = rows(directory)
+    media = {
+        key: (row["step"], value["_type"])
+        for row in logged
+        for key, value in row.items()
+        if isinstance(value, dict)
+    }
+    assert media == {
+        "samples/0": (0, "image"),
+        "samples/1": (0, "image"),
+        "single": (0, "image"),
+        "preds": (1, "table"),
+    }
+    assert [(row["step"], row["loss"]) for row in logged if "loss" in row] == [(2, 0.5), (3, 0.4)]
+    assert all("hist" not in row for row in logged)
+    assert read(directory / "summary.json")["note"] == "ok"
+    artifacts = sorted(p.name for p in (directory / "artifacts").iterdir())
+    assert artifacts == ["extra_a.txt", "extra_sub_b.txt", "models_ckpt.bin", "plots_curve.png"]
+    assert (directory / "artifacts" / "plots_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert directory.name == f"calls-{run.id[:8]}"
+
+
+# --- pickling ------------------------------------------------------------------------
+
+UNPICKLE_AND_LOG = """
+import pickle, sys
+from transformers import TrainerControl, TrainerState
+adapter = pickle.loads(open(sys.argv[1], "rb").read())
+kind = type(adapter).__name__
+if kind == "TrackdLogger":
+    adapter.log_metrics({"x": 10.0}, step=10)
+    adapter.finalize("success")
+elif kind == "TrackdTracker":
+    adapter.log({"x": 10.0}, step=10)
+    adapter.finish()
+else:
+    adapter.on_log(None, TrainerState(global_step=10), TrainerControl(), logs={"x": 10.0})
+    adapter.on_train_end(None, TrainerState(), TrainerControl())
+"""
+
+
+def _log_through(adapter: Any, step: int) -> None:
+    if isinstance(adapter, TrackdLogger):
+        adapter.log_metrics({"x": float(step)}, step=step)
+    elif isinstance(adapter, TrackdTracker):
+        adapter.log({"x": float(step)}, step=step)
+    else:
+        adapter.on_log(None, TrainerState(global_step=step), TrainerControl(), logs={"x": 1.0})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: TrackdLogger(project="pk", run_name="r"), id="lightning"),
+        pytest.param(lambda: TrackdTracker(project="pk", run_name="r"), id="accelerate"),
+        pytest.param(lambda: TrackdCallback(project="pk", run_name="r"), id="transformers"),
+    ],
+)
+def test_an_adapter_pickled_mid_run_logs_into_the_same_run_after_unpickling(
+    daemon: Daemon, env: dict[str, str], tmp_path: Path, make: Any
+) -> None:
+    """As Lightning pickles its Trainer for ddp_spawn: pickle.dumps after the run started,
+    then unpickled in another process, logging goes on into the one run."""
+    daemon.start()
+    adapter = make()
+    if isinstance(adapter, TrackdCallback):
+        adapter.handle = RunHandle("pk", "r", {})
+    for step in range(3):
+        _log_through(adapter, step)
+    pickled = tmp_path / "adapter.pickle"
+    pickled.write_bytes(pickle.dumps(adapter))
+    handle = adapter.handle if isinstance(adapter, TrackdCallback) else adapter._handle
+    assert handle is not None
+    handle.end()
+    subprocess.run(
+        [sys.executable, "-c", UNPICKLE_AND_LOG, str(pickled)], env=env, check=True, timeout=120
+    )
+    daemon.flush()
+    directory = run_dir(daemon, "pk", "r")
+    assert [row["step"] for row in rows(directory)] == [0, 1, 2, 10]
+    assert read(directory / "run.json")["status"] == "finished"
+    assert len(daemon.request("runs")) == 1
 
 
 # --- import hygiene ----------------------------------------------------------------

@@ -41,6 +41,26 @@ def read_trackio(env: dict[str, str], trackio_dir: Path) -> dict[str, dict[str, 
     return found
 
 
+ALERTS_READER = """
+import json, sys
+from trackio.sqlite_storage import SQLiteStorage
+print(json.dumps(SQLiteStorage.get_alerts(sys.argv[1])))
+"""
+
+
+def read_trackio_alerts(env: dict[str, str], trackio_dir: Path, project: str) -> list[Any]:
+    """The project's alerts as Trackio's storage lists them (newest first)."""
+    out = subprocess.run(
+        [sys.executable, "-c", ALERTS_READER, project],
+        env={**env, "TRACKIO_DIR": str(trackio_dir)},
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    alerts: list[Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    return alerts
+
+
 def assert_every_step_once(run: dict[str, Any], rows: int) -> None:
     assert [log["step"] for log in run["logs"]] == list(range(rows))
     assert [log["i"] for log in run["logs"]] == list(range(rows))

@@ -14,6 +14,12 @@ the refused sequence number stays used up across restarts; likewise `joined`
 replaces the run_start of a process joining a run the daemon already has (its
 `b.join` is true), so that a late rank never reopens a finished run.
 
+A run_start with `b.resolve` true is a resume ("allow"/"must") the client could not
+resolve (offline, or no daemon at init): the daemon stores it, and every later
+message of that run id, under the latest run of the same project and name, steps
+shifted past that run's highest step; the stored run_start then carries the
+provisional id as `b.alias` and the shift as `b.step_offset`.
+
 Two bodies carry their data inline rather than in the content-addressed store:
 
 * a `media` of kind `histogram`: `{step, ts, key, kind: "histogram", counts, edges,
@@ -145,6 +151,9 @@ def _validate_run_start(body: Message) -> None:
     _require(body, "name", str, "b.")
     _optional(body, "group", str)
     _optional(body, "resume", str)
+    _optional(body, "resolve", bool)
+    _optional(body, "alias", str)
+    _optional(body, "step_offset", int)
     _optional(body, "join", bool)
     _optional(body, "host", str)
     for field in ("pid", "rank", "local_rank", "world_size"):

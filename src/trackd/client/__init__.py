@@ -28,6 +28,10 @@ def init(
 ) -> Run:
     """Start a run and make it the current one for the module-level `log` and `finish`.
 
+    `resume` follows trackio: "must" continues the latest run of this project and name
+    (ValueError if there is none), "allow" continues it or starts one, None or "never"
+    always starts a new run; a resumed run's steps continue after its highest.
+
     In a distributed job (RANK and WORLD_SIZE > 1 in the environment) every process of the
     job joins one run: with `ranks="zero"` only rank 0 logs; with `ranks="all"` every rank
     does, its keys prefixed `rank{N}/`.

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 MODES = ("online", "offline", "disabled")
 RESUME_QUERY_SECONDS = 2.0
 RANKS = ("zero", "all")
-RESUME = (None, "allow", "must")
+RESUME = (None, "never", "allow", "must")
 
 
 class Run:
@@ -57,6 +57,8 @@ class Run:
             raise ValueError(f"init(): resume must be one of {RESUME}, got {resume!r}")
         if run_id is not None and (not isinstance(run_id, str) or not run_id.isprintable()):
             raise TypeError(f"init(): run_id must be a printable string, got {run_id!r}")
+        if resume == "never":
+            resume = None
         if resume is not None and name is None and run_id is None:
             raise ValueError("init(): resume needs a name: a run is resumed by project and name")
         if ranks not in RANKS:
@@ -75,7 +77,7 @@ class Run:
             if ranks == "zero" and rank != 0:
                 mode = "disabled"
         else:
-            self.id = _digest(f"trackd:{project}/{self.name}") if resume else os.urandom(16).hex()
+            self.id = os.urandom(16).hex()
         self._prefix = f"rank{rank}/" if job is not None and ranks == "all" else ""
         self._ends_run = job is None or rank == 0
         self.mode: Mode = mode
@@ -98,8 +100,10 @@ class Run:
         }
         self._owner_pid = os.getpid()
         self._step = 0
-        if resume is not None and mode == "online":
-            self._step = self._resume_step(resume, endpoint)
+        if resume is not None and run_id and mode == "online":
+            self._step = self._resume_by_id(resume, endpoint)  # the id says which run: no resolve
+        elif resume is not None and job is None and mode != "disabled":
+            start_body["resolve"] = not self._resume(resume, endpoint, mode)
         self._lock = threading.Lock()
         self._finished = mode == "disabled"
         self._transport: Transport | None = None
@@ -110,27 +114,59 @@ class Run:
             self._transport.send("run_start", start_body)
         self._enqueue = self._transport.queue.append if self._transport else None
 
-    def _resume_step(self, resume: str, endpoint: str | None) -> int:
-        """Continue the steps of a known run; with resume="must", refuse an unknown one."""
+    def _resume(self, resume: str, endpoint: str | None, mode: str) -> bool:
+        """Continue the latest run of this project and name (trackio's rule), its id and
+        its steps, as the daemon knows them; with resume="must", refuse when there is none.
+        False when the daemon cannot be asked (offline, or unreachable): then the run_start
+        says so (`resolve`) and the daemon resolves the resume when it stores the run, so a
+        resume is one run whichever way its messages arrive (see Ledger.resolve)."""
         from trackd.client.control import DaemonUnreachable, request
 
+        if mode == "offline":
+            return False
         try:
-            known = request("run", endpoint=endpoint, timeout=RESUME_QUERY_SECONDS, id=self.id)
+            known = request(
+                "latest",
+                endpoint=endpoint,
+                timeout=RESUME_QUERY_SECONDS,
+                project=self.project,
+                name=self.name,
+            )
         except (DaemonUnreachable, RuntimeError, ValueError) as exc:
             import logging
 
             logging.getLogger("trackd").warning(
-                "trackd: cannot ask the daemon about %s/%s to resume it (%s); steps restart at 0",
+                "trackd: cannot ask the daemon about %s/%s to resume it (%s); "
+                "the daemon will resume it when it receives the run",
                 self.project,
                 self.name,
                 exc,
             )
-            return 0
+            return False
         if known is None:
             if resume == "must":
                 raise ValueError(
                     f"init(): resume='must' but the daemon knows no run {self.project}/{self.name}"
                 )
+            return True
+        self.id = str(known["id"])
+        last = known.get("last_step")
+        self._step = 0 if last is None else int(last) + 1
+        return True
+
+    def _resume_by_id(self, resume: str, endpoint: str | None) -> int:
+        """The step after the last of the run with this id (a shim's W&B `id=` or MLflow
+        `run_id=`); with resume="must", refuse an id the daemon does not know. A daemon that
+        cannot be asked leaves the steps to the caller (the shims keep the last step)."""
+        from trackd.client.control import DaemonUnreachable, request
+
+        try:
+            known = request("run", endpoint=endpoint, timeout=RESUME_QUERY_SECONDS, id=self.id)
+        except (DaemonUnreachable, RuntimeError, ValueError):
+            return 0
+        if known is None:
+            if resume == "must":
+                raise ValueError(f"init(): resume='must' but the daemon knows no run {self.id}")
             return 0
         last = known.get("last_step")
         return 0 if last is None else int(last) + 1
@@ -305,8 +341,8 @@ class Run:
 
 
 def _digest(text: str) -> str:
-    """A run id from a name: the same project and name (and job) always give the same id, so a
-    resumed run, or every rank of a distributed job, continues one run."""
+    """A run id from a name: the same project, name and job always give the same id, so every
+    rank of a distributed job logs into one run without asking anyone."""
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()[:32]

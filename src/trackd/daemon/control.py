@@ -1,4 +1,5 @@
-"""The control socket: status, runs, flush and shutdown, each a MessagePack request."""
+"""The control socket: status, runs, run, latest, flush, wal and shutdown, each a
+MessagePack request."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ class Control:
                 reply = {"result": self.runs()}
             elif command == "run":
                 run = self.ingest.ledger.runs.get(request.get("id"))
+                reply = {"result": None if run is None else _run_fields(run)}
+            elif command == "latest":  # what init(resume=...) continues
+                run = self.ingest.ledger.latest(
+                    str(request.get("project")), str(request.get("name"))
+                )
                 reply = {"result": None if run is None else _run_fields(run)}
             elif command == "flush":
                 wait = float(request.get("wait", 30.0))

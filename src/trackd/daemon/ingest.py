@@ -145,6 +145,9 @@ class Ingest:
                 reply(_ack(self.ledger.sessions.get(session, 0), gap=True))
             return True
         self._accepted[session] = seq
+        resolved = self.ledger.resolve(message)
+        if resolved is not message:  # a resume resolved here: stored under the resumed run
+            message, frame = resolved, encode(resolved)
         if message["t"] == "run_start":
             if message["b"].get("join") and message["r"] in self._started:
                 message = {**message, "t": "joined", "b": {"values": {}}}

@@ -10,6 +10,7 @@ position, and at startup rebuilt from the checkpoint plus the WAL after it.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from trackd.protocol import Message
 from trackd.sinks.base import RunInfo
 
 RECENT_ALERTS = 20
+log = logging.getLogger("trackd.ledger")
 
 
 class Ledger:
@@ -34,6 +36,49 @@ class Ledger:
         self._infos: dict[str, RunInfo] = {}
         # The latest alerts, for `trackd status`: kept in memory only (the WAL holds them all).
         self.alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
+        # A resume the client could not resolve (offline, or no daemon at init): its
+        # provisional run id -> (the run it continues, the shift of its steps).
+        self.aliases: dict[str, tuple[str, int]] = {}
+
+    def latest(
+        self, project: str, name: str, other_than: str | None = None
+    ) -> dict[str, Any] | None:
+        """The latest started run of this project and name: what a resume continues."""
+        found = [
+            run
+            for run_id, run in self.runs.items()
+            if run.get("project") == project and run.get("name") == name and run_id != other_than
+        ]
+        return max(found, key=lambda run: run.get("started") or 0.0, default=None)
+
+    def resolve(self, message: Message) -> Message:
+        """The message as it is to be stored: a session whose resume is still open (its
+        run_start has `resolve`) continues the latest run of its project and name.
+
+        That run is found when the run_start arrives (from the live socket, a spool or a
+        replay) and from then on every message of the provisional run id is stored under
+        the resumed run's id, its steps shifted past the resumed run's highest step, as
+        the client would have numbered them had it known. The rewritten run_start keeps
+        the provisional id (`alias`) and the shift (`step_offset`), so the mapping is
+        rebuilt from the WAL after a crash. With no such run the session is a new run.
+        """
+        run_id, body = message["r"], message["b"]
+        alias = self.aliases.get(run_id)
+        if alias is None and message["t"] == "run_start" and body.get("resolve"):
+            target = self.latest(body["project"], body["name"], other_than=run_id)
+            if target is None:
+                log.warning(
+                    "resume=%r of %s/%s: no such run; started a new one",
+                    body.get("resume"),
+                    body["project"],
+                    body["name"],
+                )
+                return message
+            last = target.get("last_step")
+            alias = self.aliases[run_id] = (target["id"], 0 if last is None else last + 1)
+        if alias is None:
+            return message
+        return _rewritten(message, run_id, *alias)
 
     def apply(self, message: Message) -> None:
         session, seq = message["s"], message["q"]
@@ -41,6 +86,8 @@ class Ledger:
             self.sessions[session] = seq
         kind, run_id, body = message["t"], message["r"], message["b"]
         if kind == "run_start":
+            if body.get("alias"):
+                self.aliases[body["alias"]] = (run_id, int(body.get("step_offset") or 0))
             run = self.runs.setdefault(run_id, {"rows": 0, "last_step": None})
             run.update(
                 id=run_id,
@@ -120,6 +167,7 @@ class Ledger:
                 "position": list(self.position),
                 "sessions": self.sessions,
                 "runs": self.runs,
+                "aliases": self.aliases,
                 "saved": time.time(),
             }
         )
@@ -144,4 +192,19 @@ class Ledger:
             ledger.position = tuple(saved["position"])
             ledger.sessions = saved["sessions"]
             ledger.runs = saved["runs"]
+            ledger.aliases = {
+                alias: (str(target), int(offset))
+                for alias, (target, offset) in saved.get("aliases", {}).items()
+            }
         return ledger
+
+
+def _rewritten(message: Message, alias: str, target: str, offset: int) -> Message:
+    kind, body = message["t"], message["b"]
+    if kind == "run_start":
+        body = {**body, "resolve": False, "alias": alias, "step_offset": offset}
+    elif kind == "metrics" and offset:
+        body = {"rows": [[step + offset, ts, values] for step, ts, values in body["rows"]]}
+    elif kind == "media" and offset:
+        body = {**body, "step": body["step"] + offset}
+    return {**message, "r": target, "b": body}

@@ -67,7 +67,7 @@ def base_ledger(source: Path, files: list[Path]) -> Ledger:
     ledger = Ledger.load(source / "ledger.msgpack") if source.is_dir() else Ledger()
     for message in read_messages(files):
         if message["t"] == "run_start":
-            ledger.apply(message)
+            ledger.apply(ledger.resolve(message))
     return ledger
 
 
@@ -108,7 +108,7 @@ async def replay_into(
             return delivery
         batch: list[Message] = []
         saved_at = time.monotonic()
-        for message in read_messages(files):
+        for message in map(ledger.resolve, read_messages(files)):
             if not wanted(message, ledger, run):
                 continue
             if message["q"] <= sessions.get(message["s"], 0):

@@ -20,9 +20,13 @@ class RunHandle:
     """An adapter's trackd run: started on first use, ended once, re-opened if logged to after.
 
     Training libraries log after "the end" (Lightning's `test()` after `fit()`,
-    `Trainer.evaluate()` after `train()`). Such rows go into a new run with the
-    same project, name and config (the same run when `init_kwargs` has
-    `resume="allow"`) instead of being dropped by the finished one.
+    `Trainer.evaluate()` after `train()`). Such rows continue the same run: it is
+    re-opened with `resume="allow"` (the latest run of its project and name, which is
+    the one just ended), its config kept.
+
+    Pickling (Lightning pickles the Trainer with its logger, e.g. for `ddp_spawn`) keeps
+    what identifies the run and drops the live client (its locks, sockets and threads);
+    the unpickled handle re-opens the same run the same way on its first log.
     """
 
     def __init__(self, project: str, name: str | None, init_kwargs: dict[str, Any]) -> None:
@@ -31,18 +35,21 @@ class RunHandle:
         self.init_kwargs = init_kwargs
         self.run: trackd.Run | None = None
         self.ended = False
+        self._config: dict[str, Any] = {}  # the run's config, for re-opening it
+        self._started = False  # a run was started (here or before pickling): re-open it
 
     def live(self) -> trackd.Run:
-        """The run to log to: started, or re-opened after `end()`, as needed."""
-        previous = self.run
-        if previous is not None and not self.ended:
-            return previous
+        """The run to log to: started, or re-opened after `end()` or unpickling, as needed."""
+        if self.run is not None and not self.ended:
+            return self.run
+        if self.run is not None:
+            self._config, self.name = dict(self.run.config), self.run.name
         kwargs = dict(self.init_kwargs)
-        config = dict(previous.config) if previous is not None else {}
-        config.update(plain(kwargs.pop("config", None) or {}))
-        name = previous.name if previous is not None else self.name
-        self.run = trackd.init(self.project, name=name, config=config, **kwargs)
-        self.ended = False
+        config = {**self._config, **plain(kwargs.pop("config", None) or {})}
+        if self._started:
+            kwargs["resume"] = "allow"
+        self.run = trackd.init(self.project, name=self.name, config=config, **kwargs)
+        self.name, self._started, self.ended = self.run.name, True, False
         return self.run
 
     def end(self, failed: bool = False) -> None:
@@ -57,6 +64,13 @@ class RunHandle:
             run.__exit__(exc_type, exc, tb)
         else:
             run.finish("failed" if failed else None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        run = state.pop("run")
+        if run is not None:
+            state["_config"], state["name"] = dict(run.config), run.name
+        return {**state, "run": None, "ended": False}
 
 
 def plain(value: Any) -> Any:
