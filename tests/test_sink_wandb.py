@@ -9,23 +9,10 @@ from pathlib import Path
 
 from conftest import Daemon, finish_client, meta_client, run_client, wait_for
 from helpers import until_client
-from helpers.wandb_log import Session, read_runs
+from helpers.wandb_log import Session, read_runs, wandb_env
 from test_system_metrics import samples
 
 ROWS = 2000
-
-
-def wandb_env(root: Path) -> dict[str, str]:
-    """Offline, and every directory wandb may write to inside the test's own."""
-    (root / "wandb").mkdir(parents=True, exist_ok=True)
-    return {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(root / "wandb"),
-        "WANDB_CONFIG_DIR": str(root / "wandb-config"),
-        "WANDB_CACHE_DIR": str(root / "wandb-cache"),
-        "WANDB_DATA_DIR": str(root / "wandb-data"),
-        "WANDB_SILENT": "true",
-    }
 
 
 def steps(sessions: list[Session]) -> list[int]:

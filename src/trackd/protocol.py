@@ -87,6 +87,9 @@ RUN_STATUSES: Final = frozenset({"finished", "failed"})
 # frames?, fps?, columns?, rows?}. `step` is the step of the log() call it came with.
 MEDIA_KINDS: Final = frozenset({"image", "table", "video", "histogram"})
 MEDIA_FORMATS: Final = {"image": ("png",), "table": ("json",), "video": ("gif", "mp4")}
+# A tag a drop-in shim sets once per run for each documented no-op it accepted, named
+# after the call (`trackd.ignored.wandb.watch`): the daemon counts them in its status.
+IGNORED_TAG: Final = "trackd.ignored."
 INLINE_MEDIA_KINDS: Final = frozenset({"histogram"})  # data in the body, no store file
 ALERT_LEVELS: Final = ("INFO", "WARN", "ERROR")
 CONSOLE_STREAMS: Final = ("stdout", "stderr")

@@ -46,6 +46,19 @@ def payloads(data: bytes) -> Iterator[bytes]:
             yield record
 
 
+def wandb_env(root: Path) -> dict[str, str]:
+    """Offline, and every directory wandb may write to inside the test's own."""
+    (root / "wandb").mkdir(parents=True, exist_ok=True)
+    return {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(root / "wandb"),
+        "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+        "WANDB_CACHE_DIR": str(root / "wandb-cache"),
+        "WANDB_DATA_DIR": str(root / "wandb-data"),
+        "WANDB_SILENT": "true",
+    }
+
+
 def _key(item: Any) -> str:
     return str(item.key) if item.key else "/".join(item.nested_key)
 

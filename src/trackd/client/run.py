@@ -45,7 +45,11 @@ class Run:
         ranks: str = "zero",
         console: str = "wrap",
         save_code: bool = True,
+        *,
+        run_id: str | None = None,
     ) -> None:
+        """`run_id` names the run outright (the drop-in shims pass W&B's `id=` and MLflow's
+        `start_run(run_id=...)`); by default it is derived from the name or random."""
         if not isinstance(project, str) or not project:
             raise TypeError(f"init(): project must be a non-empty string, got {project!r}")
         if name is not None and (not isinstance(name, str) or not name):
@@ -56,9 +60,11 @@ class Run:
             raise ValueError(f"init(): mode must be one of {MODES}, got {mode!r}")
         if resume not in RESUME:
             raise ValueError(f"init(): resume must be one of {RESUME}, got {resume!r}")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id.isprintable()):
+            raise TypeError(f"init(): run_id must be a printable string, got {run_id!r}")
         if resume == "never":
             resume = None
-        if resume is not None and name is None:
+        if resume is not None and name is None and run_id is None:
             raise ValueError("init(): resume needs a name: a run is resumed by project and name")
         if ranks not in RANKS:
             raise ValueError(f"init(): ranks must be one of {RANKS}, got {ranks!r}")
@@ -70,7 +76,9 @@ class Run:
             f"job-{_digest(job)[:8]}" if job else time.strftime("run-%Y%m%d-%H%M%S")
         )
         self.group = group
-        if job is not None:  # every process of the job logs into one run
+        if run_id:
+            self.id = run_id
+        elif job is not None:  # every process of the job logs into one run
             self.id = _digest(f"trackd:{project}/{self.name}/{job}")
             if ranks == "zero" and rank != 0:
                 mode = "disabled"
@@ -98,7 +106,9 @@ class Run:
         }
         self._owner_pid = os.getpid()
         self._step = 0
-        if resume is not None and job is None and mode != "disabled":
+        if resume is not None and run_id and mode == "online":
+            self._step = self._resume_by_id(resume, endpoint)  # the id says which run: no resolve
+        elif resume is not None and job is None and mode != "disabled":
             start_body["resolve"] = not self._resume(resume, endpoint, mode)
         self._lock = threading.Lock()
         self._finished = mode == "disabled"
@@ -182,6 +192,23 @@ class Run:
             console.uninstall()
             transport.console = None
         console.deliver(transport.send, final=final)
+
+    def _resume_by_id(self, resume: str, endpoint: str | None) -> int:
+        """The step after the last of the run with this id (a shim's W&B `id=` or MLflow
+        `run_id=`); with resume="must", refuse an id the daemon does not know. A daemon that
+        cannot be asked leaves the steps to the caller (the shims keep the last step)."""
+        from trackd.client.control import DaemonUnreachable, request
+
+        try:
+            known = request("run", endpoint=endpoint, timeout=RESUME_QUERY_SECONDS, id=self.id)
+        except (DaemonUnreachable, RuntimeError, ValueError):
+            return 0
+        if known is None:
+            if resume == "must":
+                raise ValueError(f"init(): resume='must' but the daemon knows no run {self.id}")
+            return 0
+        last = known.get("last_step")
+        return 0 if last is None else int(last) + 1
 
     def _new_transport(self) -> Transport:
         return Transport(

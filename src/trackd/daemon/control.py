@@ -114,6 +114,7 @@ class Control:
                 "errors": dict(stats.errors),
                 "errors_total": sum(stats.errors.values()),
                 "last_error": stats.last_error,
+                "ignored_calls": dict(stats.ignored_calls),
             },
             "wal": {
                 "bytes": wal.size(),

@@ -25,6 +25,7 @@ import msgpack
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import (
+    IGNORED_TAG,
     INTERNAL_TYPES,
     MAX_FRAME_BYTES,
     VERSION,
@@ -72,6 +73,7 @@ class IngestStats:
     gaps: int = 0
     blocked: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    ignored_calls: Counter[str] = field(default_factory=Counter)  # a shim's documented no-ops
     last_error: str | None = None
     last_error_at: float | None = None
     _window: deque[tuple[float, int]] = field(default_factory=deque)
@@ -152,8 +154,17 @@ class Ingest:
                 message = {**message, "t": "joined", "b": {"values": {}, **rank}}
                 frame = encode(message)
             self._started.add(message["r"])
+        elif message["t"] == "tags":
+            self._count_ignored(message["b"]["values"])
         self.wal.append(frame, _Accepted.of(frame, message, reply))
         return True
+
+    def _count_ignored(self, tags: dict[str, str]) -> None:
+        """A drop-in shim marks each no-op it accepted (`wandb.watch`...) once per run with a
+        tag `trackd.ignored.CALL`; `trackd status` shows how many runs made each call."""
+        for key in tags:
+            if key.startswith(IGNORED_TAG):
+                self.stats.ignored_calls[key.removeprefix(IGNORED_TAG)] += 1
 
     def _duplicate(self, session: str, seq: int, reply: Reply | None) -> bool:
         """Stored already (or on its way to the WAL): ack again once durable, store nothing."""

@@ -28,7 +28,7 @@ CHUNK_BYTES = 4 * 1024 * 1024
 async def pick_up(directory: Path, ingest: Ingest) -> int:
     """Ingest every unlocked spool in `directory`; return how many were taken."""
     taken = 0
-    for path in await asyncio.to_thread(lambda: sorted(directory.glob(f"*{SPOOL_SUFFIX}"))):
+    for path in await asyncio.to_thread(_oldest_first, directory):
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -48,6 +48,20 @@ async def pick_up(directory: Path, ingest: Ingest) -> int:
         finally:
             os.close(fd)
     return taken
+
+
+def _oldest_first(directory: Path) -> list[Path]:
+    """Spools in the order their sessions last wrote them: a run resumed in a later session
+    arrives after the session it continues (a sink such as W&B's skips steps that go back).
+    Named by a random session id, spools sorted by name came in any order."""
+
+    def written(path: Path) -> tuple[int, str]:
+        try:
+            return path.stat().st_mtime_ns, path.name
+        except OSError:
+            return 0, path.name  # gone already: skipped when opened
+
+    return sorted(directory.glob(f"*{SPOOL_SUFFIX}"), key=written)
 
 
 async def _ingest_file(fd: int, path: Path, ingest: Ingest) -> bool:

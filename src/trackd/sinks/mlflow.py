@@ -110,6 +110,7 @@ MAX_PARAMS_TAGS_PER_CALL = 100
 MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
 MAX_KEY = 250
+PARENT_TAG = "mlflow.parentRunId"
 HTTP_SETTINGS = {  # spec option -> (MLflow environment variable, default)
     "http_retries": ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
     "http_timeout": ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
@@ -481,6 +482,7 @@ class MlflowSink(Sink):
     def _set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
+        tags = self._with_parent(tags)
         items = [
             RunTag(key, self._truncate(value, MAX_TAG_VALUE, "tag"))
             for key, value in tags.items()
@@ -489,6 +491,13 @@ class MlflowSink(Sink):
         for start in range(0, len(items), MAX_PARAMS_TAGS_PER_CALL):
             chunk = items[start : start + MAX_PARAMS_TAGS_PER_CALL]
             self._client.log_batch(run_id, tags=chunk, synchronous=True)
+
+    def _with_parent(self, tags: dict[str, str]) -> dict[str, str]:
+        """A nested run's `mlflow.parentRunId` (set by `trackd.mlflow.start_run(nested=True)`)
+        names its parent's trackd run; MLflow nests runs under the parent's MLflow run id."""
+        parent = tags.get(PARENT_TAG)
+        mapped = self._runs.get(parent) if parent else None
+        return {**tags, PARENT_TAG: mapped} if mapped else tags
 
     def _log_artifact(self, run_id: str, path: str, name: str) -> None:
         """Upload under `name` (MLflow names a file by its basename, so copy when they differ)."""
