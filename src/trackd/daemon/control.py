@@ -19,6 +19,7 @@ from trackd.daemon.fanout import Fanout
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.retention import Retention
 from trackd.daemon.settings import Settings
+from trackd.daemon.state import StateDamage
 
 log = logging.getLogger("trackd.control")
 # From the package's metadata, not `trackd.__version__`: the daemon takes nothing from the
@@ -34,6 +35,7 @@ class Control:
         fanout: Fanout,
         retention: Retention,
         shutdown: Callable[[], None],
+        damage: StateDamage | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
@@ -41,6 +43,7 @@ class Control:
         self.retention = retention
         self._shutdown = shutdown
         self._started = time.time()
+        self.damage = damage or StateDamage()
 
     async def serve(self, socket: zmq.asyncio.Socket) -> None:
         answering: set[asyncio.Task[None]] = set()
@@ -122,6 +125,7 @@ class Control:
                 "running": sum(1 for run in runs if run.get("status") == "running"),
             },
             "sinks": {worker.spec.name: worker.status() for worker in self.fanout.workers},
+            "state": self.damage.status(),
         }
 
     def read_wal(self, position: object, max_bytes: object) -> dict[str, Any]:

@@ -10,8 +10,6 @@ position, and at startup rebuilt from the checkpoint plus the WAL after it.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import msgpack
 
 from trackd.daemon.wal import Position
+from trackd.jsonfile import write_atomic
 from trackd.protocol import Message
 from trackd.sinks.base import RunInfo
 
@@ -117,21 +116,24 @@ class Ledger:
     @staticmethod
     def save(snapshot: bytes, path: Path) -> None:
         """Atomically replace the checkpoint file (off the event loop: it fsyncs)."""
-        # a name of its own per saving thread: the periodic save and the one at shutdown may
-        # overlap, and must not rename each other's half-written file
-        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")
-        with temporary.open("wb") as handle:
-            handle.write(snapshot)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        write_atomic(path, snapshot)
 
     @classmethod
     def load(cls, path: Path) -> Ledger:
+        """The checkpoint; ValueError if it cannot be read whole (the caller rebuilds it)."""
         ledger = cls()
         if path.exists():
-            saved = msgpack.unpackb(path.read_bytes())
-            ledger.position = tuple(saved["position"])
-            ledger.sessions = saved["sessions"]
-            ledger.runs = saved["runs"]
+            try:
+                saved = msgpack.unpackb(path.read_bytes())
+                position = tuple(saved["position"])
+                sessions, runs = saved["sessions"], saved["runs"]
+                if (
+                    len(position) != 2
+                    or not isinstance(sessions, dict)
+                    or not isinstance(runs, dict)
+                ):
+                    raise ValueError("bad fields")
+            except Exception as exc:  # msgpack raises ValueError, TypeError and its own
+                raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+            ledger.position, ledger.sessions, ledger.runs = position, sessions, runs
         return ledger

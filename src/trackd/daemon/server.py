@@ -33,6 +33,7 @@ from trackd.daemon.notify import Notifier
 from trackd.daemon.retention import Retention
 from trackd.daemon.settings import Settings
 from trackd.daemon.spools import pick_up
+from trackd.daemon.state import StateDamage
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import MAX_FRAME_BYTES, ProtocolError, decode
 
@@ -66,9 +67,17 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def recover_ledger(wal: WriteAheadLog, path: Path) -> Ledger:
-    """The checkpointed ledger, brought up to the WAL's durable end."""
-    ledger = Ledger.load(path)
+def recover_ledger(wal: WriteAheadLog, path: Path, damage: StateDamage) -> Ledger:
+    """The checkpointed ledger, brought up to the WAL's durable end.
+
+    An unreadable checkpoint is rebuilt from every record the WAL still holds; sessions
+    and runs known only from deleted segments are lost (counted in `damage`).
+    """
+    try:
+        ledger = Ledger.load(path)
+    except ValueError as exc:
+        damage.note(f"{exc}; the ledger is rebuilt from the WAL's {len(wal.segments())} segments")
+        ledger = Ledger()
     for position, payload in wal.scan(max(ledger.position, wal.start)):
         try:
             ledger.apply(decode(payload, max_bytes=2**32))
@@ -116,7 +125,9 @@ def _is_loopback(host: str) -> bool:
 async def serve(settings: Settings) -> int:
     curve = _curve_keys(settings)
     data = settings.data_dir
-    data.mkdir(parents=True, exist_ok=True)
+    # 0700, and state files 0600: the WAL, spools and sink state hold every run's config and
+    # metrics. A sink directory the user chose elsewhere keeps the user's umask.
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.endpoint is None:
         prepare_runtime_dir(settings.runtime_dir)
     locks = [_lock(data / "daemon.lock")]
@@ -125,7 +136,8 @@ async def serve(settings: Settings) -> int:
 
     wal = WriteAheadLog(data / "wal", settings.wal_segment_bytes)
     ledger_path = data / "ledger.msgpack"
-    ledger = recover_ledger(wal, ledger_path)
+    damage = StateDamage()
+    ledger = recover_ledger(wal, ledger_path, damage)
     specs = settings.sinks or [settings.default_sink]
     batcher = Batcher(wal, ledger)
     backoff = Backoff(settings.retry_base, settings.retry_cap)
@@ -136,6 +148,7 @@ async def serve(settings: Settings) -> int:
             state_dir=data / "sinks" / spec.name,
             linger=settings.linger,
             checkpoint_seconds=settings.checkpoint_seconds,
+            damage=damage,
         )
         for spec in specs
     ]
@@ -184,7 +197,7 @@ async def serve(settings: Settings) -> int:
     ingest.start()
     fanout.start()
     stop = asyncio.Event()
-    control = Control(settings, ingest, fanout, retention, stop.set)
+    control = Control(settings, ingest, fanout, retention, stop.set, damage)
     if settings.metrics_addr:
         from trackd.daemon import metrics
 
@@ -281,7 +294,7 @@ def _ignore_outcome(future: asyncio.Future[Any]) -> None:
 
 async def _pick_up_spools(data: Path, ingest: Ingest, every: float) -> None:
     directory = data / "spool"
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     while True:
         taken = await pick_up(directory, ingest)
         if taken:

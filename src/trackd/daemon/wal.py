@@ -165,7 +165,7 @@ class WriteAheadLog:
     def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._damage_lock = threading.Lock()
         self._counts: dict[int, tuple[int, int]] = {}  # sealed segment -> (records, bytes)
         self._corrupt: dict[Position, int] = {}  # (segment, offset) of a damaged stretch -> bytes
