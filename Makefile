@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # Trackio): the protocol, settings, the WAL and the daemon's pieces in-process.
 FAST_TESTS := tests/test_protocol.py tests/test_settings.py tests/test_curve.py \
 	tests/test_layering.py tests/test_inprocess.py tests/test_wal.py tests/test_redaction.py \
-	tests/test_jsonl_lines.py
+	tests/test_jsonl_lines.py tests/test_testing.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

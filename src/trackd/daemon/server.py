@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -206,10 +207,12 @@ async def serve(settings: Settings) -> int:
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {settings.metrics_addr}: {exc}") from exc
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    _tune_gc()
+    # In a thread of a test process (trackd.testing.LocalDaemon), signals and the collector
+    # are the process's own: it is stopped through the control socket instead.
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        _tune_gc()
     notifier = Notifier()
     tasks = [
         asyncio.create_task(_receive(ingest_socket, ingest)),
