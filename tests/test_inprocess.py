@@ -3,12 +3,15 @@ temporary directory, delivering into `trackd.testing.InMemorySink`."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import pytest_asyncio
 
@@ -18,6 +21,7 @@ from trackd.daemon.delivery import Backoff, Delivery
 from trackd.daemon.fanout import Fanout, SinkWorker
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.ledger import Ledger
+from trackd.daemon.server import snapshot_from_thread
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import encode
 from trackd.sinks.base import SinkSpec
@@ -124,3 +128,26 @@ async def test_lag_in_records_is_counted_across_segments_and_restarts(
 
 def _positions(wal: WriteAheadLog) -> list[Position]:
     return [position for position, _ in wal.scan(wal.start)]
+
+
+async def test_retention_gets_its_ledger_snapshot_from_the_event_loop(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention runs in a worker thread; the snapshot it saves is taken by the ledger's owner
+    (the event loop), where the ledger matches its position. It used to be taken in the
+    worker thread, while the loop applied commits."""
+    takers: list[int] = []
+    snapshot = core.ledger.snapshot
+
+    def recorded() -> bytes:
+        takers.append(threading.get_ident())
+        return snapshot()
+
+    monkeypatch.setattr(core.ledger, "snapshot", recorded)
+    core.ingest.start()
+    core.send(run_start(1))
+    await until(lambda: core.ledger.seq == 1)
+    loop = asyncio.get_running_loop()
+    taken = await asyncio.to_thread(snapshot_from_thread, core.ledger, loop)
+    assert takers == [threading.get_ident()]
+    assert msgpack.unpackb(taken)["position"] == list(core.ledger.position)

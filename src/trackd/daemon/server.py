@@ -186,10 +186,11 @@ async def serve(settings: Settings) -> int:
             stream.send_multipart([topic, frame, msgpack.packb(position)], zmq.NOBLOCK)
 
     ingest = Ingest(wal, ledger, publish, fanout.wake, settings.max_frame_bytes)
+    loop = asyncio.get_running_loop()
     retention = Retention(
         wal,
         fanout,
-        lambda: Ledger.save(ledger.snapshot(), ledger_path),
+        lambda: Ledger.save(snapshot_from_thread(ledger, loop), ledger_path),
         settings.retain,
         settings.max_wal_bytes,
         settings.on_full,
@@ -206,7 +207,6 @@ async def serve(settings: Settings) -> int:
             metrics.serve(settings.metrics_addr, control.status)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {settings.metrics_addr}: {exc}") from exc
-    loop = asyncio.get_running_loop()
     # In a thread of a test process (trackd.testing.LocalDaemon), signals and the collector
     # are the process's own: it is stopped through the control socket instead.
     if threading.current_thread() is threading.main_thread():
@@ -327,6 +327,20 @@ async def _tell_systemd(notifier: Notifier, ingest: Ingest, fanout: Fanout) -> N
             notifier.watchdog(_health(ingest, fanout))
         else:
             notifier.send(f"STATUS={_health(ingest, fanout)}")
+
+
+def snapshot_from_thread(ledger: Ledger, loop: asyncio.AbstractEventLoop) -> bytes:
+    """A ledger snapshot for a worker thread (retention), taken by the ledger's owner.
+
+    Only the event loop applies commits, so only there is the ledger consistent with its
+    position; a snapshot taken from another thread could pair a run table with a position
+    it does not match.
+    """
+
+    async def take() -> bytes:
+        return ledger.snapshot()
+
+    return asyncio.run_coroutine_threadsafe(take(), loop).result(timeout=60)
 
 
 async def _save_ledger(ledger: Ledger, path: Path) -> None:
