@@ -9,13 +9,13 @@ Threads and what each one owns (nobody else writes it):
   new end (`Ingest._committed`), so a reader never reaches a record of a run
   the ledger does not know. Ledger snapshots are taken here, also for a worker
   thread (`server.snapshot_from_thread`, through `run_coroutine_threadsafe`).
-* **The WAL writer thread** (`trackd-wal`, `wal.py`) is the only appender: it
+* **The WAL writer thread** (`trackd-wal`, `wal/writer.py`) is the only appender: it
   takes queued records under a condition variable, group-commits them, and
   hands each commit back with `loop.call_soon_threadsafe`. It owns the live
   segment, `durable_end` / `durable_seq` and the segment counts it writes at
   each rotation (`counts.json`).
 * **One thread per sink** (`delivery.py`) owns its sink object and its own
-  WAL reads (`batcher.py`, `WriteAheadLog.read`). It gets its read bound and
+  WAL reader (`batcher.py`, `wal/reader.py`). It gets its read bound and
   start position as call arguments from the loop (immutable tuples) and
   returns the records and the new position as the call's result.
 * **Retention** (`retention.py`, via `asyncio.to_thread`) deletes whole sealed
@@ -23,6 +23,6 @@ Threads and what each one owns (nobody else writes it):
 * **The Prometheus thread** (`metrics.py`), when enabled, reads the same
   status as the control socket: counters and immutable tuples only.
 
-Recovery (torn tail, copied segments, counting segments) runs once, at start,
+Recovery (`wal/recovery.py`: torn tail, copied segments, segment counts) runs once, at start,
 before any of these threads exists.
 """

@@ -44,6 +44,7 @@ class Control:
         self._shutdown = shutdown
         self._started = time.time()
         self.damage = damage or StateDamage()
+        self._reader = ingest.wal.reader()  # `tail --since-start`'s cursor
 
     async def serve(self, socket: zmq.asyncio.Socket) -> None:
         answering: set[asyncio.Task[None]] = set()
@@ -138,7 +139,7 @@ class Control:
         )
         limit = min(int(max_bytes), 8 << 20) if isinstance(max_bytes, int) else 1 << 20
         end = ledger.position  # not the WAL's durable end: the ledger must know each run
-        records = wal.read(max(start, wal.start), end, limit)
+        records = self._reader.read(max(start, wal.start), end, limit)
         return {
             "records": [
                 [list(at), ledger.topic(msgpack.unpackb(frame)["r"]).decode(), frame]

@@ -123,7 +123,7 @@ class SinkWorker:
                     delivery.sink.batch_rows,
                 )
                 if end == self.cursor:
-                    # Only damaged bytes past the cursor for now (wal.py): readers get past
+                    # Only damaged bytes past the cursor for now (wal/segments.py): readers get past
                     # them once a valid record follows, so look again later, without spinning.
                     await delivery.sleep(max(self._linger, DAMAGED_TAIL_POLL_SECONDS))
                     continue

@@ -27,7 +27,7 @@ class Ledger:
         self.sessions: dict[str, int] = {}
         self.runs: dict[str, dict[str, Any]] = {}
         self.position: Position = (0, 0)  # readers may read the WAL up to here
-        self.seq = 0  # how many records lie before `position` (wal.py numbers them)
+        self.seq = 0  # how many records lie before `position` (wal/ numbers them)
         self._infos: dict[str, RunInfo] = {}
 
     def apply(self, message: Message) -> None:

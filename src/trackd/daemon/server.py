@@ -140,12 +140,11 @@ async def serve(settings: Settings) -> int:
     damage = StateDamage()
     ledger = recover_ledger(wal, ledger_path, damage)
     specs = settings.sinks or [settings.default_sink]
-    batcher = Batcher(wal, ledger)
     backoff = Backoff(settings.retry_base, settings.retry_cap)
     workers = [
         SinkWorker(
             Delivery(spec, spec.build(), data / "deadletter" / f"{spec.name}.jsonl", backoff),
-            batcher,
+            Batcher(wal, ledger),
             state_dir=data / "sinks" / spec.name,
             linger=settings.linger,
             checkpoint_seconds=settings.checkpoint_seconds,
