@@ -23,7 +23,7 @@ from trackd.daemon.fanout import Fanout, SinkWorker
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.retention import Retention
-from trackd.daemon.server import snapshot_from_thread
+from trackd.daemon.server import on_loop
 from trackd.daemon.settings import Settings
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import encode
@@ -151,7 +151,7 @@ async def test_retention_gets_its_ledger_snapshot_from_the_event_loop(
     core.send(run_start(1))
     await until(lambda: core.ledger.seq == 1)
     loop = asyncio.get_running_loop()
-    taken = await asyncio.to_thread(snapshot_from_thread, core.ledger, loop)
+    taken = await asyncio.to_thread(on_loop, core.ledger.snapshot, loop)
     assert takers == [threading.get_ident()]
     assert msgpack.unpackb(taken)["position"] == list(core.ledger.position)
 

@@ -8,7 +8,7 @@ Threads and what each one owns (nobody else writes it):
   socket. It alone applies commits to the ledger and only then publishes the
   new end (`Ingest._committed`), so a reader never reaches a record of a run
   the ledger does not know. Ledger snapshots are taken here, also for a worker
-  thread (`server.snapshot_from_thread`, through `run_coroutine_threadsafe`).
+  thread (`server.on_loop`, through `run_coroutine_threadsafe`).
 * **The WAL writer thread** (`trackd-wal`, `wal/writer.py`) is the only appender: it
   takes queued records under a condition variable, group-commits them, and
   hands each commit back with `loop.call_soon_threadsafe`. It owns the live
@@ -20,8 +20,8 @@ Threads and what each one owns (nobody else writes it):
   returns the records and the new position as the call's result.
 * **Retention** (`retention.py`, via `asyncio.to_thread`) deletes whole sealed
   segments; readers that find a segment gone move on to the oldest one left.
-* **The Prometheus thread** (`metrics.py`), when enabled, reads the same
-  status as the control socket: counters and immutable tuples only.
+* **The Prometheus thread** (`metrics.py`), when enabled, gets the same
+  status as the control socket, built on the loop (`server.on_loop`).
 
 Recovery (`wal/recovery.py`: torn tail, copied segments, segment counts) runs once, at start,
 before any of these threads exists.

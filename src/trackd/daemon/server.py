@@ -17,8 +17,9 @@ import signal
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import zmq
@@ -39,6 +40,7 @@ from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import MAX_FRAME_BYTES, ProtocolError, decode
 
 log = logging.getLogger("trackd")
+T = TypeVar("T")
 LEDGER_SAVE_SECONDS = 5.0
 YIELD_EVERY = 64
 
@@ -189,7 +191,7 @@ async def serve(settings: Settings) -> int:
     retention = Retention(
         wal,
         fanout,
-        lambda: Ledger.save(snapshot_from_thread(ledger, loop), ledger_path),
+        lambda: Ledger.save(on_loop(ledger.snapshot, loop), ledger_path),
         settings.retain,
         settings.max_wal_bytes,
         settings.on_full,
@@ -203,7 +205,7 @@ async def serve(settings: Settings) -> int:
         from trackd.daemon import metrics
 
         try:
-            metrics.serve(settings.metrics_addr, control.status)
+            metrics.serve(settings.metrics_addr, lambda: on_loop(control.status, loop))
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {settings.metrics_addr}: {exc}") from exc
     # In a thread of a test process (trackd.testing.LocalDaemon), signals and the collector
@@ -328,18 +330,18 @@ async def _tell_systemd(notifier: Notifier, ingest: Ingest, fanout: Fanout) -> N
             notifier.send(f"STATUS={_health(ingest, fanout)}")
 
 
-def snapshot_from_thread(ledger: Ledger, loop: asyncio.AbstractEventLoop) -> bytes:
-    """A ledger snapshot for a worker thread (retention), taken by the ledger's owner.
+def on_loop(read: Callable[[], T], loop: asyncio.AbstractEventLoop) -> T:
+    """`read()` run by the event loop for another thread (retention's ledger snapshot, the
+    Prometheus thread's status), which waits for the result.
 
-    Only the event loop applies commits, so only there is the ledger consistent with its
-    position; a snapshot taken from another thread could pair a run table with a position
-    it does not match.
+    The loop owns the ledger and the stats: only there is the ledger consistent with its
+    position, and its run table is not changing size under an iteration.
     """
 
-    async def take() -> bytes:
-        return ledger.snapshot()
+    async def call() -> T:
+        return read()
 
-    return asyncio.run_coroutine_threadsafe(take(), loop).result(timeout=60)
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=60)
 
 
 async def _save_ledger(ledger: Ledger, path: Path) -> None:
