@@ -3,7 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck fuzz chaos clean
+.PHONY: run test test-fast lint typecheck fuzz chaos clean
+
+# The inner loop: under 2 minutes, no backend servers (no MLflow, W&B, Aim, TensorBoard or
+# Trackio): the protocol, settings, the WAL and the daemon's pieces in-process.
+FAST_TESTS := tests/test_protocol.py tests/test_settings.py tests/test_curve.py \
+	tests/test_layering.py tests/test_inprocess.py tests/test_wal.py tests/test_redaction.py \
+	tests/test_jsonl_lines.py tests/test_testing.py
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +35,9 @@ typecheck: $(VENV)/.installed-test
 
 test: lint typecheck
 	$(BIN)/pytest
+
+test-fast: $(VENV)/.installed-test
+	$(BIN)/pytest -q $(FAST_TESTS)
 
 chaos: $(VENV)/.installed-test
 	TRACKD_CHAOS_ROWS=1000000 $(BIN)/pytest tests/chaos

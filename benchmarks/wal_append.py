@@ -5,7 +5,7 @@ ingest does: a burst of `--records` small frames, each awaited until durable.
 aiofiles hops to its thread pool once per call (write, then flush and fsync);
 the writer thread takes whatever is queued, writes it in one call, fsyncs once,
 and hands the whole group back to the loop. Prints records/s and loop-thread
-CPU for each, so the choice in daemon/wal.py rests on a number.
+CPU for each, so the choice in daemon/wal/writer.py rests on a number.
 
     .venv/bin/python benchmarks/wal_append.py
 """

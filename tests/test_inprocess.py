@@ -1,23 +1,30 @@
-"""The daemon's asyncio pieces (ingest, fan-out, delivery) in-process, on a real WAL in a
+"""The daemon's asyncio pieces (ingest, fan-out, delivery, control) in-process, on a real WAL in a
 temporary directory, delivering into `trackd.testing.InMemorySink`."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import pytest_asyncio
 
 from conftest import until
 from trackd.daemon.batcher import Batcher
+from trackd.daemon.control import Control
 from trackd.daemon.delivery import Backoff, Delivery
 from trackd.daemon.fanout import Fanout, SinkWorker
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.ledger import Ledger
+from trackd.daemon.retention import Retention
+from trackd.daemon.server import on_loop
+from trackd.daemon.settings import Settings
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import encode
 from trackd.sinks.base import SinkSpec
@@ -124,3 +131,53 @@ async def test_lag_in_records_is_counted_across_segments_and_restarts(
 
 def _positions(wal: WriteAheadLog) -> list[Position]:
     return [position for position, _ in wal.scan(wal.start)]
+
+
+async def test_retention_gets_its_ledger_snapshot_from_the_event_loop(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention runs in a worker thread; the snapshot it saves is taken by the ledger's owner
+    (the event loop), where the ledger matches its position. It used to be taken in the
+    worker thread, while the loop applied commits."""
+    takers: list[int] = []
+    snapshot = core.ledger.snapshot
+
+    def recorded() -> bytes:
+        takers.append(threading.get_ident())
+        return snapshot()
+
+    monkeypatch.setattr(core.ledger, "snapshot", recorded)
+    core.ingest.start()
+    core.send(run_start(1))
+    await until(lambda: core.ledger.seq == 1)
+    loop = asyncio.get_running_loop()
+    taken = await asyncio.to_thread(on_loop, core.ledger.snapshot, loop)
+    assert takers == [threading.get_ident()]
+    assert msgpack.unpackb(taken)["position"] == list(core.ledger.position)
+
+
+async def test_control_answers_from_what_the_ledger_has_applied(
+    core: Core, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status` and the `wal` command (behind `tail --since-start`) in-process: the WAL read
+    stops at the ledger's published end, so every record it returns has its run's topic."""
+    held: list[tuple[Any, ...]] = []
+    apply_commit = core.ingest._committed
+    monkeypatch.setattr(core.ingest, "_committed", lambda *commit: held.append(commit))
+    settings = Settings(data_dir=tmp_path, runtime_dir=tmp_path / "rt")
+    retention = Retention(core.wal, core.fanout, lambda: None, 3600.0, 0, "block")
+    control = Control(settings, core.ingest, core.fanout, retention, lambda: None)
+    core.ingest.start()
+    core.send(run_start(1))
+    core.send(metrics(2, 0))
+    await until(lambda: core.wal.durable_seq == 2)
+    assert control.read_wal(None, None)["records"] == []  # committed, not yet applied
+    for commit in held:
+        apply_commit(*commit)
+    answer = control.read_wal(None, None)
+    assert [topic for _, topic, _ in answer["records"]] == ["p/n/", "p/n/"]
+    status = control.status()
+    (sink,) = status["sinks"].values()
+    assert sink["lag_records"] == 2  # the worker was never started
+    assert status["state"] == {"unreadable_files": 0, "last_error": None}
+    assert status["ingest"]["messages"] == 2

@@ -25,7 +25,6 @@ import click
 from trackd.client.control import DaemonUnreachable, request
 
 F = TypeVar("F", bound=Callable[..., Any])
-SUBSCRIBE_SETTLE_SECONDS = 0.3
 _connection_options = [
     click.option("--runtime-dir", default=None, help="Directory of the daemon's ipc sockets."),
     click.option("--endpoint", default=None, help="tcp://HOST:PORT of the daemon."),
@@ -173,8 +172,8 @@ def tail(
     On a terminal it is a compact live view: per run and key, the latest value and a
     sparkline of the recent ones; piped (or with --lines or --json), one line per row.
     With --since-start the stream is subscribed to first, then the WAL is read
-    through the control socket up to its durable end; live messages at or before
-    the last position read are dropped, so the seam has no gap and no duplicate.
+    through the control socket; the first live message past it marks the seam, up
+    to which the WAL is read (trackd/since_start.py): no gap and no duplicate.
     Console lines (stdout/stderr of the runs) are shown only with --console, as
     `PROJECT/RUN [stdout] TEXT` lines (so --console implies --lines).
     """
@@ -220,24 +219,25 @@ def tail(
     if view is not None:
         view.start()
 
-    seen: tuple[int, ...] | None = None
+    seam = None
     if since_start:
-        time.sleep(SUBSCRIBE_SETTLE_SECONDS)  # let the subscription reach the daemon first
-        position: list[int] | None = None
-        while True:
-            chunk = _ask("wal", runtime_dir, endpoint, position=position, max_bytes=1 << 20)
-            for _, topic, frame in chunk["records"]:
-                show(topic, frame)
-            position = chunk["next"]
-            if not chunk["records"] or position >= chunk["end"]:
-                break
-        seen = tuple(position) if position else None
+        from trackd.since_start import Seam
+
+        def read_wal(position: list[int] | None) -> dict[str, Any]:
+            chunk: dict[str, Any] = _ask(
+                "wal", runtime_dir, endpoint, position=position, max_bytes=1 << 20
+            )
+            return chunk
+
+        seam = Seam(read_wal, show)
+        seam.read_to_end()
     try:
         while True:
             topic, frame, packed = socket.recv_multipart()
-            if seen is not None and tuple(msgpack.unpackb(packed)) <= seen:
-                continue
-            show(topic.decode(), frame)
+            if seam is not None:
+                seam.live(topic.decode(), frame, tuple(msgpack.unpackb(packed)))
+            else:
+                show(topic.decode(), frame)
     finally:
         if view is not None:
             view.stop()

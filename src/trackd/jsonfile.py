@@ -31,8 +31,11 @@ def write_atomic(path: Path, data: bytes, *, private: bool = True) -> None:
     os.replace(temporary, path)
 
 
-def write_json_atomic(path: Path, value: Any, *, private: bool = True) -> None:
-    write_atomic(path, json.dumps(value).encode(), private=private)
+def write_json_atomic(
+    path: Path, value: Any, *, private: bool = True, indent: int | None = None
+) -> None:
+    text = json.dumps(value, indent=indent, default=str) + ("\n" if indent else "")
+    write_atomic(path, text.encode(), private=private)
 
 
 def read_json(path: Path) -> Any:

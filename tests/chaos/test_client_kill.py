@@ -15,9 +15,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from conftest import Daemon, jsonl_runs, wait_for
+from trackd.daemon.wal import intact_records
 
 # Logs `rows` rows; after `durable_at` rows it calls flush() and reports the result,
 # then keeps logging flat out until it is killed.
@@ -57,6 +59,16 @@ def delivered_steps(root: Path) -> list[int]:
     runs = jsonl_runs(root)
     assert len(runs) <= 1
     return [row["step"] for rows in runs.values() for row in rows]
+
+
+def spooled_rows(spool: Path) -> int:
+    """Metric rows in the spool files so far (a record being written is not counted)."""
+    return sum(
+        len(message["b"]["rows"])
+        for path in spool.glob("*.spool")
+        for message in map(msgpack.unpackb, intact_records(path))
+        if message["t"] == "metrics"
+    )
 
 
 def assert_clean_prefix(steps: list[int]) -> None:
@@ -105,7 +117,8 @@ def test_sigkill_with_the_daemon_down_keeps_what_was_spilled_to_the_spool(
     try:
         assert client.stdout is not None
         assert client.stdout.readline().split() == ["logged", str(rows)]
-        time.sleep(1.0)  # the sender thread packs the queue and spills past the budget
+        # the sender thread packs the queue and spills past the budget: wait until it has
+        wait_for(lambda: spooled_rows(daemon.data_dir / "spool") > rows - budget // 4)
     finally:
         kill(client)
     spool = daemon.data_dir / "spool"

@@ -18,7 +18,12 @@ from trackd.protocol import HEADER_BYTES, SPOOL_SUFFIX, frame_record
 
 class Spool:
     def __init__(self, directory: str, session: str) -> None:
-        os.makedirs(directory, exist_ok=True)
+        # 0700: a spool holds a run's config and metrics, like the daemon's WAL. The data
+        # directory above it is the daemon's; created here first, it is made 0700 as well.
+        parent = os.path.dirname(os.path.abspath(directory))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         self.path = os.path.join(directory, f"{session}{SPOOL_SUFFIX}")
         hidden = os.path.join(directory, f".{session}.tmp")
         self._fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)

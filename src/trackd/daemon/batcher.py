@@ -28,6 +28,7 @@ class Batcher:
         max_records: int = MAX_BATCH_RECORDS,
     ) -> None:
         self.wal = wal
+        self.reader = wal.reader()  # one per cursor: a batcher serves one sink worker
         self.ledger = ledger
         self.max_bytes = max_bytes
         self.max_records = max_records
@@ -41,7 +42,7 @@ class Batcher:
         A batch also stops once it holds `max_rows` metric rows (the sink's `batch_rows`),
         so that a slow sink still moves its cursor every few seconds.
         """
-        raw = self.wal.read(start, end, self.max_bytes)[: self.max_records]
+        raw = self.reader.read(start, end, self.max_bytes)[: self.max_records]
         records: list[Record] = []
         rows = 0
         after, seq, segment = start, start_seq, start[0]
@@ -50,7 +51,7 @@ class Batcher:
                 break
             message = msgpack.unpackb(payload)  # validated when it was accepted
             if position[0] != segment:  # a new segment, or a jump past removed ones
-                segment, seq = position[0], self.wal.base(position[0])
+                segment, seq = position[0], self.reader.base(position[0])
             after, seq = position, seq + 1
             if message["t"] not in INTERNAL_TYPES:
                 run = self.ledger.info(message["r"])

@@ -20,6 +20,7 @@ from trackd.daemon.fanout import Fanout
 from trackd.daemon.ingest import Ingest
 from trackd.daemon.retention import Retention
 from trackd.daemon.settings import Settings
+from trackd.daemon.state import StateDamage
 
 log = logging.getLogger("trackd.control")
 # From the package's metadata, not `trackd.__version__`: the daemon takes nothing from the
@@ -36,6 +37,7 @@ class Control:
         retention: Retention,
         shutdown: Callable[[], None],
         system: Callable[[], dict[str, Any]] | None = None,
+        damage: StateDamage | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
@@ -44,6 +46,8 @@ class Control:
         self._shutdown = shutdown
         self._system = system
         self._started = time.time()
+        self.damage = damage or StateDamage()
+        self._reader = ingest.wal.reader()  # `tail --since-start`'s cursor
 
     async def serve(self, socket: zmq.asyncio.Socket) -> None:
         answering: set[asyncio.Task[None]] = set()
@@ -133,6 +137,7 @@ class Control:
             "sinks": {worker.spec.name: worker.status() for worker in self.fanout.workers},
             "alerts": [self._alert(alert) for alert in self.ingest.ledger.alerts],
             "system": self._system() if self._system else {"interval": 0, "found": "off"},
+            "state": self.damage.status(),
         }
 
     def _alert(self, alert: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +155,7 @@ class Control:
         )
         limit = min(int(max_bytes), 8 << 20) if isinstance(max_bytes, int) else 1 << 20
         end = ledger.position  # not the WAL's durable end: the ledger must know each run
-        records = wal.read(max(start, wal.start), end, limit)
+        records = self._reader.read(max(start, wal.start), end, limit)
         return {
             "records": [
                 [list(at), ledger.topic(msgpack.unpackb(frame)["r"]).decode(), frame]

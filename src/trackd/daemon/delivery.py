@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from trackd.daemon.state import StateDamage
+from trackd.jsonfile import read_json, write_json_atomic
 from trackd.sinks.base import Record, Sink, SinkContext, SinkError, SinkSpec
 
 log = logging.getLogger("trackd.delivery")
@@ -138,7 +140,7 @@ class Delivery:
 
     def _dead_letter(self, record: Record, reason: str) -> None:
         self.stats.dead_letters += 1
-        self._dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+        self._dead_letter_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         entry = {
             "position": list(record.position),
             "run": record.run.id,
@@ -149,7 +151,8 @@ class Delivery:
             "body": record.body,
             "at": time.time(),
         }
-        with self._dead_letter_path.open("a", encoding="utf-8") as handle:
+        fd = os.open(self._dead_letter_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(fd, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, default=str) + "\n")
         log.warning("sink %s: dead-lettered a %s record: %s", self.spec.shown, record.type, reason)
 
@@ -163,13 +166,8 @@ class Delivery:
         Called on the sink's thread (via `call`): the sink's checkpoint may fsync.
         """
         document = {"spec": self.spec.shown, **progress, "state": self.sink.checkpoint()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(document, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json_atomic(path, document)
 
     async def close(self, path: Path, progress: Callable[[], dict[str, Any]]) -> None:
         """Save progress and close the sink (both on its thread), then release the thread."""
@@ -182,9 +180,22 @@ class Delivery:
         self._executor.shutdown(wait=False)
 
 
-def load_progress(path: Path) -> dict[str, Any]:
+def load_progress(path: Path, damage: StateDamage | None = None) -> dict[str, Any]:
+    """Where a sink's delivery stood; {} (start from the oldest record kept) if unknown.
+
+    A truncated or corrupt file must not keep the daemon from starting: it is logged and
+    counted, and the sink starts over from the WAL's start without its checkpoint state
+    (it may then deliver again what it delivered before).
+    """
     try:
-        saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_json(path)
+        if not isinstance(saved, dict) or not isinstance(saved.get("position", []), list):
+            raise ValueError(f"{path}: not a delivery progress document")
     except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        if damage is None:
+            raise
+        damage.note(f"{exc}; the sink starts again from the oldest record kept")
         return {}
     return saved

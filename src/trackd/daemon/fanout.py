@@ -21,6 +21,7 @@ from typing import Any
 from trackd.daemon.batcher import Batcher
 from trackd.daemon.delivery import Delivery, load_progress
 from trackd.daemon.ledger import Ledger
+from trackd.daemon.state import StateDamage
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.sinks.base import SinkContext
 
@@ -35,6 +36,7 @@ class SinkWorker:
         state_dir: Path,
         linger: float,
         checkpoint_seconds: float,
+        damage: StateDamage | None = None,
     ) -> None:
         self.delivery = delivery
         self.spec = delivery.spec
@@ -53,6 +55,7 @@ class SinkWorker:
         self._wake = asyncio.Event()
         self._drain_until: Position | None = None
         self._saved_at = 0.0
+        self._damage = damage
 
     # --- control from the fan-out -----------------------------------------------------
 
@@ -90,7 +93,7 @@ class SinkWorker:
 
     async def run(self) -> None:
         delivery, stats = self.delivery, self.delivery.stats
-        saved = load_progress(self._cursor_path)
+        saved = load_progress(self._cursor_path, self._damage)
         if "position" in saved:
             self.cursor = self.holding = max(tuple(saved["position"]), self.wal.start)
             self.cursor_seq = await delivery.call(self.wal.seq_at, self.cursor)
@@ -120,7 +123,7 @@ class SinkWorker:
                     delivery.sink.batch_rows,
                 )
                 if end == self.cursor:
-                    # Only damaged bytes past the cursor for now (wal.py): readers get past
+                    # Only damaged bytes past the cursor for now (wal/segments.py): readers get past
                     # them once a valid record follows, so look again later, without spinning.
                     await delivery.sleep(max(self._linger, DAMAGED_TAIL_POLL_SECONDS))
                     continue

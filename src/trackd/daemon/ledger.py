@@ -11,8 +11,6 @@ position, and at startup rebuilt from the checkpoint plus the WAL after it.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import msgpack
 
 from trackd.daemon.wal import Position
+from trackd.jsonfile import write_atomic
 from trackd.protocol import Message
 from trackd.sinks.base import RunInfo
 
@@ -33,7 +32,7 @@ class Ledger:
         self.sessions: dict[str, int] = {}
         self.runs: dict[str, dict[str, Any]] = {}
         self.position: Position = (0, 0)  # readers may read the WAL up to here
-        self.seq = 0  # how many records lie before `position` (wal.py numbers them)
+        self.seq = 0  # how many records lie before `position` (wal/ numbers them)
         self._infos: dict[str, RunInfo] = {}
         # The latest alerts, for `trackd status`: kept in memory only (the WAL holds them all).
         self.alerts: deque[dict[str, Any]] = deque(maxlen=RECENT_ALERTS)
@@ -184,27 +183,31 @@ class Ledger:
     @staticmethod
     def save(snapshot: bytes, path: Path) -> None:
         """Atomically replace the checkpoint file (off the event loop: it fsyncs)."""
-        # a name of its own per saving thread: the periodic save and the one at shutdown may
-        # overlap, and must not rename each other's half-written file
-        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")
-        with temporary.open("wb") as handle:
-            handle.write(snapshot)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        write_atomic(path, snapshot)
 
     @classmethod
     def load(cls, path: Path) -> Ledger:
+        """The checkpoint; ValueError if it cannot be read whole (the caller rebuilds it)."""
         ledger = cls()
         if path.exists():
-            saved = msgpack.unpackb(path.read_bytes())
-            ledger.position = tuple(saved["position"])
-            ledger.sessions = saved["sessions"]
-            ledger.runs = saved["runs"]
-            ledger.aliases = {
-                alias: (str(target), int(offset))
-                for alias, (target, offset) in saved.get("aliases", {}).items()
-            }
+            try:
+                saved = msgpack.unpackb(path.read_bytes())
+                position = tuple(saved["position"])
+                sessions, runs = saved["sessions"], saved["runs"]
+                aliases = {
+                    alias: (str(target), int(offset))
+                    for alias, (target, offset) in saved.get("aliases", {}).items()
+                }
+                if (
+                    len(position) != 2
+                    or not isinstance(sessions, dict)
+                    or not isinstance(runs, dict)
+                ):
+                    raise ValueError("bad fields")
+            except Exception as exc:  # msgpack raises ValueError, TypeError and its own
+                raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+            ledger.position, ledger.sessions, ledger.runs = position, sessions, runs
+            ledger.aliases = aliases
         return ledger
 
 

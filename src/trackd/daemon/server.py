@@ -15,9 +15,11 @@ import logging
 import os
 import signal
 import stat
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import zmq
@@ -34,11 +36,13 @@ from trackd.daemon.retention import Retention
 from trackd.daemon.sampler import NodeSampler
 from trackd.daemon.settings import Settings
 from trackd.daemon.spools import pick_up
+from trackd.daemon.state import StateDamage
 from trackd.daemon.system import SystemMetrics
 from trackd.daemon.wal import Position, WriteAheadLog
 from trackd.protocol import MAX_FRAME_BYTES, ProtocolError, decode
 
 log = logging.getLogger("trackd")
+T = TypeVar("T")
 LEDGER_SAVE_SECONDS = 5.0
 YIELD_EVERY = 64
 
@@ -68,9 +72,17 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def recover_ledger(wal: WriteAheadLog, path: Path) -> Ledger:
-    """The checkpointed ledger, brought up to the WAL's durable end."""
-    ledger = Ledger.load(path)
+def recover_ledger(wal: WriteAheadLog, path: Path, damage: StateDamage) -> Ledger:
+    """The checkpointed ledger, brought up to the WAL's durable end.
+
+    An unreadable checkpoint is rebuilt from every record the WAL still holds; sessions
+    and runs known only from deleted segments are lost (counted in `damage`).
+    """
+    try:
+        ledger = Ledger.load(path)
+    except ValueError as exc:
+        damage.note(f"{exc}; the ledger is rebuilt from the WAL's {len(wal.segments())} segments")
+        ledger = Ledger()
     for position, payload in wal.scan(max(ledger.position, wal.start)):
         try:
             ledger.apply(decode(payload, max_bytes=2**32))
@@ -118,7 +130,9 @@ def _is_loopback(host: str) -> bool:
 async def serve(settings: Settings) -> int:
     curve = _curve_keys(settings)
     data = settings.data_dir
-    data.mkdir(parents=True, exist_ok=True)
+    # 0700, and state files 0600: the WAL, spools and sink state hold every run's config and
+    # metrics. A sink directory the user chose elsewhere keeps the user's umask.
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
     if settings.endpoint is None:
         prepare_runtime_dir(settings.runtime_dir)
     locks = [_lock(data / "daemon.lock")]
@@ -127,17 +141,18 @@ async def serve(settings: Settings) -> int:
 
     wal = WriteAheadLog(data / "wal", settings.wal_segment_bytes)
     ledger_path = data / "ledger.msgpack"
-    ledger = recover_ledger(wal, ledger_path)
+    damage = StateDamage()
+    ledger = recover_ledger(wal, ledger_path, damage)
     specs = settings.sinks or [settings.default_sink]
-    batcher = Batcher(wal, ledger)
     backoff = Backoff(settings.retry_base, settings.retry_cap)
     workers = [
         SinkWorker(
             Delivery(spec, spec.build(), data / "deadletter" / f"{spec.name}.jsonl", backoff),
-            batcher,
+            Batcher(wal, ledger),
             state_dir=data / "sinks" / spec.name,
             linger=settings.linger,
             checkpoint_seconds=settings.checkpoint_seconds,
+            damage=damage,
         )
         for spec in specs
     ]
@@ -174,10 +189,11 @@ async def serve(settings: Settings) -> int:
             stream.send_multipart([topic, frame, msgpack.packb(position)], zmq.NOBLOCK)
 
     ingest = Ingest(wal, ledger, publish, fanout.wake, settings.max_frame_bytes)
+    loop = asyncio.get_running_loop()
     retention = Retention(
         wal,
         fanout,
-        lambda: Ledger.save(ledger.snapshot(), ledger_path),
+        lambda: Ledger.save(on_loop(ledger.snapshot, loop), ledger_path),
         settings.retain,
         settings.max_wal_bytes,
         settings.on_full,
@@ -188,20 +204,27 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     system = _system_metrics(settings, ingest)
     control = Control(
-        settings, ingest, fanout, retention, stop.set, system.status if system else None
+        settings,
+        ingest,
+        fanout,
+        retention,
+        stop.set,
+        system=system.status if system else None,
+        damage=damage,
     )
     if settings.metrics_addr:
         from trackd.daemon import metrics
 
         try:
-            metrics.serve(settings.metrics_addr, control.status)
+            metrics.serve(settings.metrics_addr, lambda: on_loop(control.status, loop))
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {settings.metrics_addr}: {exc}") from exc
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    _tune_gc()
+    # In a thread of a test process (trackd.testing.LocalDaemon), signals and the collector
+    # are the process's own: it is stopped through the control socket instead.
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        _tune_gc()
     notifier = Notifier()
     sampling = [asyncio.create_task(system.run())] if system else []
     tasks = [
@@ -299,7 +322,7 @@ def _ignore_outcome(future: asyncio.Future[Any]) -> None:
 
 async def _pick_up_spools(data: Path, ingest: Ingest, every: float) -> None:
     directory = data / "spool"
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     while True:
         taken = await pick_up(directory, ingest)
         if taken:
@@ -329,6 +352,20 @@ async def _tell_systemd(notifier: Notifier, ingest: Ingest, fanout: Fanout) -> N
             notifier.watchdog(_health(ingest, fanout))
         else:
             notifier.send(f"STATUS={_health(ingest, fanout)}")
+
+
+def on_loop(read: Callable[[], T], loop: asyncio.AbstractEventLoop) -> T:
+    """`read()` run by the event loop for another thread (retention's ledger snapshot, the
+    Prometheus thread's status), which waits for the result.
+
+    The loop owns the ledger and the stats: only there is the ledger consistent with its
+    position, and its run table is not changing size under an iteration.
+    """
+
+    async def call() -> T:
+        return read()
+
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=60)
 
 
 async def _save_ledger(ledger: Ledger, path: Path) -> None:

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
+from trackd.jsonfile import read_json, write_json_atomic
+
 ENTRY_POINT_GROUP = "trackd.sinks"
 
 
@@ -259,8 +261,13 @@ class RunMap:
     def __init__(self, path: Path) -> None:
         self._path = path
         try:
-            self._map: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+            self._map: dict[str, str] = read_json(path)
         except FileNotFoundError:
+            self._map = {}
+        except ValueError as exc:  # a truncated file must not keep the sink from opening
+            logging.getLogger("trackd.sinks").error(
+                "%s; starting with no runs known (a run may be created again)", exc
+            )
             self._map = {}
 
     def get(self, run_id: str) -> str | None:
@@ -269,12 +276,7 @@ class RunMap:
     def set(self, run_id: str, backend_id: str) -> None:
         self._map[run_id] = backend_id
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self._path.with_suffix(".tmp")
-        with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(self._map, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self._path)
+        write_json_atomic(self._path, self._map)
 
 
 class Notices:

@@ -35,13 +35,13 @@ event loop; aiofiles would only add a second thread hop per call.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from trackd.jsonfile import write_json_atomic
 from trackd.sinks.base import (
     AppendOnlyFiles,
     Record,
@@ -269,9 +269,8 @@ class JsonlSink(Sink):
     def _replace(self, run_dir: str, name: str, value: dict[str, Any]) -> None:
         directory = self.root / run_dir
         directory.mkdir(parents=True, exist_ok=True)
-        temporary = directory / f".{name}.tmp"
-        temporary.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(temporary, directory / name)
+        # the user chose the sink's directory: its files keep the user's umask
+        write_json_atomic(directory / name, value, private=False, indent=2)
 
     def _copy_artifact(self, run_dir: str, source: str, name: str) -> None:
         self._copy_file(run_dir, source, f"artifacts/{path_component(name)}")

@@ -48,10 +48,13 @@ letters with the reason.
 Errors: MLflow raises `MlflowException` for everything, a refused connection
 included, with an error code that maps to an HTTP status; 5xx, 429 and 408
 are retriable, other 4xx permanent. Its REST client retries internally for
-minutes by default, so `open()` sets `MLFLOW_HTTP_REQUEST_MAX_RETRIES` (0) and
-`MLFLOW_HTTP_REQUEST_TIMEOUT` (5 s) unless the environment or the spec options
-`http_retries` / `http_timeout` say otherwise: a failing call returns at once
-and trackd's own backoff does the retrying, without holding up other sinks.
+minutes by default, so each sink's requests get their own retries (0) and
+timeout (5 s), unless the spec options `http_retries` / `http_timeout` or the
+environment (`MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `MLFLOW_HTTP_REQUEST_TIMEOUT`)
+say otherwise: a failing call returns at once and trackd's own backoff does the
+retrying, without holding up other sinks. The settings travel with the
+calling thread (`_use_http_settings`), never through the process environment,
+so two MLflow sinks never see each other's.
 
 Exactly once: params (same value) and tags (overwritten) are idempotent, and so
 is `set_terminated`. Metric points are not (the file store appends them again;
@@ -79,6 +82,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,9 +115,9 @@ MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 PARENT_TAG = "mlflow.parentRunId"
-HTTP_SETTINGS = {  # spec option -> (MLflow environment variable, default)
-    "http_retries": ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
-    "http_timeout": ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
+HTTP_SETTINGS = {  # spec option -> (http_request argument, MLflow environment variable, default)
+    "http_retries": ("max_retries", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+    "http_timeout": ("timeout", "MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
 }
 _KEY = re.compile(r"^[/\w.\- :]*$")
 _UNSAFE = re.compile(r"[^\w.@+=-]+")
@@ -138,12 +142,10 @@ class MlflowSink(Sink):
         if not text.isdigit() or int(text) < 1:
             raise ValueError(f"mlflow sink: in_flight must be a whole number >= 1, not {text!r}")
         self._in_flight = int(text)
+        self._http = self._http_settings()
 
     def open(self, context: SinkContext) -> None:
-        if self.target.startswith(("http:", "https:")):
-            for option, (variable, default) in HTTP_SETTINGS.items():
-                os.environ[variable] = self.options.get(option) or os.environ.get(variable, default)
-        elif self.target.startswith("file:"):
+        if self.target.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the spec asked for it
         self._artifact_root: Path | None = None
         if self.target.startswith("sqlite:///"):
@@ -180,7 +182,12 @@ class MlflowSink(Sink):
         self._mark_fd = os.open(mark_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._pool: ThreadPoolExecutor | None = None
         if self._in_flight > 1:
-            self._pool = ThreadPoolExecutor(self._in_flight, thread_name_prefix="trackd-mlflow")
+            self._pool = ThreadPoolExecutor(
+                self._in_flight,
+                thread_name_prefix="trackd-mlflow",
+                initializer=_use_http_settings,
+                initargs=(self._http,),
+            )
 
     def _read_mark(self, path: Path) -> Position | None:
         try:
@@ -211,6 +218,7 @@ class MlflowSink(Sink):
                 raise SinkError(message, retriable=True) from exc
             self._mark = last
         try:
+            _use_http_settings(self._http)  # this sink's, whichever sink used the thread before
             self._write(batch)
         except Exception as exc:
             # Part of the batch may be stored: check it point by point when it comes again.
@@ -284,6 +292,15 @@ class MlflowSink(Sink):
             error = None if future.cancelled() else future.exception()
             if error is not None:
                 raise error
+
+    def _http_settings(self) -> dict[str, int]:
+        settings = {}
+        for option, (argument, variable, default) in HTTP_SETTINGS.items():
+            text = self.options.get(option) or os.environ.get(variable) or default
+            if not text.isdigit():
+                raise ValueError(f"mlflow sink: {option} must be a whole number, not {text!r}")
+            settings[argument] = int(text)
+        return settings
 
     def _log_metrics(self, run_id: str, points: list[Outgoing]) -> None:
         """One `log_batch` call with metrics only.
@@ -669,3 +686,32 @@ def _sink_error(exc: BaseException) -> SinkError | None:
     if isinstance(exc, OSError):
         return SinkError(message, retriable=is_retriable_os_error(exc))
     return None
+
+
+_REQUESTS = threading.local()  # .settings: the http_request arguments of the sink calling
+
+
+def _use_http_settings(settings: dict[str, int]) -> None:
+    """Make this thread's MLflow requests use `settings` (the thread runs one sink's calls).
+
+    MLflow reads its retries and timeout from the process environment on every request,
+    unless they are passed to `http_request`, which its REST store never does; clients of
+    one tracking URI even share one store. So `http_request` is wrapped, once per process,
+    to pass the settings of the sink whose thread is calling; a thread no sink set up goes
+    on as before.
+    """
+    from mlflow.utils import rest_utils
+
+    _REQUESTS.settings = settings
+    if getattr(rest_utils.http_request, "trackd_http", False):
+        return
+    request: Any = rest_utils.http_request
+
+    def http_request(*args: Any, **kwargs: Any) -> Any:
+        for argument, value in getattr(_REQUESTS, "settings", {}).items():
+            if kwargs.get(argument) is None:
+                kwargs[argument] = value
+        return request(*args, **kwargs)
+
+    http_request.trackd_http = True  # type: ignore[attr-defined]
+    rest_utils.http_request = http_request
