@@ -28,6 +28,8 @@ def test_cut_state_files_are_rebuilt_from_the_wal(
 ) -> None:
     daemon.start(extra_env=SMALL_SEGMENTS)
     finish_client(run_client(env, "--name", "before", "--rows", "3000"))
+    # acked before it starts, so its first commit opens a second segment (counts.json)
+    finish_client(run_client(env, "--name", "second", "--rows", "10"))
     daemon.flush()
     assert daemon.stop() == 0
     data = daemon.data_dir
