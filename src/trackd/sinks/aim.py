@@ -105,6 +105,7 @@ from trackd.sinks.base import (
     Sink,
     SinkContext,
     SinkError,
+    call_mapped,
     is_retriable_os_error,
     markdown_table,
     read_table,
@@ -660,15 +661,7 @@ class _Confirmation:
 
 def _call(function: Any, *args: Any) -> Any:
     """Call the SDK; map what it raises to a SinkError (anything else is a bug here)."""
-    try:
-        return function(*args)
-    except SinkError:
-        raise
-    except Exception as exc:
-        error = _mapped(exc)
-        if error is None:
-            raise
-        raise error from exc
+    return call_mapped(_mapped, function, *args)
 
 
 def _mapped(exc: Exception) -> SinkError | None:

@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -230,6 +231,22 @@ def sink_class_for(kind: str) -> type[Sink]:
             f"sink kind {kind!r} cannot be loaded ({exc}); try: pip install 'trackd[{kind}]'"
         ) from exc
     return sink_class
+
+
+def call_mapped(
+    mapped: Callable[[Exception], SinkError | None], function: Callable[..., Any], *args: Any
+) -> Any:
+    """Call an SDK function; what it raises is mapped once, here at the boundary, to a
+    SinkError by the sink's `mapped` (None: not an SDK failure but a bug, raised as is)."""
+    try:
+        return function(*args)
+    except SinkError:
+        raise
+    except Exception as exc:
+        error = mapped(exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def retriable_status(code: int) -> bool:
