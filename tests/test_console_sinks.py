@@ -4,6 +4,7 @@ real repo); TensorBoard and Trackio count a notice."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -229,6 +230,10 @@ def test_wandb_private_interface_contract(tmp_path: Path, monkeypatch: pytest.Mo
         assert callable(interface.publish_environment)
     finally:
         run.finish()
+        # wandb.init started a wandb-core service for this process and named it in
+        # os.environ: later tests' daemons would inherit WANDB_SERVICE and share it
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
 
 
 AIM_CRASH = """
