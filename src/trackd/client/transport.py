@@ -8,8 +8,8 @@ wake-up takes the GIL from the training thread, which then waits for it when
 its next torch op returns, so a quiet run is packed every `IDLE_SECONDS`, a
 flood every `POLL_SECONDS`, and a flush or close wakes it at once through a
 pipe (acks wake it too, but only to be read). Rows are packed `PACK_CHUNK_ROWS`
-at a time, with the GIL let go between chunks, so that the caller never waits
-long for one big msgpack call; the chunks are joined into one message.
+at a time, so that no single msgpack call keeps a caller from the GIL past its
+switch interval; the chunks are joined into one message.
 
 Nothing counts as delivered until the daemon acks it: every message stays
 in `_unacked` until an ack covers its sequence number, and is sent again
@@ -43,8 +43,11 @@ if TYPE_CHECKING:
 POLL_SECONDS = 0.01  # between packs while rows flood in, flushes wait or frames wait to go
 IDLE_SECONDS = 0.2  # between packs otherwise: a few wake-ups a second cost a training loop ~nothing
 FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after POLL_SECONDS
-# Rows per msgpack call: ~30-100 µs under the GIL (3-20 scalars a row); the GIL is let go
-# between calls, so a caller logging meanwhile waits at most about that long.
+# Rows per msgpack call: ~30-100 µs without a chance to switch threads (3-20 scalars a row).
+# Between calls the interpreter hands the GIL to a caller that asked for it (after its
+# switch interval, 5 ms): one call of 20,000 rows held it 20-30 ms. No sleep(0) to hand it
+# over sooner: a caller that never lets go of the GIL (a log() flood) would give it back
+# only every switch interval, and the rows would pile up unpacked while the daemon idles.
 PACK_CHUNK_ROWS = 64
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
@@ -293,7 +296,6 @@ class Transport:
                     packed += len(rows)
                     self._add_rows(rows)
                     rows = []
-                    time.sleep(0)  # let go of the GIL: a caller logging meanwhile goes first
                 continue
             if rows:
                 packed += len(rows)
