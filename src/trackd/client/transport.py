@@ -176,6 +176,7 @@ class Transport:
         if self._spool is not None:
             self._spool.detach()
         self.queue.clear()
+        self._wake_lock = threading.Lock()  # a parent's thread may have held it at the fork
         self._close_wake_pipe()
 
     def _wake(self) -> None:
