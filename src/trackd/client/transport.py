@@ -2,12 +2,19 @@
 
 `log()` only appends a row to `queue` (a deque: appends and pops are atomic
 under the GIL, so the caller takes no lock shared with this thread). A
-background thread wakes every few milliseconds, packs the queued rows into
-`metrics` messages, numbers them, and sends them over a DEALER socket with
-NOBLOCK. Nothing counts as delivered until the daemon acks it: every message
-stays in `_unacked` until an ack covers its sequence number, and is sent
-again (go-back-N) after a reconnect, a gap reported by the daemon, or a
-second without progress. Unacked frames live in memory up to a byte budget;
+background thread packs the queued rows into `metrics` messages, numbers
+them, and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each
+wake-up takes the GIL from the training thread, which then waits for it when
+its next torch op returns, so a quiet run is packed every `IDLE_SECONDS`, a
+flood every `POLL_SECONDS`, and a flush or close wakes it at once through a
+pipe (acks wake it too, but only to be read). Rows are packed `PACK_CHUNK_ROWS`
+at a time, so that no single msgpack call keeps a caller from the GIL past its
+switch interval; the chunks are joined into one message.
+
+Nothing counts as delivered until the daemon acks it: every message stays
+in `_unacked` until an ack covers its sequence number, and is sent again
+(go-back-N) after a reconnect, a gap reported by the daemon, or a second
+without progress. Unacked frames live in memory up to a byte budget;
 past it they are spilled, oldest first, to the session's spool file, which
 the daemon ingests if this process exits before they are acked.
 """
@@ -15,6 +22,7 @@ the daemon ingests if this process exits before they are acked.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections import deque
@@ -32,7 +40,15 @@ if TYPE_CHECKING:
 
     from trackd.client.console import ConsoleCapture
 
-POLL_SECONDS = 0.01
+POLL_SECONDS = 0.01  # between packs while rows flood in, flushes wait or frames wait to go
+IDLE_SECONDS = 0.2  # between packs otherwise: a few wake-ups a second cost a training loop ~nothing
+FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after POLL_SECONDS
+# Rows per msgpack call: ~30-100 µs without a chance to switch threads (3-20 scalars a row).
+# Between calls the interpreter hands the GIL to a caller that asked for it (after its
+# switch interval, 5 ms): one call of 20,000 rows held it 20-30 ms. No sleep(0) to hand it
+# over sooner: a caller that never lets go of the GIL (a log() flood) would give it back
+# only every switch interval, and the rows would pile up unpacked while the daemon idles.
+PACK_CHUNK_ROWS = 64
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
 GAP_REWIND_SECONDS = 0.2
@@ -42,6 +58,7 @@ WINDOW_MESSAGES = 1024
 # few ms), small enough that four clients flooding do not pile 100s of MB into its queue.
 WINDOW_BYTES = 1024 * 1024
 MAX_ROWS_PER_MESSAGE = 20_000
+_ENVELOPE_BYTES = 1024  # more than a metrics message's envelope (ids, numbers) takes
 DEFAULT_MEMORY_BYTES = 32 * 1024 * 1024
 
 
@@ -110,7 +127,16 @@ class Transport:
         self._rewound_at = 0.0
         self._unreachable_since: float | None = None
         self._flushes: list[FlushRequest] = []
+        self._pack_at = 0.0  # monotonic time of the next pack; 0: at the next wake-up
+        self._chunks: list[memoryview] = []  # packed rows of the metrics message being built
+        self._chunk_rows = 0
+        self._chunk_bytes = 0
         self._stop = threading.Event()
+        # Written by flush() and close() to wake the thread; a lock (not log()'s) so that a
+        # flush racing close() never writes to a closed, maybe reused, descriptor.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        self._wake_lock = threading.Lock()
         self.console: ConsoleCapture | None = None  # set by a run with console="wrap"
         if endpoint:
             # Import zmq and make its context here, in the caller's thread: a fork (a
@@ -132,6 +158,7 @@ class Transport:
             return not self.queue and not self._unacked
         request = FlushRequest(give_up_unreachable=give_up_unreachable)
         self.queue.append(request)
+        self._wake()
         request.done.wait(timeout)
         return request.delivered
 
@@ -139,7 +166,9 @@ class Transport:
         """Wait up to `timeout` for acks (less if no daemon is there), spool the rest, stop."""
         delivered = self.flush(timeout, give_up_unreachable=True)
         self._stop.set()
+        self._wake()
         self._thread.join()
+        self._close_wake_pipe()
         return delivered
 
     def abandon(self) -> None:
@@ -147,6 +176,23 @@ class Transport:
         if self._spool is not None:
             self._spool.detach()
         self.queue.clear()
+        self._wake_lock = threading.Lock()  # a parent's thread may have held it at the fork
+        self._close_wake_pipe()
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_write >= 0:
+                try:
+                    os.write(self._wake_write, b"\0")
+                except BlockingIOError:  # the pipe is full of wake-ups already: enough
+                    return
+
+    def _close_wake_pipe(self) -> None:
+        with self._wake_lock:
+            if self._wake_write >= 0:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_read = self._wake_write = -1
 
     # --- the background thread -------------------------------------------------
 
@@ -182,18 +228,37 @@ class Transport:
                 request.done.set()
 
     def _pass(self, socket: Any) -> None:
-        """One wake-up: read acks (or wait), pack the queue, send or spool, settle flushes."""
-        if socket is not None and socket.poll(POLL_SECONDS * 1000):
-            self._read_acks(socket)
-        elif socket is None:
-            self._stop.wait(POLL_SECONDS)
-        self._queue_console()
-        self._pack_queue()
+        """One wake-up: read acks (or wait), pack the queue if due, send or spool, settle flushes.
+
+        An ack alone does not make a pack due: packing what a few ms brought and sending
+        it would bring the next ack, and the thread would wake at the daemon's pace."""
+        self._wait(socket)
+        now = time.monotonic()
+        if now >= self._pack_at:
+            self._queue_console()
+            rows = self._pack_queue()
+            self._pack_at = now + (POLL_SECONDS if rows >= FLOOD_ROWS else IDLE_SECONDS)
         if socket is None:
             self._spill()
         else:
             self._send(socket)
         self._settle_flushes()
+
+    def _wait(self, socket: Any) -> None:
+        """Sleep until the next pack is due, a flush or close wakes us, or an ack comes."""
+        timeout = max(0.0, self._pack_at - time.monotonic())
+        if self._flushes or (socket is not None and self._sent < self._next_seq - 1):
+            timeout = min(timeout, POLL_SECONDS)  # give-up, resend and send-again timers
+        if socket is None:
+            woken = bool(select.select([self._wake_read], [], [], timeout)[0])
+        else:
+            ready = dict(self._poller.poll(int(-(-timeout * 1000 // 1))))  # ms, rounded up
+            if ready.get(socket):
+                self._read_acks(socket)
+            woken = bool(ready.get(self._wake_read))
+        if woken:
+            os.read(self._wake_read, 4096)
+            self._pack_at = 0.0
 
     def _connect(self) -> Any:
         import zmq  # imported here so that `import trackd` stays cheap
@@ -205,6 +270,9 @@ class Transport:
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         secure(socket)
         socket.connect(str(self.endpoint))
+        self._poller = zmq.Poller()
+        self._poller.register(socket, zmq.POLLIN)
+        self._poller.register(self._wake_read, zmq.POLLIN)
         return socket
 
     def _queue_console(self) -> None:
@@ -213,9 +281,11 @@ class Transport:
         if console is not None:
             console.deliver(self.send)
 
-    def _pack_queue(self) -> None:
-        """Turn queued rows and messages into numbered frames, in the order they were queued."""
+    def _pack_queue(self) -> int:
+        """Turn queued rows and messages into numbered frames, in the order they were queued;
+        the number of rows packed."""
         rows: list[tuple[int, float, dict[str, Any]]] = []
+        packed = 0
         queue = self.queue
         while queue:
             item = queue.popleft()
@@ -223,31 +293,58 @@ class Transport:
                 if type(item[2]) is PendingRow:
                     item = (item[0], item[1], item[2].resolved())
                 rows.append(item)
-                if len(rows) >= MAX_ROWS_PER_MESSAGE:
+                if len(rows) >= PACK_CHUNK_ROWS:
+                    packed += len(rows)
                     self._add_rows(rows)
                     rows = []
                 continue
             if rows:
+                packed += len(rows)
                 self._add_rows(rows)
                 rows = []
+            self._end_metrics()
             if isinstance(item, Message):
                 self._add(item.type, item.body)
             elif isinstance(item, FlushRequest):
                 item.target = self._next_seq - 1
                 self._flushes.append(item)
         if rows:
+            packed += len(rows)
             self._add_rows(rows)
+        self._end_metrics()
+        return packed
 
     def _add_rows(self, rows: list[tuple[int, float, dict[str, Any]]]) -> None:
-        frame = self._frame("metrics", {"rows": rows})
-        if len(frame) <= MAX_FRAME_BYTES:
-            self._append(frame)
-        elif len(rows) > 1:
-            half = len(rows) // 2
-            self._add_rows(rows[:half])
-            self._add_rows(rows[half:])
-        else:
-            self._count(f"a row at step {rows[0][0]} is over the {MAX_FRAME_BYTES}-byte frame cap")
+        """Pack rows onto the metrics message being built; end it first if they would not fit."""
+        packed = msgpack.packb(rows, use_bin_type=True)
+        body = memoryview(packed)[len(_array_header(len(rows))) :]
+        if len(body) + _ENVELOPE_BYTES > MAX_FRAME_BYTES:
+            if len(rows) > 1:
+                half = len(rows) // 2
+                self._add_rows(rows[:half])
+                self._add_rows(rows[half:])
+            else:
+                step = rows[0][0]
+                self._count(f"a row at step {step} is over the {MAX_FRAME_BYTES}-byte frame cap")
+            return
+        if (
+            self._chunk_rows + len(rows) > MAX_ROWS_PER_MESSAGE
+            or self._chunk_bytes + len(body) + _ENVELOPE_BYTES > MAX_FRAME_BYTES
+        ):
+            self._end_metrics()
+        self._chunks.append(body)
+        self._chunk_rows += len(rows)
+        self._chunk_bytes += len(body)
+
+    def _end_metrics(self) -> None:
+        """Frame the rows packed so far as one metrics message: its envelope with an empty
+        row array (the envelope's last byte, as "rows" is the body's last key), then the
+        array's real header and the packed rows after it."""
+        if not self._chunks:
+            return
+        envelope = self._frame("metrics", {"rows": []})
+        self._append(b"".join((envelope[:-1], _array_header(self._chunk_rows), *self._chunks)))
+        self._chunks, self._chunk_rows, self._chunk_bytes = [], 0, 0
 
     def _add(self, type_: str, body: dict[str, Any]) -> None:
         frame = self._frame(type_, body)
@@ -386,3 +483,12 @@ class Transport:
             import logging
 
             logging.getLogger("trackd").warning("trackd: %s", problem)
+
+
+def _array_header(length: int) -> bytes:
+    """MessagePack's header of an array of `length` items."""
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length < 0x10000:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")

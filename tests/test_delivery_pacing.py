@@ -1,0 +1,91 @@
+"""How the client's delivery thread paces itself (client/transport.py).
+
+It packs a quiet run only every `IDLE_SECONDS` and packs rows a chunk at a
+time; these tests pin down what that must never cost: a flush or finish does
+not wait for the idle period, and a burst arrives whole, in order, exactly once,
+across several messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import trackd
+from conftest import Daemon, wait_for
+from trackd.client import registry, transport
+
+NEVER = 3600.0  # an idle period no test could wait out: only a wake-up can pack
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left_open() -> Iterator[None]:
+    yield
+    for run in list(registry._open):
+        run.finish(timeout=1)
+
+
+@pytest.fixture
+def no_idle_pack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet run is never packed on a timer: whatever gets delivered, a flush or close woke the
+    thread for (its send-again and give-up timers still run every POLL_SECONDS)."""
+    monkeypatch.setattr(transport, "IDLE_SECONDS", NEVER)
+
+
+def metric_rows(daemon: Daemon, project: str) -> list[dict[str, Any]]:
+    (path,) = (daemon.data_dir / "runs" / project).glob("*/metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_flush_right_after_one_log_is_acked_without_waiting_for_the_idle_period(
+    daemon: Daemon, no_idle_pack: None
+) -> None:
+    daemon.start()
+    run = trackd.init(project="pace", name="flush")
+    assert run.flush(timeout=60) is True  # run_start
+    run.log({"loss": 0.5})
+    assert run.flush(timeout=60) is True
+    assert daemon.status()["ingest"]["rows"] == 1
+    run.log({"loss": 0.25})
+    run.finish(timeout=60)
+    daemon.flush()
+    assert [row["loss"] for row in metric_rows(daemon, "pace")] == [0.5, 0.25]
+
+
+def test_finish_without_daemon_never_waits_for_the_idle_period(
+    daemon: Daemon, dirs: dict[str, Path], no_idle_pack: None
+) -> None:
+    """Offline, close() must wake the thread to spool the rows; a later daemon gets them all."""
+    run = trackd.init(project="pace", name="offline")
+    for step in range(300):
+        run.log({"i": step})
+    run.finish(timeout=0.5)
+    (spool,) = (dirs["data"] / "spool").glob("*.spool")
+    daemon.start()
+    wait_for(lambda: not spool.exists(), timeout=60)
+    daemon.flush()
+    assert [row["i"] for row in metric_rows(daemon, "pace")] == list(range(300))
+
+
+def test_a_burst_arrives_whole_and_in_order_across_several_messages(daemon: Daemon) -> None:
+    """More rows than one message holds, packed a chunk at a time and joined into messages."""
+    daemon.start()
+    run = trackd.init(project="pace", name="burst")
+    assert run.flush(timeout=60) is True
+    before = daemon.status()["ingest"]["messages"]
+    total = 2 * transport.MAX_ROWS_PER_MESSAGE + transport.PACK_CHUNK_ROWS // 2 + 7
+    for step in range(total):
+        run.log({"i": step, "half": step / 2, "flag": step % 3 == 0})
+    assert run.flush(timeout=120) is True
+    ingest = daemon.status()["ingest"]
+    assert ingest["rows"] == total
+    assert ingest["messages"] - before >= 3  # MAX_ROWS_PER_MESSAGE still bounds a message
+    run.finish(timeout=60)
+    daemon.flush()
+    rows = metric_rows(daemon, "pace")
+    assert [row["step"] for row in rows] == list(range(total))
+    assert all(row["half"] == row["i"] / 2 and row["flag"] == (row["i"] % 3 == 0) for row in rows)
