@@ -73,3 +73,16 @@ def test_run_logged_without_daemon_is_delivered_when_it_starts(
     assert_complete(daemon.data_dir / "runs", ["alone"], 5000)
     assert not spools[0].exists(), "a delivered spool is removed"
     assert result["id"]
+
+
+def test_flush_takes_up_the_spools_of_finished_clients_first(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """An offline run's spool left while the daemon runs, its periodic scan an hour away: a
+    flush still waits for it (it picks finished clients' spools up first), so every row is
+    delivered once the flush returns."""
+    daemon.start(extra_env={"TRACKD_SPOOL_SCAN_SECONDS": "3600"})
+    finish_client(run_client(env, "--name", "offline", "--rows", "500", "--mode", "offline"))
+    daemon.flush()
+    assert_complete(daemon.data_dir / "runs", ["offline"], 500)
+    assert daemon.stop() == 0

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from importlib.metadata import version
 from typing import Any
@@ -38,6 +38,7 @@ class Control:
         shutdown: Callable[[], None],
         system: Callable[[], dict[str, Any]] | None = None,
         damage: StateDamage | None = None,
+        pick_up_spools: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
@@ -47,6 +48,7 @@ class Control:
         self._system = system
         self._started = time.time()
         self.damage = damage or StateDamage()
+        self._pick_up_spools = pick_up_spools
         self._reader = ingest.wal.reader()  # `tail --since-start`'s cursor
 
     async def serve(self, socket: zmq.asyncio.Socket) -> None:
@@ -76,6 +78,8 @@ class Control:
                 reply = {"result": None if run is None else _run_fields(run)}
             elif command == "flush":
                 wait = float(request.get("wait", 30.0))
+                if self._pick_up_spools is not None:  # finished clients' spools count too
+                    await self._pick_up_spools()
                 reply = {"result": await self.fanout.wait_caught_up(wait)}
             elif command == "wal":
                 reply = {"result": self.read_wal(request.get("position"), request.get("max_bytes"))}

@@ -203,6 +203,7 @@ async def serve(settings: Settings) -> int:
     fanout.start()
     stop = asyncio.Event()
     system = _system_metrics(settings, ingest)
+    spools = SpoolPickUp(data / "spool", ingest)
     control = Control(
         settings,
         ingest,
@@ -211,6 +212,7 @@ async def serve(settings: Settings) -> int:
         stop.set,
         system=system.status if system else None,
         damage=damage,
+        pick_up_spools=spools.once,
     )
     if settings.metrics_addr:
         from trackd.daemon import metrics
@@ -230,7 +232,7 @@ async def serve(settings: Settings) -> int:
     tasks = [
         asyncio.create_task(_receive(ingest_socket, ingest)),
         asyncio.create_task(control.serve(control_socket)),
-        asyncio.create_task(_pick_up_spools(data, ingest, settings.spool_scan_seconds)),
+        asyncio.create_task(_pick_up_spools_every(spools, settings.spool_scan_seconds)),
         asyncio.create_task(_save_ledger(ledger, ledger_path)),
         asyncio.create_task(_tell_systemd(notifier, ingest, fanout)),
         asyncio.create_task(retention.run()),
@@ -320,13 +322,27 @@ def _ignore_outcome(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-async def _pick_up_spools(data: Path, ingest: Ingest, every: float) -> None:
-    directory = data / "spool"
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    while True:
-        taken = await pick_up(directory, ingest)
+class SpoolPickUp:
+    """Spool pick-ups, one at a time: the periodic scan and a `flush` request (which takes
+    the spools of finished clients first, so that it waits for them too) never interleave."""
+
+    def __init__(self, directory: Path, ingest: Ingest) -> None:
+        self.directory = directory
+        self.ingest = ingest
+        self._lock = asyncio.Lock()
+
+    async def once(self) -> int:
+        async with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            taken = await pick_up(self.directory, self.ingest)
         if taken:
             log.info("picked up %d client spool(s)", taken)
+        return taken
+
+
+async def _pick_up_spools_every(spools: SpoolPickUp, every: float) -> None:
+    while True:
+        await spools.once()
         await asyncio.sleep(every)
 
 
