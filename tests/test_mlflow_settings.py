@@ -50,6 +50,13 @@ def test_two_mlflow_sinks_keep_their_own_http_timeout(
         assert raised.value.retriable
         # its own 1 s (no retries), far from the other sink's 600 s
         assert time.monotonic() - began < 120
+        # and only inside the sink's calls: this thread's own MLflow requests keep their defaults
+        from mlflow.utils import rest_utils
+
+        assert getattr(rest_utils.http_request, "trackd_http", False)
+        from trackd.sinks import mlflow as mlflow_sink
+
+        assert getattr(mlflow_sink._REQUESTS, "settings", {}) == {}
     finally:
         quick.close()
         patient.close()

@@ -75,6 +75,7 @@ rather than the map (a replay from another data dir) are checked throughout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -83,6 +84,7 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,8 +220,8 @@ class MlflowSink(Sink):
                 raise SinkError(message, retriable=True) from exc
             self._mark = last
         try:
-            _use_http_settings(self._http)  # this sink's, whichever sink used the thread before
-            self._write(batch)
+            with _http_settings_in_this_thread(self._http):  # this sink's, for this call only
+                self._write(batch)
         except Exception as exc:
             # Part of the batch may be stored: check it point by point when it comes again.
             self._suspect_until = max(last, self._suspect_until or last)
@@ -689,6 +691,18 @@ def _sink_error(exc: BaseException) -> SinkError | None:
 
 
 _REQUESTS = threading.local()  # .settings: the http_request arguments of the sink calling
+
+
+@contextlib.contextmanager
+def _http_settings_in_this_thread(settings: dict[str, int]) -> Iterator[None]:
+    """This sink's settings for the calls in the block; the thread's own come back after it
+    (a thread that is not the sink's, e.g. a caller's in a test, keeps MLflow's defaults)."""
+    previous = getattr(_REQUESTS, "settings", {})
+    _use_http_settings(settings)
+    try:
+        yield
+    finally:
+        _REQUESTS.settings = previous
 
 
 def _use_http_settings(settings: dict[str, int]) -> None:
