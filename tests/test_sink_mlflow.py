@@ -462,3 +462,30 @@ def test_errors_map_to_retriable_or_permanent_and_fail_fast(
         assert error is not None
         assert error.retriable is retriable, code
     assert _sink_error(KeyError("a bug")) is None
+
+
+def test_a_nested_run_before_its_parent_gets_the_parent_tag_when_the_parent_arrives(
+    tmp_path: Path,
+) -> None:
+    """Runs of different sessions arrive in any order: a nested run delivered before its
+    parent carries no parent tag until the parent's MLflow run is made, then the parent's
+    MLflow run id (never the trackd id, which MLflow cannot resolve); across a reopen too."""
+    from trackd.sinks.mlflow import PARENT_TAG, MlflowSink
+
+    uri, now = f"file:{tmp_path}/mlruns", time.time()
+    parent = RunInfo("a" * 32, "nested", "train", started=now)
+    child = RunInfo("b" * 32, "nested", "fold-0", started=now, tags={PARENT_TAG: parent.id})
+    sink = MlflowSink(uri)
+    sink.open(SinkContext(None, tmp_path / "state"))
+    sink.write([Record((0, 1), "run_start", child, {"started": now})])
+    saved = sink.checkpoint()
+    sink.close()
+    client = mlflow_client(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("nested").experiment_id])
+    assert PARENT_TAG not in found.data.tags
+    reopened = MlflowSink(uri)
+    reopened.open(SinkContext(saved, tmp_path / "state"))
+    reopened.write([Record((0, 2), "run_start", parent, {"started": now})])
+    reopened.close()
+    runs = {r.info.run_name: r for r in client.search_runs([found.info.experiment_id])}
+    assert runs["fold-0"].data.tags[PARENT_TAG] == runs["train"].info.run_id

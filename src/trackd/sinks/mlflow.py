@@ -171,6 +171,8 @@ class MlflowSink(Sink):
         context.state_dir.mkdir(parents=True, exist_ok=True)
         self._runs = RunMap(context.state_dir / "runs.json")
         self._console = ConsoleParts((context.state or {}).get("console"))
+        # nested runs whose parent's MLflow run was not made yet: parent trackd id -> children
+        self._orphans: dict[str, list[str]] = dict((context.state or {}).get("orphans", {}))
         self._notices = Notices("mlflow")
         self._experiments: dict[str, str] = {}
         self._params: dict[str, dict[str, str]] = {}  # MLflow run -> params stored
@@ -418,8 +420,9 @@ class MlflowSink(Sink):
             self._client.log_artifact(run_id, str(path), artifact_path=folder)
 
     def checkpoint(self) -> dict[str, Any]:
-        """The open console parts: the records they hold are behind the saved cursor."""
-        return {"console": self._console.state()}
+        """The open console parts and the nested runs still waiting for their parent's MLflow
+        run: the records they came from are behind the saved cursor."""
+        return {"console": self._console.state(), "orphans": self._orphans}
 
     # --- runs and experiments ----------------------------------------------------------
 
@@ -445,6 +448,8 @@ class MlflowSink(Sink):
             run_id = new.info.run_id
             self._params[run_id] = {}
         self._runs.set(run.id, run_id)
+        for child in self._orphans.pop(run.id, ()):
+            self._client.set_tag(child, PARENT_TAG, run_id)
         return run_id, created
 
     def _experiment(self, project: str) -> str:
@@ -501,7 +506,7 @@ class MlflowSink(Sink):
     def _set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        tags = self._with_parent(tags)
+        tags = self._with_parent(run_id, tags)
         items = [
             RunTag(key, self._truncate(value, MAX_TAG_VALUE, "tag"))
             for key, value in tags.items()
@@ -511,12 +516,20 @@ class MlflowSink(Sink):
             chunk = items[start : start + MAX_PARAMS_TAGS_PER_CALL]
             self._client.log_batch(run_id, tags=chunk, synchronous=True)
 
-    def _with_parent(self, tags: dict[str, str]) -> dict[str, str]:
+    def _with_parent(self, run_id: str, tags: dict[str, str]) -> dict[str, str]:
         """A nested run's `mlflow.parentRunId` (set by `trackd.mlflow.start_run(nested=True)`)
-        names its parent's trackd run; MLflow nests runs under the parent's MLflow run id."""
+        names its parent's trackd run; MLflow nests runs under the parent's MLflow run id.
+        Runs of different sessions arrive in any order (live, or spools picked up later), so
+        a child may come before its parent: it gets the tag when the parent's run is made."""
         parent = tags.get(PARENT_TAG)
-        mapped = self._runs.get(parent) if parent else None
-        return {**tags, PARENT_TAG: mapped} if mapped else tags
+        if not parent:
+            return tags
+        mapped = self._runs.get(parent)
+        if mapped:
+            return {**tags, PARENT_TAG: mapped}
+        if run_id not in self._orphans.setdefault(parent, []):
+            self._orphans[parent].append(run_id)
+        return {key: value for key, value in tags.items() if key != PARENT_TAG}
 
     def _log_artifact(self, run_id: str, path: str, name: str) -> None:
         """Upload under `name` (MLflow names a file by its basename, so copy when they differ)."""
