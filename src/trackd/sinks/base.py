@@ -118,6 +118,14 @@ class Sink:
         self.target = target
         self.options = options
 
+    def choice(self, option: str, choices: tuple[str, ...], default: str) -> str:
+        """A spec option that takes one of a few words (e.g. `mode`), refused at start-up
+        naming the choices when it is anything else."""
+        value = self.options.get(option) or default
+        if value not in choices:
+            raise ValueError(f"{self.kind} sink: {option} must be one of {choices}, got {value!r}")
+        return value
+
     def open(self, context: SinkContext) -> None:
         raise NotImplementedError
 

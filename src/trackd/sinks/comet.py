@@ -118,9 +118,7 @@ class CometSink(Sink):
 
     def __init__(self, target: str, **options: str) -> None:
         super().__init__(target, **options)
-        self._mode = options.get("mode") or "offline"
-        if self._mode not in MODES:
-            raise ValueError(f"comet sink: mode must be one of {MODES}, got {self._mode!r}")
+        self._mode = self.choice("mode", MODES, "offline")
         try:
             self._timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
         except ValueError:

@@ -193,9 +193,7 @@ class WandbSink(Sink):
 
     def __init__(self, target: str, **options: str) -> None:
         super().__init__(target, **options)
-        self._mode = options.get("mode") or "offline"
-        if self._mode not in MODES:
-            raise ValueError(f"wandb sink: mode must be one of {MODES}, got {self._mode!r}")
+        self._mode = self.choice("mode", MODES, "offline")
         self._entity = options.get("entity") or None
         self._dir = options.get("dir") or None
         self._extra_tags = [tag.strip() for tag in options.get("tags", "").split(",")]
