@@ -15,9 +15,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from conftest import HELPERS
+from conftest import HELPERS, wait_for
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.sampler import NodeSampler
 from trackd.daemon.system import SystemMetrics, local_pids, node_name
@@ -178,3 +179,49 @@ def test_ranks_that_joined_the_run_are_measured_on_their_own_node() -> None:
         ledger.apply(message)
     assert local_pids(ledger.runs["run"], "node-a") == [101, 202]
     assert local_pids(ledger.runs["run"], "node-b") == [202]
+
+
+def test_a_runs_children_and_grandchildren_count_and_new_ones_are_found_at_the_rescan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read of the process table serves every run: each run gets its own descendants
+    (a DataLoader worker and its child), never another run's, and a child started after
+    the tree was read is counted once it is read again."""
+    family = (
+        "import subprocess, sys\n"
+        "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+        "spawner = 'import subprocess, sys; subprocess.Popen(sys.argv[1:]); sys.stdin.read()'\n"
+        "subprocess.Popen([sys.executable, '-c', spawner, *sleeper])\n"
+        "sys.stdin.readline()\n"
+        "subprocess.Popen(sleeper)\n"
+        "print('spawned', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", family], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for name in ("a", "b")
+    }
+    sampler = NodeSampler(tmp_path)
+    pids = {name: [process.pid] for name, process in runs.items()}
+
+    def counts() -> dict[str, float]:
+        return {name: values["proc.count"] for name, values in sampler.sample(pids)[1].items()}
+
+    try:
+        monkeypatch.setattr("trackd.daemon.sampler.CHILDREN_RESCAN_SECONDS", 0.0)
+        wait_for(lambda: counts() == {"a": 3, "b": 3})  # itself, its child, its grandchild
+        monkeypatch.setattr("trackd.daemon.sampler.CHILDREN_RESCAN_SECONDS", 3600.0)
+        runs["a"].stdin.write("\n")  # type: ignore[union-attr]
+        runs["a"].stdin.flush()  # type: ignore[union-attr]
+        assert runs["a"].stdout.readline() == "spawned\n"  # type: ignore[union-attr]
+        assert counts() == {"a": 3, "b": 3}  # the tree is not read again before it is due
+        monkeypatch.setattr("trackd.daemon.sampler.CHILDREN_RESCAN_SECONDS", 0.0)
+        assert counts() == {"a": 4, "b": 3}
+    finally:
+        for process in runs.values():
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
+            process.communicate(timeout=10)  # also closes its pipes

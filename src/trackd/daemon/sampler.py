@@ -26,6 +26,7 @@ is left out; nothing here raises for the state of the node.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -36,9 +37,43 @@ import psutil
 from trackd.daemon.nvml import NVML_MODULE, Gpus, open_gpus
 
 log = logging.getLogger("trackd.system")
-CHILDREN_RESCAN_SECONDS = 10.0  # finding children walks every process on the node: ~1 ms per run
+CHILDREN_RESCAN_SECONDS = 10.0  # how long a new child (a DataLoader worker) may go unmeasured
 _MEMORY_TOTAL = psutil.virtual_memory().total
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+
+
+class ProcessTree:
+    """Who is whose child on the node, read once for every run measured in a round.
+
+    psutil's `Process.children()` walks the whole process table on each call (2-4 ms on
+    a node with a hundred processes), so asking it once per run and rank made finding
+    children most of the sampler's cost. One pass over `/proc/PID/stat` serves them all.
+    """
+
+    def __init__(self) -> None:
+        self._children: dict[int, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    fields = stat.read()
+            except OSError:  # gone since the listing
+                continue
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            parent = int(fields[fields.rfind(b")") + 2 :].split(maxsplit=2)[1])
+            self._children.setdefault(parent, []).append(int(entry.name))
+
+    def children(self, pid: int) -> list[int]:
+        return self._children.get(pid, [])
+
+    def descendants(self, pid: int) -> list[int]:
+        found, pending = [], list(self.children(pid))
+        while pending:
+            child = pending.pop()
+            found.append(child)
+            pending.extend(self.children(child))
+        return found
 
 
 class _RunProcesses:
@@ -47,22 +82,22 @@ class _RunProcesses:
     def __init__(self) -> None:
         self.processes: dict[int, psutil.Process] = {}
         self.primed: set[int] = set()  # measured once: psutil's first CPU % of a process is 0.0
-        self.scanned = 0.0
 
-    def refresh(self, roots: Iterable[int], now: float) -> None:
-        if now - self.scanned < CHILDREN_RESCAN_SECONDS and self.processes:
-            return
-        self.scanned = now
+    def refresh(self, roots: Iterable[int], tree: ProcessTree) -> None:
         found: dict[int, psutil.Process] = {}
         for pid in roots:
             try:
                 root = self.processes.get(pid) or psutil.Process(pid)
-                ranks = [root, *_job_siblings(root)]
-                family = [*ranks, *(child for rank in ranks for child in rank.children(True))]
+                ranks = [root, *_job_siblings(root, tree)]
             except _GONE:
                 continue
-            for process in family:
-                found[process.pid] = self.processes.get(process.pid, process)
+            for rank in ranks:
+                for member in (rank.pid, *tree.descendants(rank.pid)):
+                    known = self.processes.get(member) or found.get(member)
+                    try:
+                        found[member] = known or psutil.Process(member)
+                    except _GONE:
+                        continue
         self.processes = found
         self.primed &= set(found)
 
@@ -94,7 +129,7 @@ class _RunProcesses:
         return values
 
 
-def _job_siblings(root: psutil.Process) -> list[psutil.Process]:
+def _job_siblings(root: psutil.Process, tree: ProcessTree) -> list[psutil.Process]:
     """The other ranks of `root`'s distributed job on this node.
 
     With `ranks="zero"` (the client's default) only rank 0 talks to the daemon, so the
@@ -111,10 +146,11 @@ def _job_siblings(root: psutil.Process) -> list[psutil.Process]:
         return []
     job = _job(environment)
     siblings = []
-    for process in parent.children():
-        if process.pid == root.pid:
+    for pid in tree.children(parent.pid):
+        if pid == root.pid:
             continue
         try:
+            process = psutil.Process(pid)
             other = process.environ()
         except _GONE:
             continue
@@ -138,6 +174,7 @@ class NodeSampler:
         self._nvml_module = nvml_module
         self._gpus: Gpus | str | None = None
         self._runs: dict[str, _RunProcesses] = {}
+        self._scanned = -CHILDREN_RESCAN_SECONDS  # when the process tree was last read
         self.found = ""
 
     def open(self) -> None:
@@ -161,13 +198,18 @@ class NodeSampler:
         if isinstance(self._gpus, Gpus):
             gpu_values, held = self._gpus.read()
             node.update(gpu_values)
-        now = time.monotonic()
         for gone in set(self._runs) - set(runs):
             del self._runs[gone]
+        now = time.monotonic()
+        if now - self._scanned >= CHILDREN_RESCAN_SECONDS or set(runs) - set(self._runs):
+            # A new run, or time to look for new children: every run is looked at in the same
+            # round, so that the process table is read once for all of them.
+            self._scanned, tree = now, ProcessTree()
+            for run_id, pids in runs.items():
+                self._runs.setdefault(run_id, _RunProcesses()).refresh(pids, tree)
         per_run: dict[str, dict[str, float]] = {}
-        for run_id, pids in runs.items():
-            processes = self._runs.setdefault(run_id, _RunProcesses())
-            processes.refresh(pids, now)
+        for run_id in runs:
+            processes = self._runs[run_id]
             values = processes.read()
             if not values:
                 continue  # every process gone: nothing of this run runs here any more
