@@ -98,22 +98,22 @@ from pathlib import Path
 from typing import Any
 
 from trackd.sinks.base import (
-    Notices,
     Record,
     RunInfo,
-    RunMap,
     Sink,
     SinkContext,
     SinkError,
     call_mapped,
     is_retriable_os_error,
-    markdown_table,
-    read_table,
-    relative_path,
     retriable_status,
-    stored_file,
-    system_node,
 )
+from trackd.sinks.markdown import markdown_table
+from trackd.sinks.media_files import read_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import relative_path
+from trackd.sinks.runmap import RunMap
+from trackd.sinks.stored_files import stored_file
+from trackd.sinks.system_samples import system_node
 
 REMOTE = "aim://"
 DEFAULT_TIMEOUT = 10.0

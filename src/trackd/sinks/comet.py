@@ -71,20 +71,19 @@ from pathlib import Path
 from typing import Any
 
 from trackd.sinks.base import (
-    Notices,
     Record,
     RunInfo,
-    RunMap,
     Sink,
     SinkContext,
     SinkError,
     call_mapped,
-    fsync_directory,
     is_retriable_os_error,
-    read_table,
     retriable_status,
-    stored_file,
 )
+from trackd.sinks.media_files import read_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.runmap import RunMap
+from trackd.sinks.stored_files import fsync_directory, stored_file
 
 log = logging.getLogger("trackd.sinks.comet")
 MODES = ("offline", "online")

@@ -42,17 +42,10 @@ from typing import Any
 import orjson
 
 from trackd.jsonfile import write_json_atomic
-from trackd.sinks.base import (
-    AppendOnlyFiles,
-    Record,
-    RunInfo,
-    Sink,
-    SinkContext,
-    SinkError,
-    media_file_name,
-    media_index,
-    path_component,
-)
+from trackd.sinks.append_only import AppendOnlyFiles
+from trackd.sinks.base import Record, RunInfo, Sink, SinkContext, SinkError
+from trackd.sinks.media_files import media_file_name, media_index
+from trackd.sinks.paths import path_component
 
 
 def json_lines(objects: list[dict[str, Any]]) -> bytes:

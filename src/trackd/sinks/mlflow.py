@@ -90,21 +90,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackd.sinks.base import (
-    Notices,
     Record,
     RunInfo,
-    RunMap,
     Sink,
     SinkContext,
     SinkError,
     is_retriable_os_error,
-    media_file_name,
-    relative_path,
     retriable_status,
-    system_node,
-    system_values,
 )
 from trackd.sinks.console_parts import ConsoleParts
+from trackd.sinks.media_files import media_file_name
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import relative_path
+from trackd.sinks.runmap import RunMap
+from trackd.sinks.system_samples import system_node, system_values
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -62,20 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trackd.sinks.base import (
-    AppendOnlyFiles,
-    Notices,
-    Record,
-    RunInfo,
-    Sink,
-    SinkContext,
-    SinkError,
-    is_retriable_os_error,
-    markdown_cell,
-    markdown_table,
-    path_component,
-    system_node,
-)
+from trackd.sinks.append_only import AppendOnlyFiles
+from trackd.sinks.base import Record, RunInfo, Sink, SinkContext, SinkError, is_retriable_os_error
+from trackd.sinks.markdown import markdown_cell, markdown_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import path_component
+from trackd.sinks.system_samples import system_node
 
 _JOURNAL_NAME = "presizes.jsonl"
 

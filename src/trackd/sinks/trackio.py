@@ -72,21 +72,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trackd.sinks.base import (
-    Notices,
-    Record,
-    RunInfo,
-    Sink,
-    SinkContext,
-    SinkError,
-    is_retriable_os_error,
-    path_component,
-    place_file,
-    read_table,
-    stored_file,
-    system_node,
-    system_values,
-)
+from trackd.sinks.base import Record, RunInfo, Sink, SinkContext, SinkError, is_retriable_os_error
+from trackd.sinks.media_files import read_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import path_component
+from trackd.sinks.stored_files import place_file, stored_file
+from trackd.sinks.system_samples import system_node, system_values
 
 
 class TrackioSink(Sink):

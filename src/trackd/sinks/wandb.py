@@ -111,22 +111,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackd.sinks.base import (
-    Notices,
     Record,
     RunInfo,
-    RunMap,
     Sink,
     SinkContext,
     SinkError,
     is_retriable_os_error,
-    place_file,
-    read_table,
-    relative_path,
     retriable_status,
-    stored_file,
-    system_node,
-    system_values,
 )
+from trackd.sinks.media_files import read_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import relative_path
+from trackd.sinks.runmap import RunMap
+from trackd.sinks.stored_files import place_file, stored_file
+from trackd.sinks.system_samples import system_node, system_values
 
 if TYPE_CHECKING:
     import wandb
