@@ -19,8 +19,10 @@ Errors::
           ├── retriable=True    connection refused, timeout, 5xx, 429: backoff and retry
           └── retriable=False   validation, 4xx: the record goes to the dead-letter file
 
-Any other exception escaping a sink is a bug in it; the fan-out counts it,
-logs it with its traceback once, and retries.
+Each sink maps its SDK's exceptions through one `ErrorTable` (exception class ->
+retriable or permanent, looked up along the MRO), with `mapped_errors` or
+`call_mapped` at the boundary. Any other exception escaping a sink is a bug in
+it; the fan-out counts it, logs it with its traceback once, and retries.
 
 Sinks register in the ``trackd.sinks`` entry-point group under their kind and
 are built from a spec string ``KIND:TARGET[?key=value&...]`` or a config
@@ -30,15 +32,17 @@ table ``{kind = ..., <target_key> = ..., ...}``. A sink imports its SDK in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl
 
 from trackd.sinks.notices import Notices
@@ -103,6 +107,24 @@ class Sink:
     # default for third-party sinks) leaves options unchecked.
     known_options: ClassVar[tuple[str, ...] | None] = None
 
+    # Record type -> the name of the method that handles it, from the `@handles` marks of
+    # the class and its bases: a sink dispatches on a record's type through this one table.
+    handlers: ClassVar[Mapping[str, str]] = MappingProxyType({})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table = dict(cls.handlers)
+        for name, member in vars(cls).items():
+            for record_type in getattr(member, _HANDLES, ()):
+                table[record_type] = name
+        cls.handlers = MappingProxyType(table)
+
+    def handler(self, record_type: str) -> Callable[..., Any] | None:
+        """The bound method handling records of `record_type`; None for a type this sink
+        does not handle (what it then does, skip or count a notice, is the sink's)."""
+        name = self.handlers.get(record_type)
+        return None if name is None else getattr(self, name)
+
     def __init__(self, target: str, **options: str) -> None:
         known = self.known_options
         if known is not None and (unknown := sorted(set(options) - set(known))):
@@ -137,6 +159,21 @@ class Sink:
         """How often each notice (see `Notices`) came up: `trackd status` shows them."""
         notices = getattr(self, "_notices", None)
         return dict(notices.counts) if isinstance(notices, Notices) else {}
+
+
+_HANDLES = "trackd_handles"
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def handles(*record_types: str) -> Callable[[_Method], _Method]:
+    """Mark a sink's method as the handler of records of `record_types` (see
+    `Sink.handlers`); every handler of one sink takes the same arguments."""
+
+    def mark(method: _Method) -> _Method:
+        setattr(method, _HANDLES, record_types)
+        return method
+
+    return mark
 
 
 @dataclass(frozen=True)
@@ -236,20 +273,77 @@ def sink_class_for(kind: str) -> type[Sink]:
     return sink_class
 
 
-def call_mapped(
-    mapped: Callable[[Exception], SinkError | None], function: Callable[..., Any], *args: Any
-) -> Any:
-    """Call an SDK function; what it raises is mapped once, here at the boundary, to a
-    SinkError by the sink's `mapped` (None: not an SDK failure but a bug, raised as is)."""
+Verdict = bool | Callable[[BaseException], bool | None]
+
+
+@dataclass(frozen=True)
+class ErrorTable:
+    """One sink's SDK exceptions mapped to SinkError kinds, as httpx's
+    `map_httpcore_exceptions` maps httpcore's: `kinds` is looked up along the exception's
+    MRO, most specific class first, so a subclass's entry wins over its base's.
+
+    A kind is a flag (retriable or permanent) or a function of the exception that says
+    which (None: it cannot tell, the lookup goes on up the MRO). `first` judges before the
+    table what no class says (an HTTP response any of an SDK's errors may carry); an
+    exception no entry covers whose module is one of `sdk_modules` is the SDK's own
+    failure, retriable; anything else is a bug in the sink and is not mapped.
+    """
+
+    sink: str
+    kinds: Mapping[type[BaseException], Verdict]
+    sdk_modules: frozenset[str] = frozenset()
+    first: Callable[[BaseException], bool | None] | None = None
+
+    def retriable(self, exc: BaseException) -> bool | None:
+        if self.first is not None and (verdict := self.first(exc)) is not None:
+            return verdict
+        for cls in type(exc).__mro__:
+            kind = self.kinds.get(cls)
+            if kind is not None:
+                verdict = kind if isinstance(kind, bool) else kind(exc)
+                if verdict is not None:
+                    return verdict
+        return True if type(exc).__module__.split(".")[0] in self.sdk_modules else None
+
+    def error(self, exc: BaseException, what: str | None = None) -> SinkError | None:
+        """The SinkError for `exc` (its message: the sink, then `what` was done or else the
+        exception's type); None for an exception the table does not cover."""
+        retriable = self.retriable(exc)
+        if retriable is None:
+            return None
+        message = f"{self.sink}: {what or type(exc).__name__}: {exc}"[:_MESSAGE_CHARS]
+        return SinkError(message, retriable=retriable)
+
+
+_MESSAGE_CHARS = 1000  # an SDK's message can carry a whole response body
+
+
+@contextlib.contextmanager
+def mapped_errors(errors: ErrorTable, what: str | None = None) -> Iterator[None]:
+    """What the block raises is mapped once, here at the boundary, to a SinkError by the
+    sink's table (not covered: a bug, raised as is)."""
     try:
-        return function(*args)
+        yield
     except SinkError:
         raise
     except Exception as exc:
-        error = mapped(exc)
+        error = errors.error(exc, what)
         if error is None:
             raise
         raise error from exc
+
+
+def call_mapped(errors: ErrorTable, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call an SDK function, its exceptions mapped by the sink's table (`mapped_errors`)."""
+    with mapped_errors(errors):
+        return function(*args, **kwargs)
+
+
+def response_retriable(exc: BaseException | None) -> bool | None:
+    """For an error that carries an HTTP response (requests' errors do, whatever their
+    class): whether its status is worth retrying; None when it carries none."""
+    code = getattr(getattr(exc, "response", None), "status_code", None)
+    return retriable_status(code) if isinstance(code, int) else None
 
 
 def retriable_status(code: int) -> bool:
