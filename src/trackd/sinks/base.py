@@ -12,6 +12,10 @@ A sink is three calls, in the shape of an OpenTelemetry exporter:
 ``checkpoint()`` returns the JSON-able state the fan-out saves atomically
 with the sink's cursor (the default: none).
 
+A sink handles each record type in one method marked ``@handles("TYPE")``, found
+through one table, ``Sink.handlers`` (``handler(record.type)``), as aiokafka has a
+handler per request type instead of a branch per type in every caller.
+
 Errors::
 
     Exception
