@@ -4,7 +4,6 @@ real repo); TensorBoard and Trackio count a notice."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -214,26 +213,6 @@ def test_mlflow_console_parts_are_exactly_once_across_a_crash(
     assert "".join(texts).split("\n")[:-1] == lines
     assert len(parts) >= 3
     assert any(text.startswith("line 017\n") for text in texts), "the time gap starts a part"
-
-
-def test_wandb_private_interface_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The private wandb names the W&B sink uses for console and metadata still exist:
-    `Run._interface` with `_publish` and `publish_environment`."""
-    import wandb
-
-    for key, value in wandb_env(tmp_path).items():
-        monkeypatch.setenv(key, value)
-    run = wandb.init(project="contract", settings=wandb.Settings(console="off", silent=True))
-    try:
-        interface = run._interface
-        assert callable(interface._publish)
-        assert callable(interface.publish_environment)
-    finally:
-        run.finish()
-        # wandb.init started a wandb-core service for this process and named it in
-        # os.environ: later tests' daemons would inherit WANDB_SERVICE and share it
-        wandb.teardown()
-        os.environ.pop("WANDB_SERVICE", None)
 
 
 AIM_CRASH = """

@@ -437,7 +437,7 @@ def test_errors_map_to_retriable_or_permanent_and_fail_fast(
     from mlflow.exceptions import MlflowException
     from mlflow.protos import databricks_pb2 as codes
 
-    from trackd.sinks.mlflow import MlflowSink, _sink_error
+    from trackd.sinks.mlflow import MlflowSink, _errors
 
     for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.setenv(variable, "-")  # so that it is restored after the test
@@ -458,10 +458,10 @@ def test_errors_map_to_retriable_or_permanent_and_fail_fast(
         (codes.TEMPORARILY_UNAVAILABLE, True),
         (codes.REQUEST_LIMIT_EXCEEDED, True),
     ]:
-        error = _sink_error(MlflowException("x", error_code=code))
+        error = _errors().error(MlflowException("x", error_code=code))
         assert error is not None
         assert error.retriable is retriable, code
-    assert _sink_error(KeyError("a bug")) is None
+    assert _errors().error(KeyError("a bug")) is None
 
 
 def test_a_nested_run_before_its_parent_gets_the_parent_tag_when_the_parent_arrives(

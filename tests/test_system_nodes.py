@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from test_sink_tensorboard import load
-from trackd.sinks.base import Record, RunInfo, SinkContext, SinkSpec, system_node
+from trackd.sinks.base import Record, RunInfo, SinkContext, SinkSpec
+from trackd.sinks.system_samples import system_node
 
 RANK0 = RunInfo(id="r" * 32, project="p", name="multi", host="node-a", rank=0, started=100.0)
 

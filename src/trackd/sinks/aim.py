@@ -98,22 +98,24 @@ from pathlib import Path
 from typing import Any
 
 from trackd.sinks.base import (
-    Notices,
+    ErrorTable,
     Record,
     RunInfo,
-    RunMap,
     Sink,
     SinkContext,
     SinkError,
     call_mapped,
+    handles,
     is_retriable_os_error,
-    markdown_table,
-    read_table,
-    relative_path,
     retriable_status,
-    stored_file,
-    system_node,
 )
+from trackd.sinks.markdown import markdown_table
+from trackd.sinks.media_files import read_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import relative_path
+from trackd.sinks.runmap import RunMap
+from trackd.sinks.stored_files import stored_file
+from trackd.sinks.system_samples import system_node
 
 REMOTE = "aim://"
 DEFAULT_TIMEOUT = 10.0
@@ -215,40 +217,44 @@ class AimSink(Sink):
             self._confirm()
 
     def _apply(self, record: Record) -> None:
-        info, body = record.run, record.body
+        info = record.run
         run, created = self._run(info)
-        if record.type == "run_start":
-            if not created:
-                self._start(run, info)
-            self._write_code_state(run, body)
-            self._start_console_session(run, info.id, float(body.get("started") or info.started))
-        elif record.type == "console":
-            self._write_console(run, info.id, body)
-        elif record.type == "metrics":
-            for step, ts, values in body["rows"]:
-                self._track(run, step, ts, values)
-        elif record.type == "config":
-            _set_params(run, "hparams", body["values"])
-        elif record.type == "summary":
-            _set_params(run, "summary", body["values"])
-        elif record.type == "tags":
-            self._set_tags(run, info.id, body["values"])
-        elif record.type == "artifact":
-            self._log_artifact(run, body)
-        elif record.type == "media":
-            self._media(run, body)
-        elif record.type == "alert":
-            self._write_alert(run, body)
-        elif record.type == "system":
-            self._write_system(run, info, body)
-        elif record.type == "run_end":
-            _set_params(
-                run,
-                "trackd",
-                {"status": body["status"], "error": body.get("error"), "ended": body["ended"]},
-            )
-            self._close_run(info.id)
-            self._log_steps.pop(info.id, None)
+        if record.type == "run_start" and not created:
+            self._start(run, info)
+        handler = self.handler(record.type)
+        if handler is not None:
+            handler(run, info, record.body)
+
+    # --- one handler per record type: (the Aim run, its trackd run, the record's body) ---
+
+    @handles("run_start")
+    def _on_run_start(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
+        self._write_code_state(run, body)
+        self._start_console_session(run, info.id, float(body.get("started") or info.started))
+
+    @handles("metrics")
+    def _on_metrics(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
+        for step, ts, values in body["rows"]:
+            self._track(run, step, ts, values)
+
+    @handles("config")
+    def _on_config(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
+        _set_params(run, "hparams", body["values"])
+
+    @handles("summary")
+    def _on_summary(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
+        _set_params(run, "summary", body["values"])
+
+    @handles("tags")
+    def _on_tags(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
+        self._set_tags(run, info.id, body["values"])
+
+    @handles("run_end")
+    def _on_run_end(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
+        ended = {"status": body["status"], "error": body.get("error"), "ended": body["ended"]}
+        _set_params(run, "trackd", ended)
+        self._close_run(info.id)
+        self._log_steps.pop(info.id, None)
 
     def _run(self, info: RunInfo) -> tuple[Any, bool]:
         """The open Aim run of a trackd run, reopened by its hash, else created (and mapped
@@ -275,6 +281,7 @@ class AimSink(Sink):
         _set_params(run, "trackd", meta)
         self._set_tags(run, info.id, info.tags)
 
+    @handles("system")
     def _write_system(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
         """A sample as Aim's resource tracker stores it: `__system__NAME`, a GPU's with
         context {"gpu": I}, another node's (not rank 0's) with {"node": NODE} as well; at
@@ -333,19 +340,20 @@ class AimSink(Sink):
             run[key] = base
         self._log_steps[run_id] = base
 
-    def _write_console(self, run: Any, run_id: str, body: dict[str, Any]) -> None:
+    @handles("console")
+    def _write_console(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
         """Console lines as Aim's own terminal capture stores them: `LogLine`s in the run's
         `logs` sequence (empty context), one step per line, with the line's time, counted
         from the session's first step (`_start_console_session`); a run whose start this
         sink never saw continues after the lines Aim holds (as Aim does on resume)."""
-        step = self._log_steps.get(run_id)
+        step = self._log_steps.get(info.id)
         if step is None:
             logs = run.get_terminal_logs()
             step = logs.last_step() + 1 if logs else 0
         for ts, _, text in body["lines"]:
             self._track(run, step, ts, {"logs": self._log_line(text)}, media=True)
             step += 1
-        self._log_steps[run_id] = step
+        self._log_steps[info.id] = step
 
     def _write_code_state(self, run: Any, body: dict[str, Any]) -> None:
         """init(save_code=True)'s code and env: params `trackd.code` / `trackd.env`, and
@@ -376,7 +384,8 @@ class AimSink(Sink):
         the saved cursor land on the steps they had, overwriting themselves."""
         return {"log_steps": dict(self._log_steps)}
 
-    def _log_artifact(self, run: Any, body: dict[str, Any]) -> None:
+    @handles("artifact")
+    def _log_artifact(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
         name = relative_path(body["name"])
         if name != body["name"]:
             self._notices("artifact names became relative paths below the run's artifacts")
@@ -404,7 +413,8 @@ class AimSink(Sink):
         value = self._aim.Distribution(hist=counts, bin_range=(edges[0], edges[-1]))
         self._track(run, body["step"], body["ts"], {body["key"]: value}, media=True)
 
-    def _write_alert(self, run: Any, body: dict[str, Any]) -> None:
+    @handles("alert")
+    def _write_alert(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
         """Into the run's log records (`run.log_warning`'s sequence, the UI's Logs tab). The
         step is the alert's time in microseconds, so a re-sent alert lands on itself."""
         from aim.sdk.logging.log_record import LogRecord
@@ -415,7 +425,8 @@ class AimSink(Sink):
         step = round(body["ts"] * 1_000_000)
         self._track(run, step, body["ts"], {"__log_records": value}, media=True)
 
-    def _media(self, run: Any, body: dict[str, Any]) -> None:
+    @handles("media")
+    def _media(self, run: Any, info: RunInfo, body: dict[str, Any]) -> None:
         kind = body["kind"]
         if kind == "histogram":
             self._write_histogram(run, body)
@@ -661,24 +672,22 @@ class _Confirmation:
 
 def _call(function: Any, *args: Any) -> Any:
     """Call the SDK; map what it raises to a SinkError (anything else is a bug here)."""
-    return call_mapped(_mapped, function, *args)
+    return call_mapped(_ERRORS, function, *args)
 
 
-def _mapped(exc: Exception) -> SinkError | None:
-    message = f"aim: {type(exc).__name__}: {exc}"
-    module = type(exc).__module__
+def _response_retriable(exc: BaseException) -> bool | None:
+    """An HTTP error from the server (requests' errors are OSErrors); 401/403: credentials
+    an operator (or the proxy's owner) can fix, not a bad record."""
     code = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(code, int):  # an HTTP error from the server (requests' errors are OSErrors)
-        # 401/403: credentials an operator (or the proxy's owner) can fix, not a bad record
-        return SinkError(message, retriable=code in (401, 403) or retriable_status(code))
-    if isinstance(exc, TypeError | ValueError):
-        return SinkError(message, retriable=False)
-    if isinstance(exc, OSError):
-        return SinkError(message, retriable=is_retriable_os_error(exc))
-    if isinstance(exc, RuntimeError) or module.split(".")[0] in _SDK_MODULES:
-        return SinkError(message, retriable=True)
-    return None
+    if not isinstance(code, int):
+        return None
+    return code in (401, 403) or retriable_status(code)
 
 
-# Where the SDK's own errors come from: Aim, its RocksDB binding, its transport.
-_SDK_MODULES = frozenset({"aim", "aimrocks", "requests", "urllib3", "websockets", "filelock"})
+_ERRORS = ErrorTable(
+    "aim",
+    {TypeError: False, ValueError: False, OSError: is_retriable_os_error, RuntimeError: True},
+    # Where the SDK's own errors come from: Aim, its RocksDB binding, its transport.
+    sdk_modules=frozenset({"aim", "aimrocks", "requests", "urllib3", "websockets", "filelock"}),
+    first=_response_retriable,
+)

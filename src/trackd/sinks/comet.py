@@ -71,20 +71,21 @@ from pathlib import Path
 from typing import Any
 
 from trackd.sinks.base import (
-    Notices,
+    ErrorTable,
     Record,
     RunInfo,
-    RunMap,
     Sink,
     SinkContext,
     SinkError,
     call_mapped,
-    fsync_directory,
+    handles,
     is_retriable_os_error,
-    read_table,
-    retriable_status,
-    stored_file,
+    response_retriable,
 )
+from trackd.sinks.media_files import read_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.runmap import RunMap
+from trackd.sinks.stored_files import fsync_directory, stored_file
 
 log = logging.getLogger("trackd.sinks.comet")
 MODES = ("offline", "online")
@@ -185,39 +186,59 @@ class CometSink(Sink):
                 return  # a record of a session that ended (its archive is made)
             marks.ended = None  # a resumed trackd run: a new session
         live = self._live.get(run.id) or self._start(run)
-        experiment = live.experiment
-        if record.type == "run_start":
-            experiment.log_parameters(run.config)
-            self._add_tags(live, run.tags)
-        elif record.type == "metrics":
-            for step, _ts, values in body["rows"]:
-                numbers = {k: _number(v) for k, v in values.items() if isinstance(v, int | float)}
-                if len(numbers) < len(values):
-                    self._notices("values that are not numbers are not sent to Comet")
-                experiment.log_metrics(numbers, step=step)
-        elif record.type == "config":
-            experiment.log_parameters(body["values"])
-        elif record.type == "tags":
-            self._add_tags(live, body["values"])
-        elif record.type == "summary":
-            experiment.log_others(body["values"])
-        elif record.type == "media":
-            self._media(experiment, body)
-        elif record.type == "artifact":
-            source = stored_file(body, "comet")
-            marked = {"name": body["name"], "sha256": body.get("sha256") or source.name}
-            experiment.log_asset(
-                str(source),
-                file_name=body["name"],
-                metadata={ARTIFACT_KEY: marked},
-            )
-        elif record.type == "run_end":
-            error = body.get("error")
-            experiment.log_others({"trackd.status": body["status"], "trackd.error": error})
-            self._settle(tuple(record.position))
-            self._end(run.id, float(body["ended"]))
-        else:  # system samples, console lines, alerts: not sent to Comet yet
+        handler = self.handler(record.type)
+        if handler is None:  # system samples, console lines, alerts: not sent to Comet yet
             self._notices(f"{record.type} records are not sent to Comet; skipped")
+            return
+        handler(live, record)
+
+    # --- one handler per record type: (the run's live experiment, the record) ---
+
+    @handles("run_start")
+    def _on_run_start(self, live: _Live, record: Record) -> None:
+        live.experiment.log_parameters(record.run.config)
+        self._add_tags(live, record.run.tags)
+
+    @handles("metrics")
+    def _on_metrics(self, live: _Live, record: Record) -> None:
+        for step, _ts, values in record.body["rows"]:
+            numbers = {k: _number(v) for k, v in values.items() if isinstance(v, int | float)}
+            if len(numbers) < len(values):
+                self._notices("values that are not numbers are not sent to Comet")
+            live.experiment.log_metrics(numbers, step=step)
+
+    @handles("config")
+    def _on_config(self, live: _Live, record: Record) -> None:
+        live.experiment.log_parameters(record.body["values"])
+
+    @handles("tags")
+    def _on_tags(self, live: _Live, record: Record) -> None:
+        self._add_tags(live, record.body["values"])
+
+    @handles("summary")
+    def _on_summary(self, live: _Live, record: Record) -> None:
+        live.experiment.log_others(record.body["values"])
+
+    @handles("media")
+    def _on_media(self, live: _Live, record: Record) -> None:
+        self._media(live.experiment, record.body)
+
+    @handles("artifact")
+    def _on_artifact(self, live: _Live, record: Record) -> None:
+        body = record.body
+        source = stored_file(body, "comet")
+        marked = {"name": body["name"], "sha256": body.get("sha256") or source.name}
+        live.experiment.log_asset(
+            str(source), file_name=body["name"], metadata={ARTIFACT_KEY: marked}
+        )
+
+    @handles("run_end")
+    def _on_run_end(self, live: _Live, record: Record) -> None:
+        body = record.body
+        error = body.get("error")
+        live.experiment.log_others({"trackd.status": body["status"], "trackd.error": error})
+        self._settle(tuple(record.position))
+        self._end(record.run.id, float(body["ended"]))
 
     def _start(self, run: RunInfo) -> _Live:
         """Start the run's next Comet session: the experiment is created by its first."""
@@ -642,22 +663,13 @@ def _fsync_file(path: Path) -> None:
 
 def _call(function: Any, *args: Any) -> Any:
     """Call the SDK; map what it raises to a SinkError (anything else is a bug here)."""
-    return call_mapped(_mapped, function, *args)
+    return call_mapped(_ERRORS, function, *args)
 
 
-def _mapped(exc: Exception) -> SinkError | None:
-    message = f"comet: {type(exc).__name__}: {exc}"
-    code = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(code, int):
-        return SinkError(message, retriable=retriable_status(code))
-    if isinstance(exc, OSError):
-        return SinkError(message, retriable=is_retriable_os_error(exc))
-    if isinstance(exc, TypeError | ValueError):
-        return SinkError(message, retriable=False)
-    if type(exc).__module__.split(".")[0] in _SDK_MODULES:
-        return SinkError(message, retriable=True)
-    return None
-
-
-# Where the SDK's own errors come from: Comet and its transport.
-_SDK_MODULES = frozenset({"comet_ml", "requests", "urllib3"})
+_ERRORS = ErrorTable(
+    "comet",
+    {OSError: is_retriable_os_error, TypeError: False, ValueError: False},
+    # Where the SDK's own errors come from: Comet and its transport.
+    sdk_modules=frozenset({"comet_ml", "requests", "urllib3"}),
+    first=response_retriable,
+)

@@ -42,17 +42,19 @@ from typing import Any
 import orjson
 
 from trackd.jsonfile import write_json_atomic
+from trackd.sinks.append_only import AppendOnlyFiles
 from trackd.sinks.base import (
-    AppendOnlyFiles,
+    ErrorTable,
     Record,
     RunInfo,
     Sink,
     SinkContext,
     SinkError,
-    media_file_name,
-    media_index,
-    path_component,
+    handles,
+    mapped_errors,
 )
+from trackd.sinks.media_files import media_file_name, media_index
+from trackd.sinks.paths import path_component
 
 
 def json_lines(objects: list[dict[str, Any]]) -> bytes:
@@ -89,11 +91,9 @@ class JsonlSink(Sink):
 
     def open(self, context: SinkContext) -> None:
         self.root = Path(self.target).expanduser()
-        try:
+        with mapped_errors(_ERRORS, f"cannot create {self.root}"):
             self.root.mkdir(parents=True, exist_ok=True)
             context.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SinkError(f"jsonl: cannot create {self.root}: {exc}", retriable=True) from exc
         state = context.state or {}
         self._pinned: dict[str, list[str]] = dict(state.get("pinned", {}))
         self._files = AppendOnlyFiles(self.root, context.state_dir / "presizes.jsonl", state)
@@ -114,37 +114,21 @@ class JsonlSink(Sink):
             raise
 
     def _write(self, batch: list[Record]) -> None:
-        lines: dict[str, list[dict[str, Any]]] = {}
-        try:
+        lines: _Lines = {}
+        with mapped_errors(_ERRORS):
             self._files.begin()  # may finish cutting back a failed batch: its errors are mapped too
             for record in batch:
                 run_dir = self._run_dir(record.run)
-                if record.type == "metrics":
-                    out = lines.setdefault(run_dir, [])
-                    summary = self._summary(run_dir)
-                    self._summary_dirty.add(run_dir)
-                    pinned = self._pinned.get(run_dir, ())
-                    kept = {key: summary[key] for key in pinned if key in summary}
-                    for step, ts, values in record.body["rows"]:
-                        out.append({"step": step, "ts": ts, **values})
-                        summary.update(values)
-                    summary.update(kept)
-                elif record.type == "console":
-                    self._write_console(run_dir, record.body)
-                elif record.type == "media":
-                    lines.setdefault(run_dir, []).append(self._media_row(run_dir, record.body))
-                elif record.type == "system":
-                    self._write_system(run_dir, record.body)
-                else:
-                    self._flush_lines(lines)
-                    lines = {}
-                    self._apply(run_dir, record)
+                if record.type not in _BESIDE_LINES:
+                    self._flush_lines(lines)  # what the record changes comes after its rows
+                    lines.clear()
+                handler = self.handler(record.type)
+                if handler is not None:
+                    handler(run_dir, record, lines)
             self._flush_lines(lines)
             for run_dir in self._summary_dirty:
                 self._replace(run_dir, "summary.json", self._summaries[run_dir])
             self._summary_dirty.clear()
-        except OSError as exc:
-            raise SinkError(f"jsonl: {exc}", retriable=True) from exc
 
     def _media_row(self, run_dir: str, body: dict[str, Any]) -> dict[str, Any]:
         """The index row of a media record; a file-backed one is copied to `media/`."""
@@ -166,46 +150,83 @@ class JsonlSink(Sink):
         alert = {key: body[key] for key in ("ts", "title", "text", "level")}
         self._files.append(f"{run_dir}/alerts.jsonl", b"", json_lines([alert]))
 
-    def _apply(self, run_dir: str, record: Record) -> None:
+    # --- one handler per record type: (the run's directory below the root, the record,
+    # the metrics and media rows gathered per run directory, appended in one go) ---
+
+    @handles("metrics")
+    def _on_metrics(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        out = lines.setdefault(run_dir, [])
+        summary = self._summary(run_dir)
+        self._summary_dirty.add(run_dir)
+        pinned = self._pinned.get(run_dir, ())
+        kept = {key: summary[key] for key in pinned if key in summary}
+        for step, ts, values in record.body["rows"]:
+            out.append({"step": step, "ts": ts, **values})
+            summary.update(values)
+        summary.update(kept)
+
+    @handles("media")
+    def _on_media(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        lines.setdefault(run_dir, []).append(self._media_row(run_dir, record.body))
+
+    @handles("console")
+    def _on_console(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        self._write_console(run_dir, record.body)
+
+    @handles("system")
+    def _on_system(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        self._write_system(run_dir, record.body)
+
+    @handles("run_start")
+    def _on_run_start(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        (self.root / run_dir).mkdir(parents=True, exist_ok=True)
+        self._configs[run_dir] = {**self._config(run_dir), **record.run.config}
+        self._replace(run_dir, "config.json", self._configs[run_dir])
+        self._write_run(run_dir, record.run, status="running", ended=None, error=None)
+        self._write_code_state(run_dir, record.body)
+
+    @handles("config")
+    def _on_config(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        self._config(run_dir).update(record.body["values"])
+        self._replace(run_dir, "config.json", self._configs[run_dir])
+
+    @handles("summary")
+    def _on_summary(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        values = record.body["values"]
+        self._summary(run_dir).update(values)
+        self._summary_dirty.add(run_dir)
+        pinned = self._pinned.setdefault(run_dir, [])
+        pinned.extend(key for key in values if key not in pinned)
+
+    @handles("tags")
+    def _on_tags(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        current = self._read(run_dir, "run.json")
+        current["tags"] = {**current.get("tags", {}), **record.body["values"]}
+        self._replace(run_dir, "run.json", current)
+
+    @handles("artifact")
+    def _on_artifact(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        self._copy_artifact(run_dir, record.body["path"], record.body["name"])
+
+    @handles("alert")
+    def _on_alert(self, run_dir: str, record: Record, lines: _Lines) -> None:
+        self._write_alert(run_dir, record.body)
+
+    @handles("run_end")
+    def _on_run_end(self, run_dir: str, record: Record, lines: _Lines) -> None:
         body = record.body
-        if record.type == "run_start":
-            (self.root / run_dir).mkdir(parents=True, exist_ok=True)
-            self._configs[run_dir] = {**self._config(run_dir), **record.run.config}
-            self._replace(run_dir, "config.json", self._configs[run_dir])
-            self._write_run(run_dir, record.run, status="running", ended=None, error=None)
-            self._write_code_state(run_dir, body)
-        elif record.type == "config":
-            self._config(run_dir).update(body["values"])
-            self._replace(run_dir, "config.json", self._configs[run_dir])
-        elif record.type == "summary":
-            self._summary(run_dir).update(body["values"])
-            self._summary_dirty.add(run_dir)
-            pinned = self._pinned.setdefault(run_dir, [])
-            pinned.extend(key for key in body["values"] if key not in pinned)
-        elif record.type == "tags":
-            current = self._read(run_dir, "run.json")
-            current["tags"] = {**current.get("tags", {}), **body["values"]}
-            self._replace(run_dir, "run.json", current)
-        elif record.type == "artifact":
-            self._copy_artifact(run_dir, body["path"], body["name"])
-        elif record.type == "alert":
-            self._write_alert(run_dir, body)
-        elif record.type == "run_end":
-            self._write_run(
-                run_dir,
-                record.run,
-                status=body["status"],
-                ended=body["ended"],
-                error=body.get("error"),
-            )
-            self._close_run(run_dir)
+        error = body.get("error")
+        self._write_run(
+            run_dir, record.run, status=body["status"], ended=body["ended"], error=error
+        )
+        self._close_run(run_dir)
 
     def _write_system(self, run_dir: str, body: dict[str, Any]) -> None:
         """One line per sample in `system.jsonl`, the node's name beside its values."""
         row = {"ts": body["ts"], "node": body["node"], **body["values"]}
         self._files.append(f"{run_dir}/system.jsonl", b"", json_lines([row]))
 
-    def _flush_lines(self, lines: dict[str, list[dict[str, Any]]]) -> None:
+    def _flush_lines(self, lines: _Lines) -> None:
         for run_dir, rows in lines.items():
             if rows:
                 self._files.append(f"{run_dir}/metrics.jsonl", b"", json_lines(rows))
@@ -301,3 +322,12 @@ class JsonlSink(Sink):
 
     def close(self) -> None:
         self._files.close_all()
+
+
+# Every failure to write the files may pass (a full or read-only disk, permissions): the
+# records wait in the WAL; what is wrong with a record itself is handled where it is met.
+_ERRORS = ErrorTable("jsonl", {OSError: True})
+
+_Lines = dict[str, list[dict[str, Any]]]  # run directory -> its metrics/media rows, in order
+# Records handled beside the rows gathered so far; any other is handled after they are written.
+_BESIDE_LINES = frozenset({"metrics", "media", "console", "system"})

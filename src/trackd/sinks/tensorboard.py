@@ -62,20 +62,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trackd.sinks.append_only import AppendOnlyFiles
 from trackd.sinks.base import (
-    AppendOnlyFiles,
-    Notices,
+    ErrorTable,
     Record,
     RunInfo,
     Sink,
     SinkContext,
     SinkError,
+    handles,
     is_retriable_os_error,
-    markdown_cell,
-    markdown_table,
-    path_component,
-    system_node,
+    mapped_errors,
 )
+from trackd.sinks.markdown import markdown_cell, markdown_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import path_component
+from trackd.sinks.system_samples import system_node
 
 _JOURNAL_NAME = "presizes.jsonl"
 
@@ -89,77 +91,97 @@ class TensorboardSink(Sink):
         self._encoder = _Encoder()
         self.root = Path(self.target).expanduser()
         state = context.state or {}
-        try:
+        with mapped_errors(_ERRORS, f"cannot prepare {self.root}"):
             self.root.mkdir(parents=True, exist_ok=True)
             context.state_dir.mkdir(parents=True, exist_ok=True)
             self._files = AppendOnlyFiles(self.root, context.state_dir / _JOURNAL_NAME, state)
-        except OSError as exc:
-            raise _storage_error(f"cannot prepare {self.root}", exc) from exc
         # The last step of each open run, so that texts land at the step they belong to.
         self._steps: dict[str, int] = {str(k): int(v) for k, v in state.get("steps", {}).items()}
         self._notices = Notices(self.kind)
 
     def write(self, batch: list[Record]) -> None:
         pending: dict[str, _Pending] = {}
-        try:
+        with mapped_errors(_ERRORS, "cannot encode a record"):
             for record in batch:
                 run = record.run
                 if run.id not in pending:
                     pending[run.id] = _Pending(_relative_file(run))
                 self._encode(record, pending[run.id])
-        except (TypeError, ValueError) as exc:
-            raise SinkError(f"tensorboard: cannot encode a record: {exc}", retriable=False) from exc
-        try:
-            self._files.begin()
-            for entry in pending.values():
-                self._files.append(entry.relative, self._encoder.header(), entry.buffer.getvalue())
-        except OSError as exc:
-            self._files.undo()
-            raise _storage_error("cannot append", exc) from exc
+        with mapped_errors(_ERRORS, "cannot append"):
+            try:
+                self._files.begin()
+                for entry in pending.values():
+                    self._files.append(
+                        entry.relative, self._encoder.header(), entry.buffer.getvalue()
+                    )
+            except OSError:
+                self._files.undo()
+                raise
         for run_id, entry in pending.items():
             if entry.ended:
                 self._steps.pop(run_id, None)
                 self._files.finish(entry.relative)
 
     def _encode(self, record: Record, out: _Pending) -> None:
-        run, body, encoder = record.run, record.body, self._encoder
         out.ended = record.type == "run_end"
-        step = self._steps.get(run.id, 0)
-        now = time.time()
-        if record.type == "metrics":
-            for row_step, ts, values in body["rows"]:
-                numbers = self._numbers(values)
-                if numbers:
-                    out.add(encoder.scalars(row_step, ts, numbers))
-                step = row_step
-            self._steps[run.id] = step
-        elif record.type == "run_start":
-            out.add(encoder.text("trackd/run", step, run.started, _table(_identity(run))))
-            out.add(encoder.hparams(_hparams(run.config), run.group or out.group, run.started))
-            if run.config:
-                out.add(encoder.text("trackd/config", step, run.started, _table(run.config)))
-            if run.tags:
-                out.add(encoder.text("trackd/tags", step, run.started, _table(run.tags)))
-        elif record.type in ("config", "tags", "summary"):
-            tag = f"trackd/{record.type}"
-            out.add(encoder.text(tag, step, now, _table(body["values"])))
-        elif record.type == "artifact":
-            text = _table({body["name"]: body["path"]})
-            out.add(encoder.text("trackd/artifacts", step, now, text))
-        elif record.type == "media":
-            self._media(body, out)
-        elif record.type == "alert":
-            self._write_alert(body, step, out)
-        elif record.type == "system":
-            self._write_system(record, out)
-        elif record.type == "run_end":
-            failed = body["status"] != "finished"
-            error = "".join(f"\n    {line}" for line in (body.get("error") or "").splitlines())
-            status = body["status"] + (f"\n{error}" if error else "")  # the error as code
-            out.add(encoder.text("trackd/status", step, body["ended"], status))
-            out.add(encoder.session_end(failed, body["ended"]))
-        else:
+        handler = self.handler(record.type)
+        if handler is None:
             self._notices(f"{record.type} records have no TensorBoard form; skipped")
+            return
+        handler(record, out, self._steps.get(record.run.id, 0))
+
+    # --- one handler per record type: (the record, the events gathered for its run's
+    # file, the run's last step) ---
+
+    @handles("metrics")
+    def _on_metrics(self, record: Record, out: _Pending, step: int) -> None:
+        for row_step, ts, values in record.body["rows"]:
+            numbers = self._numbers(values)
+            if numbers:
+                out.add(self._encoder.scalars(row_step, ts, numbers))
+            step = row_step
+        self._steps[record.run.id] = step
+
+    @handles("run_start")
+    def _on_run_start(self, record: Record, out: _Pending, step: int) -> None:
+        run, encoder = record.run, self._encoder
+        out.add(encoder.text("trackd/run", step, run.started, _table(_identity(run))))
+        out.add(encoder.hparams(_hparams(run.config), run.group or out.group, run.started))
+        if run.config:
+            out.add(encoder.text("trackd/config", step, run.started, _table(run.config)))
+        if run.tags:
+            out.add(encoder.text("trackd/tags", step, run.started, _table(run.tags)))
+
+    @handles("config", "tags", "summary")
+    def _on_values(self, record: Record, out: _Pending, step: int) -> None:
+        tag = f"trackd/{record.type}"
+        out.add(self._encoder.text(tag, step, time.time(), _table(record.body["values"])))
+
+    @handles("artifact")
+    def _on_artifact(self, record: Record, out: _Pending, step: int) -> None:
+        text = _table({record.body["name"]: record.body["path"]})
+        out.add(self._encoder.text("trackd/artifacts", step, time.time(), text))
+
+    @handles("media")
+    def _on_media(self, record: Record, out: _Pending, step: int) -> None:
+        self._media(record.body, out)
+
+    @handles("alert")
+    def _on_alert(self, record: Record, out: _Pending, step: int) -> None:
+        self._write_alert(record.body, step, out)
+
+    @handles("system")
+    def _on_system(self, record: Record, out: _Pending, step: int) -> None:
+        self._write_system(record, out)
+
+    @handles("run_end")
+    def _on_run_end(self, record: Record, out: _Pending, step: int) -> None:
+        body = record.body
+        failed = body["status"] != "finished"
+        error = "".join(f"\n    {line}" for line in (body.get("error") or "").splitlines())
+        status = body["status"] + (f"\n{error}" if error else "")  # the error as code
+        out.add(self._encoder.text("trackd/status", step, body["ended"], status))
+        out.add(self._encoder.session_end(failed, body["ended"]))
 
     def _write_alert(self, body: dict[str, Any], step: int, out: _Pending) -> None:
         """TensorBoard has no alerts: each is a row of the text `trackd/alerts`."""
@@ -391,5 +413,7 @@ def _table(values: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _storage_error(what: str, exc: OSError) -> SinkError:
-    return SinkError(f"tensorboard: {what}: {exc}", retriable=is_retriable_os_error(exc))
+# A value the event format cannot hold is permanent; the disk's failures mostly pass.
+_ERRORS = ErrorTable(
+    "tensorboard", {OSError: is_retriable_os_error, TypeError: False, ValueError: False}
+)

@@ -73,20 +73,21 @@ from pathlib import Path
 from typing import Any
 
 from trackd.sinks.base import (
-    Notices,
+    ErrorTable,
     Record,
     RunInfo,
     Sink,
     SinkContext,
     SinkError,
+    handles,
     is_retriable_os_error,
-    path_component,
-    place_file,
-    read_table,
-    stored_file,
-    system_node,
-    system_values,
+    mapped_errors,
 )
+from trackd.sinks.media_files import read_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import path_component
+from trackd.sinks.stored_files import place_file, stored_file
+from trackd.sinks.system_samples import system_node, system_values
 
 
 class TrackioSink(Sink):
@@ -95,6 +96,14 @@ class TrackioSink(Sink):
     known_options = ()
 
     def open(self, context: SinkContext) -> None:
+        """Trackio's internal names this sink uses (none is in ``trackio.__all__``), all
+        imported here; tests/test_sdk_private_names.py fails naming each (and each keyword
+        passed) when Trackio changes it, and pyproject.toml bounds the version:
+        ``trackio.sqlite_storage.SQLiteStorage`` (``bulk_log``, ``bulk_log_system``,
+        ``bulk_alert``, ``get_run_config``, ``validate_project_name``),
+        ``trackio.media.get_project_media_path``, ``trackio.utils.MEDIA_DIR`` and
+        ``RESERVED_KEYS``. The public ``trackio.init``/``log`` are no fallback: they start
+        a background sender per run and cannot take a record's own time or log id."""
         try:
             from trackio.media import get_project_media_path
             from trackio.sqlite_storage import SQLiteStorage
@@ -121,34 +130,20 @@ class TrackioSink(Sink):
     def write(self, batch: list[Record]) -> None:
         rows: dict[str, _Rows] = {}
         ended: set[str] = set()
-        try:
+        with mapped_errors(_ERRORS):
             for record in batch:
                 run = self._run(record.run)
-                if record.type == "metrics":
-                    out = rows.setdefault(record.run.id, _Rows())
-                    for step, ts, values in record.body["rows"]:
-                        out.add(record.run.id, step, ts, self._metrics(values))
-                elif record.type == "media":
-                    body = record.body
-                    media = {body["key"]: self._media(run, body)}
-                    out = rows.setdefault(record.run.id, _Rows())
-                    out.add(record.run.id, body["step"], body["ts"], self._metrics(media))
-                elif record.type == "alert":
-                    self._write_alert(record.run.id, run, record.body)
-                elif record.type == "system":
-                    self._write_system(run, record)
+                handler = self.handler(record.type)
+                if handler is None:
+                    self._notices(f"{record.type} records have no Trackio form; skipped")
                 else:
-                    self._apply(run, record)
+                    handler(run, record, rows)
                 if record.type == "run_end":
                     ended.add(record.run.id)
                 elif record.type == "run_start":
                     ended.discard(record.run.id)
             for run_id, run in self._runs.items():
                 self._store(run_id, run, rows.get(run_id))
-        except SinkError:
-            raise
-        except Exception as exc:
-            raise _mapped(exc) from exc
         for run_id in ended:
             run = self._runs.pop(run_id)
             if run.pending:
@@ -168,29 +163,64 @@ class TrackioSink(Sink):
             self._runs[info.id] = run
         return run
 
-    def _apply(self, run: _Run, record: Record) -> None:
-        """Merge a record other than metrics into the run's config."""
-        info, body, config = record.run, record.body, run.config
-        if record.type == "run_start":
-            config.update(info.config)
-            config.setdefault("_Created", _iso(info.started))  # a resumed run keeps its own
-            config["_Group"] = info.group
-            if info.tags:
-                config["_Tags"] = {**config.get("_Tags", {}), **info.tags}
-            config.update(_Status="running", _Error=None, _Ended=None)
-        elif record.type == "config":
-            config.update(body["values"])
-        elif record.type in ("tags", "summary"):
-            key = f"_{record.type.title()}"
-            config[key] = {**config.get(key, {}), **body["values"]}
-        elif record.type == "artifact":
-            config["_Artifacts"] = {**config.get("_Artifacts", {}), body["name"]: body["path"]}
-        elif record.type == "run_end":
-            config.update(_Status=body["status"], _Error=body.get("error"))
-            config["_Ended"] = _iso(body["ended"])
-        else:
-            self._notices(f"{record.type} records have no Trackio form; skipped")
-            return
+    # --- one handler per record type: (the run as Trackio stores it, the record, the metric
+    # rows gathered per run in this batch). Records other than metrics, media, alerts and
+    # system samples merge into the run's config, stored with the batch. ---
+
+    @handles("metrics")
+    def _on_metrics(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        out = rows.setdefault(record.run.id, _Rows())
+        for step, ts, values in record.body["rows"]:
+            out.add(record.run.id, step, ts, self._metrics(values))
+
+    @handles("media")
+    def _on_media(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        body = record.body
+        media = {body["key"]: self._media(run, body)}
+        out = rows.setdefault(record.run.id, _Rows())
+        out.add(record.run.id, body["step"], body["ts"], self._metrics(media))
+
+    @handles("alert")
+    def _on_alert(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        self._write_alert(record.run.id, run, record.body)
+
+    @handles("system")
+    def _on_system(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        self._write_system(run, record)
+
+    @handles("run_start")
+    def _on_run_start(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        info, config = record.run, run.config
+        config.update(info.config)
+        config.setdefault("_Created", _iso(info.started))  # a resumed run keeps its own
+        config["_Group"] = info.group
+        if info.tags:
+            config["_Tags"] = {**config.get("_Tags", {}), **info.tags}
+        config.update(_Status="running", _Error=None, _Ended=None)
+        run.pending = True
+
+    @handles("config")
+    def _on_config(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        run.config.update(record.body["values"])
+        run.pending = True
+
+    @handles("tags", "summary")
+    def _on_values(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        key = f"_{record.type.title()}"
+        run.config[key] = {**run.config.get(key, {}), **record.body["values"]}
+        run.pending = True
+
+    @handles("artifact")
+    def _on_artifact(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        body = record.body
+        run.config["_Artifacts"] = {**run.config.get("_Artifacts", {}), body["name"]: body["path"]}
+        run.pending = True
+
+    @handles("run_end")
+    def _on_run_end(self, run: _Run, record: Record, rows: dict[str, _Rows]) -> None:
+        body = record.body
+        run.config.update(_Status=body["status"], _Error=body.get("error"))
+        run.config["_Ended"] = _iso(body["ended"])
         run.pending = True
 
     def _write_alert(self, run_id: str, run: _Run, body: dict[str, Any]) -> None:
@@ -386,14 +416,20 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
 
 
-def _mapped(exc: Exception) -> SinkError:
-    """Trackio's and SQLite's errors as retriable (the store may recover) or permanent."""
-    message = f"trackio: {type(exc).__name__}: {exc}"
-    if isinstance(exc, sqlite3.OperationalError):
-        return SinkError(message, retriable=True)  # locked, busy, disk I/O, cannot open
-    if isinstance(exc, OSError):
-        # Trackio's file lock gives up after 10 s with an IOError that has no errno.
-        return SinkError(message, retriable=exc.errno is None or is_retriable_os_error(exc))
-    if isinstance(exc, sqlite3.Error | ValueError | TypeError | KeyError):
-        return SinkError(message, retriable=False)
-    raise exc
+def _os_retriable(exc: BaseException) -> bool:
+    """Trackio's file lock gives up after 10 s with an IOError that has no errno."""
+    return getattr(exc, "errno", None) is None or is_retriable_os_error(exc)
+
+
+# Trackio's and SQLite's errors as retriable (the store may recover) or permanent.
+_ERRORS = ErrorTable(
+    "trackio",
+    {
+        sqlite3.OperationalError: True,  # locked, busy, disk I/O, cannot open
+        OSError: _os_retriable,
+        sqlite3.Error: False,
+        ValueError: False,
+        TypeError: False,
+        KeyError: False,
+    },
+)

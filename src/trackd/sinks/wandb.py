@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -111,22 +112,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trackd.sinks.base import (
-    Notices,
+    ErrorTable,
     Record,
     RunInfo,
-    RunMap,
     Sink,
     SinkContext,
     SinkError,
+    handles,
     is_retriable_os_error,
-    place_file,
-    read_table,
-    relative_path,
-    retriable_status,
-    stored_file,
-    system_node,
-    system_values,
+    response_retriable,
 )
+from trackd.sinks.media_files import read_table
+from trackd.sinks.notices import Notices
+from trackd.sinks.paths import relative_path
+from trackd.sinks.runmap import RunMap
+from trackd.sinks.stored_files import place_file, stored_file
+from trackd.sinks.system_samples import system_node, system_values
 
 if TYPE_CHECKING:
     import wandb
@@ -250,34 +251,63 @@ class WandbSink(Sink):
         state = self._states.get(run.id) or self._new_state(run)
         attached = self._attached.get(run.id) or self._call(run.id, self._attach, run.id, state)
         self._refused.pop(run.id, None)
+        handler = self.handler(record.type)
+        if handler is not None:
+            handler(attached, state, record)
+
+    # --- one handler per record type: (the attached W&B run, its state, the record) ---
+
+    @handles("run_start")
+    def _on_run_start(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        run = record.run
+        self._update(run.id, attached, state, config=self._config(run), tags=run.tags)
+        self._call(run.id, self._write_environment, attached, run, record.body)
+
+    @handles("console")
+    def _on_console(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        self._call(record.run.id, self._write_console, attached, state, record.body)
+
+    @handles("metrics")
+    def _on_metrics(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        self._call(record.run.id, self._log_rows, attached, state, record.body["rows"])
+
+    @handles("media")
+    def _on_media(self, attached: _Attached, state: _RunState, record: Record) -> None:
         body = record.body
-        if record.type == "run_start":
-            self._update(run.id, attached, state, config=self._config(run), tags=run.tags)
-            self._call(run.id, self._write_environment, attached, run, body)
-        elif record.type == "console":
-            self._call(run.id, self._write_console, attached, state, body)
-        elif record.type == "metrics":
-            self._call(run.id, self._log_rows, attached, state, body["rows"])
-        elif record.type == "media":
-            row = [body["step"], body["ts"], {body["key"]: {MEDIA: body}}]
-            self._call(run.id, self._log_rows, attached, state, [row])
-        elif record.type == "config":
-            self._update(run.id, attached, state, config=body["values"])
-        elif record.type == "tags":
-            self._update(run.id, attached, state, tags=body["values"])
-        elif record.type == "summary":
-            state.summary.update(body["values"])
-            self._call(run.id, attached.handle.summary.update, body["values"])
-        elif record.type == "artifact":
-            self._call(run.id, self._log_artifact, attached, state, body)
-        elif record.type == "alert":
-            self._call(run.id, self._write_alert, attached, state, body)
-        elif record.type == "system":
-            self._call(run.id, self._write_system, attached, state, record)
-        elif record.type == "run_end":
-            self._call(run.id, self._finish, attached, body)
-            del self._attached[run.id], self._states[run.id]
-            self._ended.set(run.id, repr(float(body["ended"])))
+        row = [body["step"], body["ts"], {body["key"]: {MEDIA: body}}]
+        self._call(record.run.id, self._log_rows, attached, state, [row])
+
+    @handles("config")
+    def _on_config(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        self._update(record.run.id, attached, state, config=record.body["values"])
+
+    @handles("tags")
+    def _on_tags(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        self._update(record.run.id, attached, state, tags=record.body["values"])
+
+    @handles("summary")
+    def _on_summary(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        state.summary.update(record.body["values"])
+        self._call(record.run.id, attached.handle.summary.update, record.body["values"])
+
+    @handles("artifact")
+    def _on_artifact(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        self._call(record.run.id, self._log_artifact, attached, state, record.body)
+
+    @handles("alert")
+    def _on_alert(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        self._call(record.run.id, self._write_alert, attached, state, record.body)
+
+    @handles("system")
+    def _on_system(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        self._call(record.run.id, self._write_system, attached, state, record)
+
+    @handles("run_end")
+    def _on_run_end(self, attached: _Attached, state: _RunState, record: Record) -> None:
+        run_id, body = record.run.id, record.body
+        self._call(run_id, self._finish, attached, body)
+        del self._attached[run_id], self._states[run_id]
+        self._ended.set(run_id, repr(float(body["ended"])))
 
     def _write_system(self, attached: _Attached, state: _RunState, record: Record) -> None:
         """A sample as a W&B stats record, what wandb's own system monitor writes (the run's
@@ -456,10 +486,7 @@ class WandbSink(Sink):
                 f"artifact names are W&B names without '/', of at most {ARTIFACT_NAME_LIMIT} chars"
             )
         artifact = self._wandb.Artifact(name, type="unspecified", metadata={ARTIFACT_KEY: marked})
-        # add_file hashes through an mmap of the whole file (a 1 GiB artifact would be 1 GiB
-        # of the daemon's RSS); the method it ends in takes the same digest, streamed here.
-        digest = base64.b64encode(_md5(source)).decode("ascii")
-        artifact._add_local_file(name=entry, path=str(source), digest=digest, policy="immutable")
+        _add_file(artifact, entry, source)
         attached.handle.log_artifact(artifact)
         attached.handed.add(identity)
         state.artifacts.append({"name": body["name"], "path": body["path"], **marked})
@@ -547,7 +574,7 @@ class WandbSink(Sink):
         complete block of the log holds it (see the docstring).
 
         Private: the run's interface to wandb-core (`Run._interface`) and its `_publish`;
-        the contract test in tests/test_console_sinks.py fails by name if wandb changes them.
+        the contract test in tests/test_sdk_private_names.py fails by name if wandb changes them.
         """
         interface = _interface(attached.handle)
         lines = []
@@ -646,7 +673,7 @@ class WandbSink(Sink):
         try:
             return function(*args, **kwargs)
         except Exception as exc:
-            error = _mapped(self._wandb, exc)
+            error = _errors().error(exc)
             if error is None:
                 raise
             if not error.retriable and attaching:
@@ -827,9 +854,39 @@ def _write_output_log(files_dir: Path, lines: list[str], mode: str) -> None:
         out.write("".join(lines))
 
 
+# --- wandb's private names ----------------------------------------------------------
+#
+# All of them, listed here once (tests/test_sdk_private_names.py fails naming each when
+# wandb changes it; pyproject.toml bounds the version):
+#
+# * ``Run._interface``, its ``_publish(record)`` and ``publish_environment(record)``:
+#   console, stats and alert records and the run metadata handed to wandb-core
+#   (`_interface`). There is no public call for them: without it those records are
+#   refused (dead letters, replayable) while metrics, media and the rest still arrive.
+# * ``Artifact._add_local_file(name, path, digest, policy)``: an artifact's file with a
+#   digest streamed here (`_add_file`); without it, the public ``add_file``.
+# * The transaction log: ``Run.settings.sync_file`` (``run-ID.wandb``) and its format,
+#   LevelDB log blocks after a 7-byte header (`BLOCK`, `FILE_HEADER`, `CHUNK`), read
+#   back to find what wandb-core stored (`_last_step_in`).
+
+
+def _add_file(artifact: Any, entry: str, source: Path) -> None:
+    """Add trackd's stored file to `artifact` under `entry`, by reference (immutable).
+
+    The public ``add_file`` hashes through an mmap of the whole file (a 1 GiB artifact
+    would be 1 GiB of the daemon's RSS); the private method it ends in takes the same
+    digest, streamed here. Without that method, ``add_file``: more memory, same artifact."""
+    add_local_file = getattr(artifact, "_add_local_file", None)
+    if add_local_file is None:
+        artifact.add_file(str(source), name=entry, policy="immutable")
+        return
+    digest = base64.b64encode(_md5(source)).decode("ascii")
+    add_local_file(name=entry, path=str(source), digest=digest, policy="immutable")
+
+
 def _interface(handle: Any) -> Any:
     """The run's wandb interface (`Run._interface`, private): the only way to hand
-    wandb-core output and environment records. tests/test_console_sinks.py has the
+    wandb-core output and environment records. tests/test_sdk_private_names.py has the
     contract test that fails by name when wandb changes it."""
     interface = getattr(handle, "_interface", None)
     if interface is None:
@@ -884,20 +941,27 @@ def _service_of(daemon_pid: int) -> bool:
     return False
 
 
-def _mapped(wandb_module: Any, exc: Exception) -> SinkError | None:
-    """The SinkError for what the SDK raised; None for what is not the SDK's (a bug here)."""
-    errors = wandb_module.errors
-    message = f"wandb: {type(exc).__name__}: {exc}"
-    if isinstance(exc, errors.UsageError | errors.AuthenticationError):
-        return SinkError(message, retriable=False)
-    if isinstance(exc, errors.CommError):
-        response = getattr(exc.exc, "response", None)
-        code = getattr(response, "status_code", None)
-        return SinkError(message, retriable=not isinstance(code, int) or retriable_status(code))
-    if isinstance(exc, OSError):
-        return SinkError(message, retriable=is_retriable_os_error(exc))
-    if isinstance(exc, TypeError | ValueError):
-        return SinkError(message, retriable=False)
-    if isinstance(exc, errors.Error) or type(exc).__module__.startswith("wandb"):
-        return SinkError(message, retriable=True)
-    return None
+@functools.cache
+def _errors() -> ErrorTable:
+    """The SDK's exceptions as retriable or permanent (made once the sink imported wandb);
+    those of no entry but from wandb itself are its own failures, retriable."""
+    from wandb import errors
+
+    return ErrorTable(
+        "wandb",
+        {
+            errors.UsageError: False,
+            errors.AuthenticationError: False,
+            errors.CommError: _comm_retriable,
+            OSError: is_retriable_os_error,
+            TypeError: False,
+            ValueError: False,
+            errors.Error: True,
+        },
+        sdk_modules=frozenset({"wandb"}),
+    )
+
+
+def _comm_retriable(exc: BaseException) -> bool:
+    """A failed exchange with the server: by the status of the response it wraps, if any."""
+    return response_retriable(getattr(exc, "exc", None)) is not False
