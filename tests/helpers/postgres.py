@@ -154,7 +154,7 @@ class Postgres:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"postgres exited:\n{self._log()}")
+                raise RuntimeError(f"postgres exited:\n{self.log()[-3000:]}")
             ready = subprocess.run(
                 [self._tool("pg_isready"), "--host", "127.0.0.1", "--port", str(self.port)],
                 capture_output=True,
@@ -163,7 +163,7 @@ class Postgres:
             if ready.returncode == 0:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"postgres not ready after {timeout}s:\n{self._log()}")
+                raise RuntimeError(f"postgres not ready after {timeout}s:\n{self.log()[-3000:]}")
             time.sleep(0.1)
 
     def _run(self, tool: str, *args: str) -> None:
@@ -179,7 +179,8 @@ class Postgres:
         assert self._bin is not None
         return str(self._bin / name if (self._bin / name).is_file() else name)
 
-    def _log(self) -> str:
+    def log(self) -> str:
+        """The server's log: every statement it refused is there with its ERROR line."""
         assert self.root is not None
         path = self.root / "postgres.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+        return path.read_text(errors="replace") if path.exists() else ""
