@@ -436,7 +436,12 @@ def spec_for(backend: str, work: Path, uri: str | None) -> str:
 
 
 def measure(
-    backend: str, way: str, steps: int, extra: dict[str, str], store: str = "sqlite"
+    backend: str,
+    way: str,
+    steps: int,
+    extra: dict[str, str],
+    store: str = "sqlite",
+    options: str = "",
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"trackd-sinks-{backend}-"))
     env = backend_env(backend, work) | extra
@@ -449,7 +454,8 @@ def measure(
             env["BENCH_MLFLOW_URI"] = server.uri
         case = backend
         if way == "trackd":
-            daemon = Daemon(work, spec_for(backend, work, server and server.uri), env)
+            spec = spec_for(backend, work, server and server.uri)
+            daemon = Daemon(work, f"{spec}?{options}" if options else spec, env)
             env, case = daemon.env, "trackd"
         command = [sys.executable, str(HERE), "--case", case, "--steps", str(steps)]
         server_cpu = server.cpu_seconds() if server is not None else 0.0
@@ -570,10 +576,12 @@ def ceiling_plan(args: argparse.Namespace) -> None:
     for store in args.ceiling:
         calls = f"raw log_batch calls of {STEPS_PER_CALL * 3} metrics, {args.seconds} s each"
         print(f"{store}: {calls}")
-        found = ceiling(store, args.seconds, args.most)
+        found: dict[str, Any] = {"store": store, "curve": [], "ceiling": float("nan")}
+        if not args.no_ceiling:
+            found = ceiling(store, args.seconds, args.most)
         found["trackd"] = []
         for _ in range(args.repeat):
-            result = measure("mlflow", "trackd", args.steps, {}, store)
+            result = measure("mlflow", "trackd", args.steps, {}, store, args.sink_options)
             if "error" in result or result["missing"] is not None:
                 raise RuntimeError(f"trackd into {store}: {result}")
             found["trackd"].append(result)
@@ -613,6 +621,8 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=20, help="--ceiling: per concurrency")
     parser.add_argument("--most", type=int, default=32, help="--ceiling: most senders at once")
+    parser.add_argument("--sink-options", default="", help="--ceiling: e.g. in_flight=8")
+    parser.add_argument("--no-ceiling", action="store_true", help="--ceiling: trackd only")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--verify", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
