@@ -574,10 +574,10 @@ def ceiling_plan(args: argparse.Namespace) -> None:
     fraction of it."""
     results = []
     for store in args.ceiling:
-        calls = f"raw log_batch calls of {STEPS_PER_CALL * 3} metrics, {args.seconds} s each"
-        print(f"{store}: {calls}")
         found: dict[str, Any] = {"store": store, "curve": [], "ceiling": float("nan")}
         if not args.no_ceiling:
+            calls = f"raw log_batch calls of {STEPS_PER_CALL * 3} metrics, {args.seconds} s each"
+            print(f"{store}: {calls}")
             found = ceiling(store, args.seconds, args.most)
         found["trackd"] = []
         for _ in range(args.repeat):
