@@ -288,28 +288,41 @@ def wait_until(check: Any, process: subprocess.Popen[bytes], log: Path, timeout:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (the server's uvicorn worker)."""
+    """User + system CPU of a process and all its descendants (the server's uvicorn workers,
+    PostgreSQL's backends), the children it has waited for included."""
     total = 0
+    with contextlib.suppress(FileNotFoundError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(field) for field in fields[11:15])  # utime stime cutime cstime
     children = Path(f"/proc/{pid}/task/{pid}/children")
-    pids = [pid, *map(int, children.read_text().split())] if children.exists() else [pid]
-    for one in pids:
-        with contextlib.suppress(FileNotFoundError):
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(field) for field in fields[11:15])  # utime stime cutime cstime
+    with contextlib.suppress(FileNotFoundError):
+        for child in children.read_text().split():
+            total += round(cpu_seconds(int(child)) * os.sysconf("SC_CLK_TCK"))
     return total / os.sysconf("SC_CLK_TCK")
 
 
 class MlflowServer:
-    """`mlflow server`, sqlite store, 127.0.0.1, in its own process group (SIGKILLed by PID)."""
+    """`mlflow server`, 127.0.0.1, in its own process group (SIGKILLed by PID): an sqlite store
+    with 1 worker, or ("postgres") a database of its own PostgreSQL cluster
+    (tests/helpers/postgres.py) with 2 workers, the setup MLflow recommends for a shared
+    server."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, store: str = "sqlite") -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.uri = f"http://127.0.0.1:{free_port()}"
+        self.postgres: Any = None
+        backend, workers = f"sqlite:///{root / 'mlflow.db'}", 1
+        if store == "postgres":
+            sys.path.insert(0, str(TESTS))
+            from helpers.postgres import Postgres
+
+            self.postgres = Postgres().start()
+            backend, workers = self.postgres.create_database("mlflow"), 2
         port = self.uri.rsplit(":", 1)[1]
         log = root / "server.log"
         command = [
             *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port),
-            *("--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
+            *("--workers", str(workers), "--backend-store-uri", backend),
             *("--artifacts-destination", str(root / "artifacts")),
         ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -317,7 +330,11 @@ class MlflowServer:
             self.process = subprocess.Popen(
                 command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        wait_until(self._answers, self.process, log, 120)
+        try:
+            wait_until(self._answers, self.process, log, 300)
+        except BaseException:
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         try:
@@ -326,10 +343,19 @@ class MlflowServer:
         except OSError:
             return False
 
+    def cpu_seconds(self) -> float:
+        """The server's CPU time, its database's (PostgreSQL's backends) included."""
+        total = cpu_seconds(self.process.pid)
+        if self.postgres is not None and self.postgres.process is not None:
+            total += cpu_seconds(self.postgres.process.pid)
+        return total
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)  # the group of the PID started here
             self.process.wait(10)
+        if self.postgres is not None:
+            self.postgres.stop()
 
 
 class Daemon:
@@ -409,7 +435,14 @@ def spec_for(backend: str, work: Path, uri: str | None) -> str:
     }[backend]
 
 
-def measure(backend: str, way: str, steps: int, extra: dict[str, str]) -> dict[str, Any]:
+def measure(
+    backend: str,
+    way: str,
+    steps: int,
+    extra: dict[str, str],
+    store: str = "sqlite",
+    options: str = "",
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"trackd-sinks-{backend}-"))
     env = backend_env(backend, work) | extra
     server = daemon = None
@@ -417,14 +450,15 @@ def measure(backend: str, way: str, steps: int, extra: dict[str, str]) -> dict[s
     result["load_before"] = os.getloadavg()[0]
     try:
         if backend == "mlflow":
-            server = MlflowServer(work / "mlflow")
+            server = MlflowServer(work / "mlflow", store)
             env["BENCH_MLFLOW_URI"] = server.uri
         case = backend
         if way == "trackd":
-            daemon = Daemon(work, spec_for(backend, work, server and server.uri), env)
+            spec = spec_for(backend, work, server and server.uri)
+            daemon = Daemon(work, f"{spec}?{options}" if options else spec, env)
             env, case = daemon.env, "trackd"
         command = [sys.executable, str(HERE), "--case", case, "--steps", str(steps)]
-        server_cpu = cpu_seconds(server.process.pid) if server is not None else 0.0
+        server_cpu = server.cpu_seconds() if server is not None else 0.0
         out = subprocess.run(
             [*command, "--work", str(work)],
             env=env,
@@ -434,7 +468,7 @@ def measure(backend: str, way: str, steps: int, extra: dict[str, str]) -> dict[s
             check=False,
         )
         if server is not None:
-            result["server_cpu"] = cpu_seconds(server.process.pid) - server_cpu
+            result["server_cpu"] = server.cpu_seconds() - server_cpu
         if out.returncode != 0:
             result["error"] = out.stderr.strip()[-2000:]
             return result
@@ -446,6 +480,121 @@ def measure(backend: str, way: str, steps: int, extra: dict[str, str]) -> dict[s
         if server is not None:
             server.stop()
     return result
+
+
+# --- the server's ceiling (`--ceiling STORE...`): raw log_batch calls, then trackd beside it --
+
+STEPS_PER_CALL = 333  # x 3 keys: 999 metrics, a full log_batch (MLflow's cap is 1,000)
+
+
+def raw_log_batch(uri: str, run_id: str, threads: int, seconds: float, first: int) -> int:
+    """`threads` senders, each posting log_batch calls of 999 metrics (333 new steps x 3 keys)
+    straight at the REST API, back to back, for `seconds`; the steps stored (a call in flight
+    at the end is waited for and counted). Bodies are built as trackd builds them (json)."""
+    import itertools
+    import threading
+
+    import requests
+
+    calls = itertools.count(first // STEPS_PER_CALL)
+    lock = threading.Lock()
+    stored: list[int] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    def sender() -> None:
+        session = requests.Session()
+        while time.monotonic() < deadline and not errors:
+            with lock:
+                start = next(calls) * STEPS_PER_CALL
+            millis = int(time.time() * 1000)
+            metrics = [
+                {"key": key, "value": value, "timestamp": millis, "step": step}
+                for step in range(start, start + STEPS_PER_CALL)
+                for key, value in values(step).items()
+            ]
+            response = session.post(
+                f"{uri}/api/2.0/mlflow/runs/log-batch",
+                data=json.dumps({"run_id": run_id, "metrics": metrics}),
+                headers={"Content-Type": "application/json"},
+                timeout=300,
+            )
+            with lock:
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text[:300]}")
+                stored.append(STEPS_PER_CALL)
+        session.close()
+
+    workers = [threading.Thread(target=sender) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise RuntimeError(f"log_batch failed: {errors[0]}")
+    return sum(stored)
+
+
+def ceiling(store: str, seconds: float, most: int) -> dict[str, Any]:
+    """The server's ceiling in steps/s: concurrency 1, 2, 4, ... until two steps in a row
+    add less than 5% over the best so far (or `most` senders); the whole curve."""
+    from mlflow.tracking import MlflowClient
+
+    work = Path(tempfile.mkdtemp(prefix=f"trackd-ceiling-{store}-"))
+    server = MlflowServer(work / "mlflow", store)
+    curve: list[dict[str, Any]] = []
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+        run_id = client.create_run(client.create_experiment("ceiling")).info.run_id
+        step, best, flat, threads = 0, 0.0, 0, 1
+        while threads <= most and flat < 2:
+            load, cpu = os.getloadavg()[0], server.cpu_seconds()
+            began = time.perf_counter()
+            steps = raw_log_batch(server.uri, run_id, threads, seconds, step)
+            elapsed = time.perf_counter() - began
+            step += steps + threads * STEPS_PER_CALL  # past any call counted or not
+            rate_now = steps / elapsed
+            busy = (server.cpu_seconds() - cpu) / elapsed
+            curve.append({"threads": threads, "rate": rate_now, "load": load, "server_cpu": busy})
+            print(
+                f"  {store}: {threads:>3} at once: {rate_now:>8,.0f} steps/s"
+                f" (server {busy:.2f} CPU, load {load:.2f})",
+                flush=True,
+            )
+            flat = flat + 1 if rate_now < best * 1.05 else 0
+            best = max(best, rate_now)
+            threads *= 2
+    finally:
+        server.stop()
+    return {"store": store, "curve": curve, "ceiling": max(p["rate"] for p in curve)}
+
+
+def ceiling_plan(args: argparse.Namespace) -> None:
+    """Each store: the ceiling, then trackd's delivery (`--repeat` fresh servers) as a
+    fraction of it."""
+    results = []
+    for store in args.ceiling:
+        found: dict[str, Any] = {"store": store, "curve": [], "ceiling": float("nan")}
+        if not args.no_ceiling:
+            calls = f"raw log_batch calls of {STEPS_PER_CALL * 3} metrics, {args.seconds} s each"
+            print(f"{store}: {calls}")
+            found = ceiling(store, args.seconds, args.most)
+        found["trackd"] = []
+        for _ in range(args.repeat):
+            result = measure("mlflow", "trackd", args.steps, {}, store, args.sink_options)
+            if "error" in result or result["missing"] is not None:
+                raise RuntimeError(f"trackd into {store}: {result}")
+            found["trackd"].append(result)
+            print(
+                f"  {store}: trackd {args.steps:,} steps: {rate(result):,.0f} steps/s ="
+                f" {rate(result) / found['ceiling']:.0%} of the ceiling"
+                f" (server {result['server_cpu'] / result['delivered']:.2f} CPU,"
+                f" load {result['load_before']:.2f})",
+                flush=True,
+            )
+        results.append(found)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 def rate(result: dict[str, Any]) -> float:
@@ -464,6 +613,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="run the whole plan N times")
     parser.add_argument("--only", nargs="*", default=list(CASES)[1:], help="backends to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--ceiling",
+        nargs="+",
+        choices=["sqlite", "postgres"],
+        help="measure the MLflow server's ceiling on these stores, then trackd against it",
+    )
+    parser.add_argument("--seconds", type=float, default=20, help="--ceiling: per concurrency")
+    parser.add_argument("--most", type=int, default=32, help="--ceiling: most senders at once")
+    parser.add_argument("--sink-options", default="", help="--ceiling: e.g. in_flight=8")
+    parser.add_argument("--no-ceiling", action="store_true", help="--ceiling: trackd only")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--verify", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -473,6 +632,9 @@ def main() -> None:
         return
     if args.verify:
         print(json.dumps(steps_in_backend(args.verify, args.work)), flush=True)
+        return
+    if args.ceiling:
+        ceiling_plan(args)
         return
 
     plan: list[tuple[str, str, int, dict[str, str]]] = []

@@ -84,13 +84,23 @@ def test_mlflow_rest_store_call_endpoint_and_the_client_store_it_is_found_throug
     from mlflow.store.tracking.rest_store import RestStore
     from mlflow.tracking import MlflowClient
 
-    from trackd.sinks.mlflow import _rest_call_endpoint
+    from trackd.sinks.mlflow import _rest_call_endpoint, _tracking_store
 
     store = MlflowClient(tracking_uri="http://127.0.0.1:9")._tracking_client.store
     assert isinstance(store, RestStore)
     assert {"api", "json_body"} <= parameters(RestStore._call_endpoint)
-    assert _rest_call_endpoint(MlflowClient(tracking_uri="http://127.0.0.1:9"), RestStore)
+    assert _tracking_store(MlflowClient(tracking_uri="http://127.0.0.1:9")) is not None
+    assert _rest_call_endpoint(store, RestStore)
     assert _rest_call_endpoint(object(), RestStore) is None  # the fallback's trigger
+    # the crash check's step-range lookup: a REST endpoint, and every store's own method
+    from mlflow.protos.service_pb2 import GetMetricHistoryBulkInterval
+
+    assert {"run_ids", "metric_key", "start_step", "end_step", "max_results"} <= set(
+        GetMetricHistoryBulkInterval.DESCRIPTOR.fields_by_name
+    )
+    assert {"run_ids", "metric_key", "max_results", "start_step", "end_step"} <= parameters(
+        store.get_metric_history_bulk_interval
+    )
 
 
 def test_mlflow_rest_calls_look_up_rest_utils_http_request_on_every_call() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import Daemon, finish_client, free_port, wait_for
+from helpers.postgres import Postgres
 from mlflow_server import MlflowServer
 from trackd.sinks.base import Record, RunInfo, SinkContext, SinkError, SinkSpec
 
@@ -116,6 +117,17 @@ def server(server_process: MlflowServer) -> MlflowServer:
     return server_process
 
 
+@pytest.fixture
+def postgres_server(postgres: Postgres, tmp_path: Path) -> Iterator[MlflowServer]:
+    """MLflow's setup for a shared server: a PostgreSQL store (a fresh database) and 2 workers."""
+    database = postgres.create_database(f"mlflow_{free_port()}")
+    server = MlflowServer(tmp_path / "mlflow-postgres", database, workers=2)
+    server.root.mkdir()
+    server.start()
+    yield server
+    server.kill()
+
+
 def mlflow_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
@@ -210,6 +222,26 @@ def test_server_killed_mid_run_and_back_15s_later_loses_and_duplicates_nothing(
     assert daemon.stop() == 0
 
 
+def test_a_run_arrives_whole_in_a_server_on_postgresql_with_two_workers(
+    postgres_server: MlflowServer, daemon: Daemon, clients: Clients
+) -> None:
+    """Into an MLflow server on PostgreSQL with 2 workers: every step of two runs once,
+    params, tags and end status, as with sqlite."""
+    uri = postgres_server.uri
+    daemon.start("--sink", f"mlflow:{uri}")
+    good = clients.start("postgres", "good", 5000)
+    bad = clients.start("postgres", "bad", 1000, mode="fail")
+    finish_client(good)
+    finish_client(bad)
+    daemon.flush()
+    runs = runs_of(uri, "postgres")
+    assert sorted(runs) == ["bad", "good"]
+    assert_complete(uri, runs["good"], 5000)
+    assert_complete(uri, runs["bad"], 1000, status="FAILED")
+    assert sink_status(daemon)["dead_letters"] == 0
+    assert daemon.stop() == 0
+
+
 @pytest.mark.parametrize("store", ["server", "file"])
 def test_daemon_killed_mid_delivery_still_exactly_once(
     store: str,
@@ -241,6 +273,104 @@ def test_daemon_killed_mid_delivery_still_exactly_once(
     for run in runs.values():
         assert_complete(uri, run, 6000)
     assert daemon.stop() == 0
+
+
+def refused_points(postgres: Postgres) -> list[str]:
+    """The metric points PostgreSQL refused as duplicates (an IntegrityError on the metrics
+    table's key, which sends MLflow into its duplicate-key recovery), with their details."""
+    lines = postgres.log().splitlines()
+    return [
+        "\n".join(lines[index : index + 3])
+        for index, line in enumerate(lines)
+        if 'violates unique constraint "metric_pk"' in line
+    ]
+
+
+def test_daemon_killed_mid_delivery_into_postgresql_never_sends_a_stored_point_again(
+    postgres: Postgres, postgres_server: MlflowServer, daemon: Daemon, clients: Clients
+) -> None:
+    """SIGKILL the daemon twice mid-delivery into MLflow on PostgreSQL: every point once, and
+    PostgreSQL never refused a duplicate, so MLflow never ran its duplicate-key recovery
+    (mlflow#24577), whose cost grows with the run; a point sent twice shows in its log."""
+    uri = postgres_server.uri
+    serve = ("--sink", f"mlflow:{uri}")
+    settings = {"TRACKD_CHECKPOINT_SECONDS": "5"}
+    refused_before = len(refused_points(postgres))
+    daemon.start(*serve, extra_env=settings)
+    running = [clients.start("crash-postgres", name, 6000, pace=0.12) for name in "ab"]
+    for _ in range(2):
+        wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=30)
+        time.sleep(0.3)
+        daemon.kill()
+        daemon.start(*serve, extra_env=settings)
+    for client in running:
+        finish_client(client)
+    daemon.flush(timeout=120)
+    runs = runs_of(uri, "crash-postgres")
+    assert sorted(runs) == ["a", "b"]
+    for run in runs.values():
+        assert_complete(uri, run, 6000)
+    assert refused_points(postgres)[refused_before:] == [], "trackd sent a stored point again"
+    assert daemon.stop() == 0
+    from mlflow.entities import Metric
+
+    (stored,) = mlflow_client(uri).get_metric_history(runs["a"].info.run_id, "i")[:1]
+    again = Metric(stored.key, stored.value, stored.timestamp, stored.step)
+    mlflow_client(uri).log_batch(runs["a"].info.run_id, metrics=[again])
+    assert len(refused_points(postgres)) == refused_before + 1, "a duplicate would show"
+
+
+def test_recovery_looks_up_only_the_last_batch_whatever_the_run_length(
+    server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a crash the fan-out sends everything since its saved cursor again: points of
+    writes that returned are skipped unasked, and only the steps of the batch in flight at
+    the crash are looked up (never a key's whole history), then every point is there once."""
+    from trackd.sinks.mlflow import MlflowSink
+
+    run = RunInfo("c" * 32, "recovery-cost", "long", started=time.time())
+    batches = [[Record((0, 1), "run_start", run, {})]]
+    for number in range(10):
+        steps = range(number * 1000, (number + 1) * 1000)
+        rows = [[step, 1.7e9 + step, {"a": float(step), "b": 0.5}] for step in steps]
+        batches.append([Record((1, number), "metrics", run, {"rows": rows})])
+    looked_up: list[int] = []
+
+    def opened() -> MlflowSink:
+        sink = MlflowSink(server.uri)
+        sink.open(SinkContext(None, tmp_path / "state"))
+        between = sink._history_between
+
+        def counted(run_id: str, key: str, low: int, high: int) -> list[Any]:
+            found = between(run_id, key, low, high)
+            looked_up.append(len(found))
+            return found
+
+        def whole_history(*args: Any) -> None:
+            raise AssertionError("a key's whole history was fetched")
+
+        monkeypatch.setattr(sink, "_history_between", counted)
+        monkeypatch.setattr(sink._client, "get_metric_history", whole_history)
+        return sink
+
+    sink = opened()
+    for batch in batches:
+        sink.write(batch)
+    sink.close()  # the fan-out saved no cursor: everything comes again
+    assert looked_up == []
+    sink = opened()
+    for batch in batches:
+        sink.write(batch)
+    assert len(looked_up) == 2, "one lookup per key of the last batch"
+    assert sum(looked_up) == 2000, "the last batch's points, found there"
+    extra = [[10_000, 1.8e9, {"a": 1.0, "b": 0.5}]]
+    sink.write([Record((2, 0), "metrics", run, {"rows": extra})])
+    assert len(looked_up) == 2, "past the mark nothing is looked up"
+    sink.close()
+    (found,) = runs_of(server.uri, "recovery-cost").values()
+    for key in ("a", "b"):
+        history = mlflow_client(server.uri).get_metric_history(found.info.run_id, key)
+        assert sorted(metric.step for metric in history) == list(range(10_001)), key
 
 
 @pytest.mark.parametrize("store", ["sqlite", "file"])

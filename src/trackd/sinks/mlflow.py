@@ -36,8 +36,11 @@ Limits: every `log_batch` call carries one kind of entity, at most 1000 metrics
 or 100 params or 100 tags (so also under the server's 1 MB request cap). A
 server spends far longer storing 1000 metrics than the sink takes to send
 them, so the metric calls of a write go out several at once: spec option
-`in_flight`, default 4 for an `http(s)` server, 1 for a local store (its calls
-run in this process, under the same GIL). Param
+`in_flight`, default 8 for an `http(s)` server, 1 for a local store (its calls
+run in this process, under the same GIL). Eight, because a server on PostgreSQL
+with 2 workers stores 1.3x more with 8 calls at once than with 4 and about its
+most from 8 on (`benchmarks/sinks.py --ceiling`), and a write's calls end
+together, so the last ones of a batch run with fewer at once. Param
 values over 6000 characters and tag values over 8000 are truncated (a counted
 notice). Params are immutable in MLflow: the sink knows each run's params
 (fetched once per run), skips a key re-logged with the same value and refuses
@@ -58,19 +61,22 @@ so two MLflow sinks never see each other's.
 
 Exactly once: params (same value) and tags (overwritten) are idempotent, and so
 is `set_terminated`. Metric points are not (the file store appends them again;
-SQL stores ignore exact duplicates, remote servers may not), so before each
-write the sink records, in a 64-byte file fsynced in its state directory, the
-WAL position of the batch's last record: everything up to that mark may already
-be in MLflow. A write returns, or raises, only once none of its calls is in
-flight any more (after a failed call, the calls not started are dropped and
-the others waited for), so the mark covers every point that may have been
-sent. After `open()`, and after any failed write (whose other calls may have
-stored their points), records up to the mark are *suspect*: for each run and key
-they touch, the metric history is fetched once and points already there (same
-key, step, timestamp and value) are skipped. The first batch past the mark ends
-the window and drops the fetched histories, so the checkpoint holds nothing and
-the extra reads happen only after a crash or a failure. Runs found by their tag
-rather than the map (a replay from another data dir) are checked throughout.
+SQL stores refuse an exact duplicate with an IntegrityError and then run a
+recovery whose cost grew with the run's history, mlflow#24577), so the sink
+never sends a point MLflow may have. Before each write it records, in a small
+file fsynced in its state directory, two WAL positions: *sent*, the batch's last
+record (everything up to it may be in MLflow), and *done*, the last record of
+the last write that returned (everything up to it is). A write returns, or
+raises, only once none of its calls is in flight any more (after a failed call,
+the calls not started are dropped and the others waited for), so the marks
+cover every point that may have been sent. After `open()`, the records the
+fan-out sends again up to *done* have their points skipped unasked; those
+between *done* and *sent* (the one batch in flight at the crash), and after a
+failed write those of the batch that failed, are *doubtful*: their steps are
+looked up per key (`_not_stored`, a few range lookups per key, whatever the
+run's length) and points already there (same key, step, timestamp and value)
+are skipped. Runs found by their tag rather than the map (a replay from another
+data dir) are checked throughout. A point twice in one call goes once.
 """
 
 from __future__ import annotations
@@ -124,8 +130,11 @@ HTTP_SETTINGS = {  # spec option -> (http_request argument, MLflow environment v
 }
 _KEY = re.compile(r"^[/\w.\- :]*$")
 _UNSAFE = re.compile(r"[^\w.@+=-]+")
-_MARK_BYTES = 64
-IN_FLIGHT_HTTP = 4  # log_batch calls at once to a server; a local store takes them one by one
+_MARK_BYTES = 128
+HISTORY_PAGE = 2500  # the most points get-history-bulk-interval returns (server: 1..2500)
+STEPS_PER_LOOKUP = 2000  # distinct steps per lookup: under HISTORY_PAGE with room to spare
+_INT32 = 2**31 - 1  # get-history-bulk-interval's start_step / end_step are int32
+IN_FLIGHT_HTTP = 8  # log_batch calls at once to a server; a local store takes them one by one
 
 Position = tuple[int, int]
 Point = tuple[int, int, float | str]  # step, timestamp in ms, value (NaN as a string)
@@ -160,7 +169,8 @@ class MlflowSink(Sink):
             from mlflow.tracking import MlflowClient
 
             self._client: MlflowClient = MlflowClient(tracking_uri=self.target)
-            self._call_endpoint = _rest_call_endpoint(self._client, RestStore)
+            self._store: Any = _tracking_store(self._client)
+            self._call_endpoint = _rest_call_endpoint(self._store, RestStore)
         except Exception as exc:
             mapped = _errors().error(exc)
             if mapped is None:
@@ -174,12 +184,11 @@ class MlflowSink(Sink):
         self._notices = Notices("mlflow")
         self._experiments: dict[str, str] = {}
         self._params: dict[str, dict[str, str]] = {}  # MLflow run -> params stored
-        self._history: dict[tuple[str, str], set[Point]] = {}  # (MLflow run, key) -> points
         self._verify: set[str] = set()  # runs found by tag: every point is checked
         self._problems: list[str] = []
         self._good_keys: set[str] = set()
         mark_path = context.state_dir / "written.json"
-        self._suspect_until = self._read_mark(mark_path)
+        self._suspect_until, self._done = self._read_mark(mark_path)
         self._mark = self._suspect_until
         self._mark_fd = os.open(mark_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._pool: ThreadPoolExecutor | None = None
@@ -191,29 +200,34 @@ class MlflowSink(Sink):
                 initargs=(self._http,),
             )
 
-    def _read_mark(self, path: Path) -> Position | None:
+    def _read_mark(self, path: Path) -> tuple[Position | None, Position | None]:
+        """(sent, done): every point up to `sent` may be in MLflow, every point up to `done`
+        is (a mark of the old form `[segment, offset]` is `sent` alone)."""
         try:
             text = path.read_bytes().strip()
             if not text:
-                return None
-            segment, offset = json.loads(text)
-            return int(segment), int(offset)
+                return None, None
+            mark = json.loads(text)
+            if mark and isinstance(mark[0], int):
+                mark = [mark, None]
+            sent, done = mark
+            return _position(sent), None if done is None else _position(done)
         except FileNotFoundError:
-            return None
+            return None, None
         except (ValueError, TypeError):
             self._notices(f"unreadable {path.name}; points written just before a crash may repeat")
-            return None
+            return None, None
 
     def write(self, batch: list[Record]) -> None:
         if not batch:
             return
         if self._suspect_until is not None and batch[0].position > self._suspect_until:
             self._suspect_until = None
-            self._history = {key: v for key, v in self._history.items() if key[0] in self._verify}
         last = batch[-1].position
         if self._mark is None or last > self._mark:
+            mark = json.dumps([last, self._done]).encode().ljust(_MARK_BYTES)
             try:
-                os.pwrite(self._mark_fd, json.dumps(list(last)).encode().ljust(_MARK_BYTES), 0)
+                os.pwrite(self._mark_fd, mark, 0)
                 os.fdatasync(self._mark_fd)
             except OSError as exc:  # nothing may be sent unless the mark is durable
                 message = f"mlflow: cannot record the delivery mark: {exc}"
@@ -225,49 +239,64 @@ class MlflowSink(Sink):
         except Exception as exc:
             # Part of the batch may be stored: check it point by point when it comes again.
             self._suspect_until = max(last, self._suspect_until or last)
-            self._history.clear()
             self._params.clear()
             mapped = None if isinstance(exc, SinkError) else _errors().error(exc)
             if mapped is None:
                 raise  # ours, or else not MLflow's nor the network's: a bug, for the fan-out
             raise mapped from exc
+        if self._done is None or last > self._done:  # recorded with the next mark
+            self._done = last
 
     def _write(self, batch: list[Record]) -> None:
         pending: dict[str, list[Outgoing]] = {}
+        doubtful: dict[str, list[Outgoing]] = {}  # points that may be in MLflow already
         for record in batch:
             self._problems = []
             run_id, created = self._run_for(record.run)
             if created and record.type != "run_start":
                 self._set_tags(run_id, _run_tags(record.run))  # a run whose start was not seen
-            if record.type == "metrics":
-                suspect = run_id in self._verify or (
-                    self._suspect_until is not None and record.position <= self._suspect_until
-                )
-                points = pending.setdefault(run_id, [])
-                for step, ts, values in record.body["rows"]:
-                    millis = int(ts * 1000)
-                    for key, value in values.items():
-                        if not self._valid_key(key, "metric"):
-                            continue
-                        number = float(value)
-                        if suspect and (step, millis, _identity(number)) in self._stored(
-                            run_id, key
-                        ):
-                            continue
-                        points.append((key, number, millis, step))
-            elif record.type == "system":
-                self._write_system(run_id, record, pending.setdefault(run_id, []))
+            if record.type in ("metrics", "system"):
+                state = self._delivered(run_id, record.position)
+                if state is True:
+                    continue  # stored before a crash: nothing to send
+                points = (doubtful if state is None else pending).setdefault(run_id, [])
+                if record.type == "metrics":
+                    for step, ts, values in record.body["rows"]:
+                        millis = int(ts * 1000)
+                        for key, value in values.items():
+                            if self._valid_key(key, "metric"):
+                                points.append((key, float(value), millis, step))
+                else:
+                    self._write_system(record, points)
             else:
-                self._flush(pending)
+                self._flush(pending, doubtful)
                 self._apply(run_id, created, record)
             if self._problems:
-                self._flush(pending)
+                self._flush(pending, doubtful)
                 raise SinkError("mlflow: " + "; ".join(self._problems), retriable=False)
-        self._flush(pending)
+        self._flush(pending, doubtful)
 
-    def _flush(self, pending: dict[str, list[Outgoing]]) -> None:
-        """Send the points gathered so far, up to `in_flight` calls at once; return (or raise)
-        only when none is in flight any more.
+    def _delivered(self, run_id: str, position: Position) -> bool | None:
+        """Whether the points of the record at `position` are in MLflow: True (all of them:
+        up to the last write that returned), False (none: past the mark), None (some may be:
+        check them)."""
+        if run_id in self._verify:
+            return None
+        if self._suspect_until is None or position > self._suspect_until:
+            return False
+        if self._done is not None and position <= self._done:
+            return True
+        return None
+
+    def _flush(
+        self, pending: dict[str, list[Outgoing]], doubtful: dict[str, list[Outgoing]]
+    ) -> None:
+        """Send the points gathered so far (of the doubtful ones, those MLflow does not have),
+        up to `in_flight` calls at once; return (or raise) only when none is in flight any more.
+
+        A point twice in one call is sent once: a SQL store refuses the second copy with an
+        IntegrityError and recovers by looking up what it has (mlflow#24577), the file store
+        would keep both.
 
         When a call fails, the calls not started yet are dropped and those in flight are
         waited for before the error is raised: a call still running after `write()` gave up
@@ -275,10 +304,14 @@ class MlflowSink(Sink):
         there twice. The mark covers the whole batch, so the retry checks every point of it,
         those that siblings of the failed call did store included.
         """
+        for run_id, points in doubtful.items():
+            pending.setdefault(run_id, []).extend(self._not_stored(run_id, points))
+        doubtful.clear()
         calls = [
-            (run_id, points[start : start + MAX_METRICS_PER_CALL])
+            (run_id, unique[start : start + MAX_METRICS_PER_CALL])
             for run_id, points in pending.items()
-            for start in range(0, len(points), MAX_METRICS_PER_CALL)
+            for unique in [list(dict.fromkeys(points))]
+            for start in range(0, len(unique), MAX_METRICS_PER_CALL)
         ]
         pending.clear()
         if self._pool is None or len(calls) < 2:
@@ -327,7 +360,7 @@ class MlflowSink(Sink):
         ]
         self._call_endpoint(LogBatch, json.dumps({"run_id": run_id, "metrics": body}))
 
-    def _write_system(self, run_id: str, record: Record, points: list[Outgoing]) -> None:
+    def _write_system(self, record: Record, points: list[Outgoing]) -> None:
         """A sample as MLflow's own system-metrics monitor names it: `system/NAME`, or
         `system/NODE/NAME` for another node's (its `node_id`), at step = whole seconds since
         the run started (MLflow's monitor counts samples; trackd's survive restarts)."""
@@ -336,14 +369,8 @@ class MlflowSink(Sink):
         prefix = f"system/{node}/" if node else "system/"
         millis = int(body["ts"] * 1000)
         step = max(0, int(body["ts"] - record.run.started))
-        suspect = run_id in self._verify or (
-            self._suspect_until is not None and record.position <= self._suspect_until
-        )
         for name, value in system_values(body["values"], _SYSTEM_NAMES, _GPU_NAMES).items():
-            key = prefix + name
-            if suspect and (step, millis, _identity(value)) in self._stored(run_id, key):
-                continue
-            points.append((key, value, millis, step))
+            points.append((prefix + name, value, millis, step))
 
     def _apply(self, run_id: str, created: bool, record: Record) -> None:
         handler = self.handler(record.type)
@@ -402,8 +429,6 @@ class MlflowSink(Sink):
         self._client.set_terminated(run_id, status, end_time=int(body["ended"] * 1000))
         self._params.pop(run_id, None)
         self._verify.discard(run_id)
-        for stored in [key for key in self._history if key[0] == run_id]:
-            del self._history[stored]
 
     def _log_media(self, run_id: str, body: dict[str, Any]) -> None:
         if body["kind"] == "histogram":
@@ -572,16 +597,63 @@ class MlflowSink(Sink):
 
     # --- helpers -----------------------------------------------------------------------
 
-    def _stored(self, run_id: str, key: str) -> set[Point]:
-        """The points of one metric already in MLflow (fetched once per suspect window)."""
-        stored = self._history.get((run_id, key))
-        if stored is None:
-            stored = {
-                (metric.step, metric.timestamp, _identity(metric.value))
-                for metric in self._client.get_metric_history(run_id, key)
-            }
-            self._history[(run_id, key)] = stored
-        return stored
+    def _not_stored(self, run_id: str, points: list[Outgoing]) -> list[Outgoing]:
+        """The points MLflow does not have yet, asking only about their own steps.
+
+        The cost must not grow with the run's length: a run of a million points is checked
+        after a crash as fast as a short one. MLflow's `get-history` has no step filter (it
+        returns a key's whole history), and a run's latest metrics tell only the highest
+        step stored, not the gaps that calls in flight at once leave below it. Its
+        `get-history-bulk-interval` takes a step range and is answered from the
+        (run_uuid, key, step) index with at most 2,500 points: the doubtful steps are asked
+        for in ranges of at most 2,000 distinct steps, and a range that comes back full
+        (MLflow then samples it) is halved until it does not. The doubtful points are those
+        of one batch (see `_delivered`), so a check after a crash costs a few lookups per key.
+        """
+        by_key: dict[str, list[Outgoing]] = {}
+        for point in points:
+            by_key.setdefault(point[0], []).append(point)
+        fresh: list[Outgoing] = []
+        for key, group in by_key.items():
+            steps = sorted({point[3] for point in group})
+            stored: set[Point] = set()
+            for start in range(0, len(steps), STEPS_PER_LOOKUP):
+                chunk = steps[start : start + STEPS_PER_LOOKUP]
+                stored |= self._stored(run_id, key, chunk[0], chunk[-1])
+            fresh += [p for p in group if (p[3], p[2], _identity(p[1])) not in stored]
+        return fresh
+
+    def _stored(self, run_id: str, key: str, low: int, high: int) -> set[Point]:
+        """The points of one metric with steps `low`..`high` that MLflow has."""
+        if low < 0 or high > _INT32:  # beyond the request's int32: the whole history
+            history = self._client.get_metric_history(run_id, key)
+            return {_point(m) for m in history if low <= m.step <= high}
+        found = self._history_between(run_id, key, low, high)
+        if len(found) < HISTORY_PAGE:
+            return {_point(metric) for metric in found}
+        if low == high:  # one step logged 2,500 times or more: no range is small enough
+            return {_point(m) for m in self._client.get_metric_history(run_id, key)
+                    if m.step == low}  # fmt: skip
+        middle = (low + high) // 2
+        return self._stored(run_id, key, low, middle) | self._stored(run_id, key, middle + 1, high)
+
+    def _history_between(self, run_id: str, key: str, low: int, high: int) -> list[Any]:
+        """`get-history-bulk-interval` of one run: through the REST store's `_call_endpoint`
+        (the client has no such call), or the local store's own method."""
+        if self._call_endpoint is None:
+            found: list[Any] = self._store.get_metric_history_bulk_interval(
+                run_ids=[run_id], metric_key=key, max_results=HISTORY_PAGE,
+                start_step=low, end_step=high,
+            )  # fmt: skip
+            return found
+        from mlflow.protos.service_pb2 import GetMetricHistoryBulkInterval
+
+        request = {
+            "run_ids": [run_id], "metric_key": key, "start_step": low, "end_step": high,
+            "max_results": HISTORY_PAGE,
+        }  # fmt: skip
+        response: Any = self._call_endpoint(GetMetricHistoryBulkInterval, json.dumps(request))
+        return list(response.metrics)
 
     def _valid_key(self, key: str, what: str) -> bool:
         """MLflow's own rules for metric, param and tag names; a broken one is a problem."""
@@ -691,6 +763,15 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _position(value: Any) -> Position:
+    segment, offset = value
+    return int(segment), int(offset)
+
+
+def _point(metric: Any) -> Point:
+    return int(metric.step), int(metric.timestamp), _identity(float(metric.value))
+
+
 def _identity(value: float) -> float | str:
     """A value as stored: SQL stores keep NaN as a flag and clamp infinities to the float max."""
     if math.isnan(value):
@@ -707,14 +788,20 @@ def _json_number(value: float) -> float | str:
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
-def _rest_call_endpoint(client: Any, rest_store: type[Any]) -> CallEndpoint | None:
+def _tracking_store(client: Any) -> Any:
+    """``MlflowClient._tracking_client.store`` (private; see `_rest_call_endpoint`), or None."""
+    return getattr(getattr(client, "_tracking_client", None), "store", None)
+
+
+def _rest_call_endpoint(store: Any, rest_store: type[Any]) -> CallEndpoint | None:
     """The REST store's request call, for metric batches sent as prebuilt JSON (see
     `_log_metrics`); None where there is none (a non-HTTP store, or an MLflow without it).
 
     MLflow's private names this sink uses, all listed here (tests/test_sdk_private_names.py
     fails naming each when MLflow changes it; pyproject.toml bounds the version):
 
-    * ``MlflowClient._tracking_client.store``: the client's tracking store;
+    * ``MlflowClient._tracking_client.store``: the client's tracking store (`_tracking_store`),
+      also asked for `get_metric_history_bulk_interval` where there is no REST call;
     * ``RestStore._call_endpoint(api, json_body)``: one request with MLflow's credentials,
       TLS settings and error codes. Without either, metrics go through the public
       ``MlflowClient.log_batch``: slower, nothing lost;
@@ -722,7 +809,6 @@ def _rest_call_endpoint(client: Any, rest_store: type[Any]) -> CallEndpoint | No
       `_use_http_settings` so that each sink's calls use its own retries and timeout
       (the REST store looks it up on every call). Without it, MLflow's own settings apply.
     """
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
     call: CallEndpoint | None = getattr(store, "_call_endpoint", None)
     return call if isinstance(store, rest_store) else None
 
