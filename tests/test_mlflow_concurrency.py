@@ -1,0 +1,138 @@
+"""The MLflow sink's adaptive concurrency against a real `mlflow server` (issue 13 §3).
+
+The daemon's sink talks to the server through the test proxy (helpers/auth_proxy.py),
+which counts the `log-batch` calls at once and, on the test's word, answers them 503
+instead of forwarding them. Adaptive: the sink grows past one call while the server
+answers, falls back to one call at a time under 503s (the proxy sees no more), and
+afterwards every point is in MLflow once. Fixed: the same 503s meet `in_flight` calls at
+once. `trackd status` (text, --json) and the Prometheus endpoint show the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Daemon, cli, finish_client, free_port, run_client, wait_for
+from helpers import auth_proxy
+from mlflow_server import MlflowServer
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    # reading the sqlite store's answers goes through SQLAlchemy in the server, not here;
+    # the MLflow client in this process still warns about its own deprecations
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+ROWS = 10_000  # 3 keys a row: 30 log_batch calls of 1000 points
+PACE = "0.3"  # seconds per 100 rows: still logging, so sending, when the 503s begin
+CEILING = 8
+LOG_BATCH = "/runs/log-batch"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    made = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    made.start()
+    yield made
+    made.kill()
+
+
+@pytest.fixture
+def proxy(server: MlflowServer, tmp_path: Path) -> Iterator[int]:
+    port = free_port()
+    process = auth_proxy.start(port, server.port, {}, tmp_path / "proxy.log", watch=LOG_BATCH)
+    yield port
+    process.kill()
+    process.wait(10)
+
+
+def sink_status(daemon: Daemon) -> dict[str, Any]:
+    (status,) = daemon.status()["sinks"].values()
+    result: dict[str, Any] = status
+    return result
+
+
+def histories(uri: str, project: str) -> dict[str, list[int]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(project)
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    return {
+        key: sorted(point.step for point in client.get_metric_history(run.info.run_id, key))
+        for key in ("loss", "acc", "i")
+    }
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "fixed"])
+def test_503s_bring_an_adaptive_sink_down_to_one_call_and_every_point_lands_once(
+    mode: str, server: MlflowServer, proxy: int, daemon: Daemon, env: dict[str, str]
+) -> None:
+    """Under 503s the adaptive sink sends one call at a time, the fixed one `in_flight`;
+    once the server answers again every point is in MLflow exactly once."""
+    metrics_port = free_port()
+    spec = f"mlflow:http://127.0.0.1:{proxy}?in_flight={CEILING}&concurrency={mode}"
+    daemon.start("--sink", spec, "--metrics-addr", f"127.0.0.1:{metrics_port}")
+    project = f"concurrency-{mode}"
+    client = run_client(
+        env, "--project", project, "--name", "r", "--rows", str(ROWS), "--pace", PACE
+    )
+    if mode == "adaptive":
+        wait_for(lambda: sink_status(daemon)["concurrency"]["increases"] > 0, timeout=120)
+    else:
+        wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=120)
+
+    auth_proxy.set_fault(proxy, status=503)
+    if mode == "adaptive":
+        wait_for(lambda: sink_status(daemon)["concurrency"]["limit"] == 1, timeout=60)
+    before = auth_proxy.set_fault(proxy, status=503)  # counts from here: the limit is known
+    wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["faulted"] >= 10, timeout=60)
+    during = auth_proxy.set_fault(proxy)  # the server answers again
+    status = sink_status(daemon)
+    assert status["retries"] > 0
+    assert "503" in status["last_error"]
+    if mode == "adaptive":
+        assert during["most_in_flight"] == 1, "under back pressure one call at a time"
+        assert status["concurrency"]["decreases"] > 0
+    else:
+        assert during["most_in_flight"] > 1, "a fixed limit keeps sending in_flight calls"
+        assert status["concurrency"]["limit"] == CEILING
+    assert during["faulted"] > before["faulted"]
+
+    finish_client(client)
+    daemon.flush(timeout=180)
+    assert sink_status(daemon)["dead_letters"] == 0
+    assert histories(f"http://127.0.0.1:{proxy}", project) == {
+        key: list(range(ROWS)) for key in ("loss", "acc", "i")
+    }, "every point once"
+
+    shown = sink_status(daemon)["concurrency"]
+    assert shown["mode"] == mode
+    assert shown["ceiling"] == CEILING
+    assert 1 <= shown["limit"] <= CEILING
+    assert shown["in_flight"] == 0
+    text = cli({**env, "COLUMNS": "300"}, "status").stdout  # one line per sink
+    assert f"{shown['limit']}/{CEILING} {mode}" in text
+    as_json = json.loads(cli(env, "status", "--json").stdout)
+    (listed,) = as_json["sinks"].values()
+    assert listed["concurrency"]["limit"] == shown["limit"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        scraped = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(answer.read().decode())
+            for sample in family.samples
+            if sample.name.startswith("trackd_sink_concurrency")
+        }
+    assert scraped == {
+        "trackd_sink_concurrency_limit": shown["limit"],
+        "trackd_sink_concurrency_ceiling": CEILING,
+        "trackd_sink_concurrency_in_flight": 0,
+    }
