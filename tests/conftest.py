@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from helpers.postgres import Postgres
 from trackd.client.control import DaemonUnreachable, request
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -146,6 +147,14 @@ def daemon(env: dict[str, str], dirs: dict[str, Path]) -> Iterator[Daemon]:
     if handle.process is not None and handle.process.poll() is None:
         handle.process.kill()
         handle.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL cluster for the session (helpers/postgres.py), started on first use;
+    each test makes its own database in it."""
+    with Postgres() as server:
+        yield server
 
 
 def run_client(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:

@@ -1,4 +1,5 @@
-"""A real `mlflow server` for tests: sqlite store, loopback, started and SIGKILLed by PID."""
+"""A real `mlflow server` for tests: sqlite store (or a PostgreSQL database and N workers),
+loopback, started and SIGKILLed by PID."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from conftest import free_port, wait_for
 
 
 class MlflowServer:
-    """`mlflow server` with an sqlite store; started, SIGKILLed and restarted by PID."""
+    """`mlflow server` with an sqlite store, or `backend_store_uri` (e.g. a database of
+    helpers/postgres.py) and `workers` uvicorn workers; started, SIGKILLed and restarted by
+    PID."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend_store_uri: str | None = None, workers: int = 1) -> None:
         self.root = root
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.workers = workers
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -25,8 +30,8 @@ class MlflowServer:
     def start(self) -> None:
         command = [
             *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
-            *("--port", str(self.port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
+            *("--port", str(self.port), "--workers", str(self.workers)),
+            *("--backend-store-uri", self.backend_store_uri),
             *("--artifacts-destination", str(self.root / "artifacts")),
         ]
         # the job runner would start a dozen huey consumers nothing here needs

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import Daemon, finish_client, free_port, wait_for
+from helpers.postgres import Postgres
 from mlflow_server import MlflowServer
 from trackd.sinks.base import Record, RunInfo, SinkContext, SinkError, SinkSpec
 
@@ -116,6 +117,17 @@ def server(server_process: MlflowServer) -> MlflowServer:
     return server_process
 
 
+@pytest.fixture
+def postgres_server(postgres: Postgres, tmp_path: Path) -> Iterator[MlflowServer]:
+    """MLflow's setup for a shared server: a PostgreSQL store (a fresh database) and 2 workers."""
+    database = postgres.create_database(f"mlflow_{free_port()}")
+    server = MlflowServer(tmp_path / "mlflow-postgres", database, workers=2)
+    server.root.mkdir()
+    server.start()
+    yield server
+    server.kill()
+
+
 def mlflow_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
@@ -206,6 +218,26 @@ def test_server_killed_mid_run_and_back_15s_later_loses_and_duplicates_nothing(
     runs = runs_of(server.uri, "outage")
     assert list(runs) == ["long"]
     assert_complete(server.uri, runs["long"], 20_000)
+    assert sink_status(daemon)["dead_letters"] == 0
+    assert daemon.stop() == 0
+
+
+def test_a_run_arrives_whole_in_a_server_on_postgresql_with_two_workers(
+    postgres_server: MlflowServer, daemon: Daemon, clients: Clients
+) -> None:
+    """Into an MLflow server on PostgreSQL with 2 workers: every step of two runs once,
+    params, tags and end status, as with sqlite."""
+    uri = postgres_server.uri
+    daemon.start("--sink", f"mlflow:{uri}")
+    good = clients.start("postgres", "good", 5000)
+    bad = clients.start("postgres", "bad", 1000, mode="fail")
+    finish_client(good)
+    finish_client(bad)
+    daemon.flush()
+    runs = runs_of(uri, "postgres")
+    assert sorted(runs) == ["bad", "good"]
+    assert_complete(uri, runs["good"], 5000)
+    assert_complete(uri, runs["bad"], 1000, status="FAILED")
     assert sink_status(daemon)["dead_letters"] == 0
     assert daemon.stop() == 0
 
