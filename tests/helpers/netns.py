@@ -200,10 +200,18 @@ def read_back(
 
 
 class NamespacedMlflow:
-    """`mlflow server` (sqlite, 1 worker) in the backend namespace, on the bridge's address;
+    """`mlflow server` in the backend namespace, on the bridge's address: sqlite and 1 worker,
+    or `backend_store_uri` (e.g. PostgreSQL inside the backend namespace) and `workers`;
     killed (its process group) and started again on the same store by the test."""
 
-    def __init__(self, lab: Lab, spaces: dict[str, str], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        spaces: dict[str, str],
+        env: dict[str, str],
+        backend_store_uri: str | None = None,
+        workers: int = 1,
+    ) -> None:
         self.lab = lab
         self.spaces = spaces
         self.address = f"{lab.subnet}.1"
@@ -211,14 +219,16 @@ class NamespacedMlflow:
         self.env = {**env, "NO_PROXY": self.address, "no_proxy": self.address}
         self.store = lab.root / "mlflow"
         self.store.mkdir(exist_ok=True)
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.store / 'mlflow.db'}"
+        self.workers = workers
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, probe_from: str) -> None:
         """Start the server and wait until it answers across the bridge from `probe_from`."""
         command = [
             *(sys.executable, "-m", "mlflow", "server", "--host", self.address),
-            *("--port", str(MLFLOW_PORT), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}"),
+            *("--port", str(MLFLOW_PORT), "--workers", str(self.workers)),
+            *("--backend-store-uri", self.backend_store_uri),
             *("--artifacts-destination", str(self.store / "artifacts")),
         ]
         server_env = {**self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
