@@ -313,15 +313,19 @@ class MlflowSink(Sink):
         self, run_id: str, points: list[Outgoing], started: float, failed: threading.Event
     ) -> None:
         """One metric call through the concurrency limit: its outcome and latency teach it."""
+        outcome = Outcome.ERROR
         try:
             self._log_metrics(run_id, points)
+            outcome = Outcome.OK
         except Exception as exc:
-            failed.set()  # before the slot frees, so the writer sees it when it wakes
             mapped = exc if isinstance(exc, SinkError) else _sink_error(exc)
-            pressure = mapped is not None and mapped.retriable
-            self._limit.release(started, Outcome.BACK_PRESSURE if pressure else Outcome.ERROR)
+            if mapped is not None and mapped.retriable:
+                outcome = Outcome.BACK_PRESSURE
             raise
-        self._limit.release(started, Outcome.OK)
+        finally:
+            if outcome is not Outcome.OK:
+                failed.set()  # before the slot frees, so the writer sees it when it wakes
+            self._limit.release(started, outcome)  # whatever happened: no slot is ever lost
 
     def concurrency(self) -> dict[str, Any] | None:
         return self._limit.status() if self._in_flight > 1 else None
