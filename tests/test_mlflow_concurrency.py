@@ -1,11 +1,12 @@
 """The MLflow sink's adaptive concurrency against a real `mlflow server` (issue 13 §3).
 
 The daemon's sink talks to the server through the test proxy (helpers/auth_proxy.py),
-which counts the `log-batch` calls at once and, on the test's word, answers them 503
-instead of forwarding them. Adaptive: the sink grows past one call while the server
-answers, falls back to one call at a time under 503s (the proxy sees no more), and
-afterwards every point is in MLflow once. Fixed: the same 503s meet `in_flight` calls at
-once. `trackd status` (text, --json) and the Prometheus endpoint show the limit.
+which counts the `log-batch` calls at once and, on the test's word, delays them (a slow
+server: a backlog builds) or answers them 503 instead of forwarding them. Adaptive: the
+sink grows past one call while the server answers, falls back to one call at a time
+under 503s (the proxy sees no more), and afterwards every point is in MLflow once.
+Fixed: the same 503s meet `in_flight` calls at once. `trackd status` (text, --json)
+and the Prometheus endpoint show the limit.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Daemon, cli, finish_client, free_port, run_client, wait_for
-from helpers import auth_proxy
+from conftest import Daemon, cli, finish_client, free_port, wait_for
+from helpers import auth_proxy, until_client
 from mlflow_server import MlflowServer
 
 pytestmark = [
@@ -30,8 +31,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-ROWS = 10_000  # 3 keys a row: 30 log_batch calls of 1000 points
-PACE = "0.3"  # seconds per 100 rows: still logging, so sending, when the 503s begin
+KEYS = ("i", "loss")  # what until_client.py logs, here up to 100 rows every 0.05 s
 CEILING = 8
 LOG_BATCH = "/runs/log-batch"
 
@@ -59,40 +59,51 @@ def sink_status(daemon: Daemon) -> dict[str, Any]:
     return result
 
 
-def histories(uri: str, project: str) -> dict[str, list[int]]:
+def histories(uri: str, name: str) -> dict[str, list[int]]:
+    """The steps of each key of run `name` (until_client.py's project "p") in MLflow."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(project)
+    experiment = client.get_experiment_by_name("p")
     assert experiment is not None
-    (run,) = client.search_runs([experiment.experiment_id])
+    (run,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == name]
     return {
         key: sorted(point.step for point in client.get_metric_history(run.info.run_id, key))
-        for key in ("loss", "acc", "i")
+        for key in KEYS
     }
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "fixed"])
 def test_503s_bring_an_adaptive_sink_down_to_one_call_and_every_point_lands_once(
-    mode: str, server: MlflowServer, proxy: int, daemon: Daemon, env: dict[str, str]
+    mode: str,
+    server: MlflowServer,
+    proxy: int,
+    daemon: Daemon,
+    env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     """Under 503s the adaptive sink sends one call at a time, the fixed one `in_flight`;
     once the server answers again every point is in MLflow exactly once."""
     metrics_port = free_port()
     spec = f"mlflow:http://127.0.0.1:{proxy}?in_flight={CEILING}&concurrency={mode}"
     daemon.start("--sink", spec, "--metrics-addr", f"127.0.0.1:{metrics_port}")
-    project = f"concurrency-{mode}"
-    client = run_client(
-        env, "--project", project, "--name", "r", "--rows", str(ROWS), "--pace", PACE
-    )
+    name, stop = f"concurrency-{mode}", tmp_path / "stop"
+    client = until_client.start(env, name, stop, per_tick=100)  # logging until the test is done
     if mode == "adaptive":
         wait_for(lambda: sink_status(daemon)["concurrency"]["increases"] > 0, timeout=120)
     else:
         wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=120)
 
+    # a slow server first: a backlog builds, so the batch the 503s meet holds several calls
+    slowed = auth_proxy.set_fault(proxy, delay=1.0)["forwarded"]
+    wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["forwarded"] > slowed + 3, 60)
     auth_proxy.set_fault(proxy, status=503)
     if mode == "adaptive":
-        wait_for(lambda: sink_status(daemon)["concurrency"]["limit"] == 1, timeout=60)
+        try:
+            wait_for(lambda: sink_status(daemon)["concurrency"]["limit"] == 1, timeout=60)
+        except AssertionError as exc:
+            counts = auth_proxy.set_fault(proxy, 503, read_only=True)
+            raise AssertionError(f"{sink_status(daemon)}; proxy: {counts}") from exc
     before = auth_proxy.set_fault(proxy, status=503)  # counts from here: the limit is known
     wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["faulted"] >= 10, timeout=60)
     during = auth_proxy.set_fault(proxy)  # the server answers again
@@ -107,11 +118,12 @@ def test_503s_bring_an_adaptive_sink_down_to_one_call_and_every_point_lands_once
         assert status["concurrency"]["limit"] == CEILING
     assert during["faulted"] > before["faulted"]
 
-    finish_client(client)
+    stop.touch()
+    rows = finish_client(client)["rows"]
     daemon.flush(timeout=180)
     assert sink_status(daemon)["dead_letters"] == 0
-    assert histories(f"http://127.0.0.1:{proxy}", project) == {
-        key: list(range(ROWS)) for key in ("loss", "acc", "i")
+    assert histories(f"http://127.0.0.1:{proxy}", name) == {
+        key: list(range(rows)) for key in KEYS
     }, "every point once"
 
     shown = sink_status(daemon)["concurrency"]
