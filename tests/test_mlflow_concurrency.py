@@ -89,36 +89,37 @@ def test_503s_bring_an_adaptive_sink_down_to_one_call_and_every_point_lands_once
     daemon.start("--sink", spec, "--metrics-addr", f"127.0.0.1:{metrics_port}")
     name, stop = f"concurrency-{mode}", tmp_path / "stop"
     client = until_client.start(env, name, stop, per_tick=100)  # logging until the test is done
-    if mode == "adaptive":
-        wait_for(lambda: sink_status(daemon)["concurrency"]["increases"] > 0, timeout=120)
-    else:
-        wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=120)
+    try:
+        if mode == "adaptive":
+            wait_for(lambda: sink_status(daemon)["concurrency"]["increases"] > 0, timeout=120)
+        else:
+            wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=120)
 
-    # a slow server first: a backlog builds, so the batch the 503s meet holds several calls
-    slowed = auth_proxy.set_fault(proxy, delay=1.0)["forwarded"]
-    wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["forwarded"] > slowed + 3, 60)
-    auth_proxy.set_fault(proxy, status=503)
-    if mode == "adaptive":
-        try:
-            wait_for(lambda: sink_status(daemon)["concurrency"]["limit"] == 1, timeout=60)
-        except AssertionError as exc:
-            counts = auth_proxy.set_fault(proxy, 503, read_only=True)
-            raise AssertionError(f"{sink_status(daemon)}; proxy: {counts}") from exc
-    before = auth_proxy.set_fault(proxy, status=503)  # counts from here: the limit is known
-    wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["faulted"] >= 10, timeout=60)
-    during = auth_proxy.set_fault(proxy)  # the server answers again
-    status = sink_status(daemon)
-    assert status["retries"] > 0
-    assert "503" in status["last_error"]
-    if mode == "adaptive":
-        assert during["most_in_flight"] == 1, "under back pressure one call at a time"
-        assert status["concurrency"]["decreases"] > 0
-    else:
-        assert during["most_in_flight"] > 1, "a fixed limit keeps sending in_flight calls"
-        assert status["concurrency"]["limit"] == CEILING
-    assert during["faulted"] > before["faulted"]
-
-    stop.touch()
+        # a slow server first: a backlog builds, so the batch the 503s meet holds several calls
+        slowed = auth_proxy.set_fault(proxy, delay=1.0)["forwarded"]
+        wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["forwarded"] > slowed + 3, 60)
+        auth_proxy.set_fault(proxy, status=503)
+        if mode == "adaptive":
+            try:
+                wait_for(lambda: sink_status(daemon)["concurrency"]["limit"] == 1, timeout=60)
+            except AssertionError as exc:
+                counts = auth_proxy.set_fault(proxy, 503, read_only=True)
+                raise AssertionError(f"{sink_status(daemon)}; proxy: {counts}") from exc
+        before = auth_proxy.set_fault(proxy, status=503)  # counts from here: the limit is known
+        wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["faulted"] >= 10, timeout=60)
+        during = auth_proxy.set_fault(proxy)  # the server answers again
+        status = sink_status(daemon)
+        assert status["retries"] > 0
+        assert "503" in status["last_error"]
+        if mode == "adaptive":
+            assert during["most_in_flight"] == 1, "under back pressure one call at a time"
+            assert status["concurrency"]["decreases"] > 0
+        else:
+            assert during["most_in_flight"] > 1, "a fixed limit keeps sending in_flight calls"
+            assert status["concurrency"]["limit"] == CEILING
+        assert during["faulted"] > before["faulted"]
+    finally:
+        stop.touch()  # the client finishes its run and exits, also after a failure
     rows = finish_client(client)["rows"]
     daemon.flush(timeout=180)
     assert sink_status(daemon)["dead_letters"] == 0
