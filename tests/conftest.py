@@ -214,3 +214,13 @@ async def until(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
             raise AssertionError(f"timed out after {timeout}s waiting for {condition}")
         await asyncio.sleep(0.01)
     return value
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Any]:
+    """Network namespaces, links and processes for a multi-node test (helpers/netns.py),
+    all removed at teardown, even after a failure."""
+    from helpers.netns import made_lab
+
+    with made_lab(tmp_path) as made:
+        yield made

@@ -510,7 +510,7 @@ def test_a_failed_call_among_several_in_flight_leaves_every_point_once(
     failed = threading.Event()
 
     def opened() -> MlflowSink:
-        sink = MlflowSink(uri, in_flight="2")
+        sink = MlflowSink(uri, in_flight="2", concurrency="fixed")
         sink.open(SinkContext(None, tmp_path / "state"))
         assert (sink._call_endpoint is not None) == (store == "server")
         log_metrics = sink._log_metrics

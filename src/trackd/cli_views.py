@@ -59,13 +59,21 @@ def print_status(status: dict[str, Any]) -> None:
     console.print(f"runs: {status['runs']['running']} running, {status['runs']['total']} known")
     _print_system(console, status.get("system"))
     table = Table(
-        "sink", "lag", "delivered rows", "retries", "dead letters", "last success", "last error"
+        "sink",
+        "lag",
+        "delivered rows",
+        "calls",
+        "retries",
+        "dead letters",
+        "last success",
+        "last error",
     )
     for sink in status["sinks"].values():
         table.add_row(
             sink["spec"],
             f"{sink['lag_records']} rec, {_bytes(sink['lag_bytes'])}, {sink['lag_seconds']:.1f}s",
             str(sink["delivered_rows"]),
+            _calls(sink.get("concurrency")),
             str(sink["retries"]),
             str(sink["dead_letters"]),
             _ago(sink["last_success"]),
@@ -79,6 +87,13 @@ def print_status(status: dict[str, Any]) -> None:
                 f"  {_ago(alert['ts'])} {alert['project']}/{alert['name']} " + alert_line(alert),
                 markup=False,
             )
+
+
+def _calls(concurrency: dict[str, Any] | None) -> str:
+    """A sink's concurrent calls: `3/8 adaptive` is a limit of 3 now, of at most 8."""
+    if not concurrency:
+        return "-"
+    return f"{concurrency['limit']}/{concurrency['ceiling']} {concurrency['mode']}"
 
 
 def alert_line(body: dict[str, Any]) -> str:

@@ -87,6 +87,7 @@ class SinkWorker:
             "lag_records": max(0, self.ledger.seq - self.cursor_seq),
             "lag_seconds": 0.0 if behind is None else round(time.time() - behind, 3),
             "notices": self.delivery.sink.notice_counts(),
+            "concurrency": self.delivery.sink.concurrency(),
         }
 
     # --- the loop -------------------------------------------------------------------------

@@ -76,10 +76,25 @@ def _sink_metrics(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
             "trackd_sink_dead_letters", "Records given up on.", labels=["sink"]
         ),
     }
+    calls = {
+        "limit": GaugeMetricFamily(
+            "trackd_sink_concurrency_limit", "Calls allowed in flight now.", labels=["sink"]
+        ),
+        "ceiling": GaugeMetricFamily(
+            "trackd_sink_concurrency_ceiling", "Most calls in flight.", labels=["sink"]
+        ),
+        "in_flight": GaugeMetricFamily(
+            "trackd_sink_concurrency_in_flight", "Calls in flight.", labels=["sink"]
+        ),
+    }
     for sink in sinks.values():
         for field, family in families.items():
             family.add_metric([sink["spec"]], sink[field])
+        for field, gauge in calls.items():
+            if sink.get("concurrency"):
+                gauge.add_metric([sink["spec"]], sink["concurrency"][field])
     yield from families.values()
+    yield from calls.values()
 
 
 def _system_metrics(system: dict[str, Any]) -> Iterator[GaugeMetricFamily]:

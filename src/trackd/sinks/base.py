@@ -159,6 +159,11 @@ class Sink:
     def close(self) -> None:
         raise NotImplementedError
 
+    def concurrency(self) -> dict[str, Any] | None:
+        """For a sink that sends calls concurrently, its limit now and the figures behind it
+        (`concurrency.ConcurrencyLimit.status`): `trackd status` shows them."""
+        return None
+
     def notice_counts(self) -> dict[str, int]:
         """How often each notice (see `Notices`) came up: `trackd status` shows them."""
         notices = getattr(self, "_notices", None)

@@ -35,12 +35,16 @@ second one. Mapping of the records:
 Limits: every `log_batch` call carries one kind of entity, at most 1000 metrics
 or 100 params or 100 tags (so also under the server's 1 MB request cap). A
 server spends far longer storing 1000 metrics than the sink takes to send
-them, so the metric calls of a write go out several at once: spec option
-`in_flight`, default 8 for an `http(s)` server, 1 for a local store (its calls
+them, so the metric calls of a write go out several at once: at most
+`in_flight` (default 8 for an `http(s)` server, 1 for a local store, whose calls
 run in this process, under the same GIL). Eight, because a server on PostgreSQL
 with 2 workers stores 1.3x more with 8 calls at once than with 4 and about its
-most from 8 on (`benchmarks/sinks.py --ceiling`), and a write's calls end
-together, so the last ones of a batch run with fewer at once. Param
+most from 8 on (`benchmarks/sinks.py --ceiling`). How many of those the sink
+uses is spec option `concurrency`: `adaptive` (the default) starts at one call
+and adapts to the server's answers (`concurrency.ConcurrencyLimit`: more while
+the latency holds, fewer on rising latency, 429/503, timeouts or refusals), so a
+fleet of daemons does not push one server past its ceiling; `fixed` always uses
+`in_flight`. Param
 values over 6000 characters and tag values over 8000 are truncated (a counted
 notice). Params are immutable in MLflow: the sink knows each run's params
 (fetched once per run), skips a key re-logged with the same value and refuses
@@ -92,7 +96,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +112,7 @@ from trackd.sinks.base import (
     response_retriable,
     retriable_status,
 )
+from trackd.sinks.concurrency import ConcurrencyLimit, Outcome
 from trackd.sinks.console_parts import ConsoleParts
 from trackd.sinks.media_files import media_file_name
 from trackd.sinks.notices import Notices
@@ -145,7 +150,7 @@ class MlflowSink(Sink):
     kind = "mlflow"
     target_key = "tracking_uri"
     batch_rows = 5_000  # about five log_batch calls: the cursor moves within seconds
-    known_options = ("in_flight", *HTTP_SETTINGS)
+    known_options = ("in_flight", *HTTP_SETTINGS, "concurrency")
 
     def __init__(self, target: str, **options: str) -> None:
         super().__init__(target, **options)
@@ -154,6 +159,8 @@ class MlflowSink(Sink):
         if not text.isdigit() or int(text) < 1:
             raise ValueError(f"mlflow sink: in_flight must be a whole number >= 1, not {text!r}")
         self._in_flight = int(text)
+        mode = self.choice("concurrency", ("adaptive", "fixed"), "adaptive")
+        self._limit = ConcurrencyLimit(self._in_flight, adaptive=mode == "adaptive")
         self._http = self._http_settings()
 
     def open(self, context: SinkContext) -> None:
@@ -292,7 +299,8 @@ class MlflowSink(Sink):
         self, pending: dict[str, list[Outgoing]], doubtful: dict[str, list[Outgoing]]
     ) -> None:
         """Send the points gathered so far (of the doubtful ones, those MLflow does not have),
-        up to `in_flight` calls at once; return (or raise) only when none is in flight any more.
+        as many calls at once as the concurrency limit allows now; return (or raise) only
+        when none is in flight any more.
 
         A point twice in one call is sent once: a SQL store refuses the second copy with an
         IntegrityError and recovers by looking up what it has (mlflow#24577), the file store
@@ -314,19 +322,44 @@ class MlflowSink(Sink):
             for start in range(0, len(unique), MAX_METRICS_PER_CALL)
         ]
         pending.clear()
-        if self._pool is None or len(calls) < 2:
+        if self._pool is None:
             for run_id, chunk in calls:
                 self._log_metrics(run_id, chunk)
             return
-        futures = [self._pool.submit(self._log_metrics, run_id, chunk) for run_id, chunk in calls]
-        _, left = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in left:
-            future.cancel()  # not started: never sent
+        failed = threading.Event()
+        futures = []
+        for run_id, chunk in calls:
+            started = self._limit.acquire()  # waits while the limit's worth are in flight
+            if failed.is_set():
+                self._limit.release(started, Outcome.UNSENT)  # the rest are never sent
+                break
+            futures.append(self._pool.submit(self._timed_call, run_id, chunk, started, failed))
         wait(futures)  # started: sending, so its points may land
         for future in futures:
-            error = None if future.cancelled() else future.exception()
+            error = future.exception()
             if error is not None:
                 raise error
+
+    def _timed_call(
+        self, run_id: str, points: list[Outgoing], started: float, failed: threading.Event
+    ) -> None:
+        """One metric call through the concurrency limit: its outcome and latency teach it."""
+        outcome = Outcome.ERROR
+        try:
+            self._log_metrics(run_id, points)
+            outcome = Outcome.OK
+        except Exception as exc:
+            mapped = exc if isinstance(exc, SinkError) else _errors().error(exc)
+            if mapped is not None and mapped.retriable:
+                outcome = Outcome.BACK_PRESSURE
+            raise
+        finally:
+            if outcome is not Outcome.OK:
+                failed.set()  # before the slot frees, so the writer sees it when it wakes
+            self._limit.release(started, outcome)  # whatever happened: no slot is ever lost
+
+    def concurrency(self) -> dict[str, Any] | None:
+        return self._limit.status() if self._in_flight > 1 else None
 
     def _http_settings(self) -> dict[str, int]:
         settings = {}
