@@ -1,7 +1,14 @@
 """Delivery of one run's messages to the daemon, off the caller's thread.
 
 `log()` only appends a row to `queue` (a deque: appends and pops are atomic
-under the GIL, so the caller takes no lock shared with this thread). A
+under the GIL, so the caller takes no lock shared with this thread): the
+row's own dict, its step and time under the keys `STEP` and `TIME`. Ints
+cannot be metric names, and a dict of ints, floats and strings is one the
+garbage collector does not track, where a `(step, time, row)` tuple would be
+tracked for as long as it waits (a tuple holding a dict never gets
+untracked): in a `log()` flood such tuples were promoted to the oldest
+generation by the ten thousand and brought full collections, each one a
+stall of every thread. A
 background thread packs the queued rows into `metrics` messages, numbers
 them, and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each
 wake-up takes the GIL from the training thread, which then waits for it when
@@ -40,6 +47,8 @@ if TYPE_CHECKING:
 
     from trackd.client.console import ConsoleCapture
 
+STEP = 0  # a queued row's key of its step
+TIME = 1  # a queued row's key of its time.time()
 POLL_SECONDS = 0.01  # between packs while rows flood in, flushes wait or frames wait to go
 IDLE_SECONDS = 0.2  # between packs otherwise: a few wake-ups a second cost a training loop ~nothing
 FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after POLL_SECONDS
@@ -109,7 +118,7 @@ class Transport:
         self.run_id = run_id
         self.session = session
         self.endpoint = endpoint
-        self.queue: deque[tuple[int, float, dict[str, Any]] | Message | FlushRequest] = deque()
+        self.queue: deque[dict[Any, Any] | Message | FlushRequest] = deque()
         self.errors: dict[str, int] = {}
         self._spool_dir = spool_dir
         self._memory_limit = memory_bytes or int(
@@ -128,7 +137,7 @@ class Transport:
         self._unreachable_since: float | None = None
         self._flushes: list[FlushRequest] = []
         self._pack_at = 0.0  # monotonic time of the next pack; 0: at the next wake-up
-        self._chunks: list[memoryview] = []  # packed rows of the metrics message being built
+        self._chunks: list[bytes] = []  # packed rows of the metrics message being built
         self._chunk_rows = 0
         self._chunk_bytes = 0
         self._stop = threading.Event()
@@ -289,10 +298,10 @@ class Transport:
         queue = self.queue
         while queue:
             item = queue.popleft()
-            if type(item) is tuple:
-                if type(item[2]) is PendingRow:
-                    item = (item[0], item[1], item[2].resolved())
-                rows.append(item)
+            if type(item) is PendingRow:
+                item = item.resolved()
+            if type(item) is dict:
+                rows.append((item.pop(STEP), item.pop(TIME), item))
                 if len(rows) >= PACK_CHUNK_ROWS:
                     packed += len(rows)
                     self._add_rows(rows)
@@ -317,7 +326,8 @@ class Transport:
     def _add_rows(self, rows: list[tuple[int, float, dict[str, Any]]]) -> None:
         """Pack rows onto the metrics message being built; end it first if they would not fit."""
         packed = msgpack.packb(rows, use_bin_type=True)
-        body = memoryview(packed)[len(_array_header(len(rows))) :]
+        # a copy, not a memoryview: bytes are no work for the garbage collector
+        body = packed[len(_array_header(len(rows))) :]
         if len(body) + _ENVELOPE_BYTES > MAX_FRAME_BYTES:
             if len(rows) > 1:
                 half = len(rows) // 2
