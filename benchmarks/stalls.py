@@ -3,12 +3,14 @@ delivery thread, or neither (the OS running something else instead of this proce
 
 While a `StallProbe` is installed it records, on the same `perf_counter_ns` clock as the
 loop: every collection (`gc.callbacks`: start, end, generation) and every pass of trackd's
-delivery thread over its queue, socket and acks (by wrapping three `Transport` methods of
-this process; no-ops for a case that does not use trackd). The loop hands it each call
-over `SLOW_NS` with its start and length; `attribute()` then names, per slow call, what
-overlapped it: a collection first (it stops every thread), else the delivery thread (it
-held or waited for the GIL meanwhile), else "os" (this process was simply not running:
-the timer harness, which has no second thread and allocates nothing, shows how often).
+delivery thread over its queue, socket and acks, with the CPU that thread used in it (by
+wrapping three `Transport` methods of this process; no-ops for a case without trackd).
+The loop hands it each call over `SLOW_NS` with its start and length; `attribute()` then
+names, per slow call, what overlapped it: a collection first (it stops every thread), else
+a delivery pass that ran on a CPU for at least half the stall ("delivery thread"), else a
+pass that did not ("os, delivery thread descheduled": it held or awaited the GIL while the
+OS ran something else), else "os" (this process was simply not running: the timer
+harness, which has no second thread and allocates nothing, shows how often).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class StallProbe:
     def __init__(self) -> None:
         self.slow: list[tuple[int, int]] = []  # (start ns, length ns) of each slow call
         self.collections: list[tuple[int, int, int]] = []  # (start, end, generation)
-        self.delivery: list[tuple[int, int]] = []  # (start, end) of a delivery-thread method
+        self.delivery: list[tuple[int, int, int]] = []  # (start, end, thread CPU) of a pass
         self._gc_started = 0
         self._restore: list[tuple[Any, str, Any]] = []
 
@@ -56,14 +58,14 @@ class StallProbe:
 
     def _timed(self, method: Callable[..., Any]) -> Callable[..., Any]:
         spans = self.delivery
-        clock = time.perf_counter_ns
+        clock, cpu = time.perf_counter_ns, time.thread_time_ns
 
         def timed(*args: Any) -> Any:
-            started = clock()
+            started, cpu_started = clock(), cpu()
             try:
                 return method(*args)
             finally:
-                spans.append((started, clock()))
+                spans.append((started, clock(), cpu() - cpu_started))
 
         return timed
 
@@ -77,10 +79,13 @@ class StallProbe:
         for start, length in self.slow:
             end = start + length
             collection = _overlapping(collections, start, end)
+            busy = _overlapping(delivery, start, end)
             if collection is not None:
                 cause = f"gc gen{collection[2]}"
-            elif _overlapping(delivery, start, end) is not None:
-                cause = "delivery thread"
+            elif busy is not None and busy[2] >= length // 2:
+                cause = "delivery thread"  # it ran (on a CPU) for at least half the stall
+            elif busy is not None:
+                cause = "os, delivery thread descheduled"  # it held or awaited the GIL, not a CPU
             else:
                 cause = "os"
             causes.setdefault(cause, []).append(length)
@@ -102,7 +107,9 @@ class StallProbe:
                 for generation, spans in sorted(by_generation.items())
             },
             "delivery_passes": len(delivery),
-            "delivery_longest_us": max((end - start for start, end in delivery), default=0) / 1e3,
+            "delivery_longest_us": max((end - start for start, end, _ in delivery), default=0)
+            / 1e3,
+            "delivery_most_cpu_us": max((cpu for _, _, cpu in delivery), default=0) / 1e3,
         }
 
 

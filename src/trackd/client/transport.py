@@ -16,7 +16,8 @@ its next torch op returns, so a quiet run is packed every `IDLE_SECONDS`, a
 flood every `POLL_SECONDS`, and a flush or close wakes it at once through a
 pipe (acks wake it too, but only to be read). Rows are packed `PACK_CHUNK_ROWS`
 at a time, so that no single msgpack call keeps a caller from the GIL past its
-switch interval; the chunks are joined into one message.
+switch interval, and at most `PASS_ROWS` a wake-up; the chunks are joined into
+one message.
 
 Nothing counts as delivered until the daemon acks it: every message stays
 in `_unacked` until an ack covers its sequence number, and is sent again
@@ -58,6 +59,11 @@ FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after PO
 # over sooner: a caller that never lets go of the GIL (a log() flood) would give it back
 # only every switch interval, and the rows would pile up unpacked while the daemon idles.
 PACK_CHUNK_ROWS = 64
+# Rows packed per wake-up at most (~0.5-1 ms of the GIL). A flood's backlog is packed over
+# several wake-ups, each ended by a poll that lets go of the GIL, rather than in one pass of
+# tens of ms during which every forced switch handed a log() caller a 5 ms wait; the
+# message being built stays open across them, so frames are as large as before.
+PASS_ROWS = 2048
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
 GAP_REWIND_SECONDS = 0.2
@@ -245,8 +251,11 @@ class Transport:
         now = time.monotonic()
         if now >= self._pack_at:
             self._queue_console()
-            rows = self._pack_queue()
-            self._pack_at = now + (POLL_SECONDS if rows >= FLOOD_ROWS else IDLE_SECONDS)
+            rows = self._pack_queue(PASS_ROWS)
+            if self.queue and rows >= PASS_ROWS:
+                self._pack_at = 0.0  # more after a poll: the caller gets the GIL in between
+            else:
+                self._pack_at = now + (POLL_SECONDS if rows >= FLOOD_ROWS else IDLE_SECONDS)
         if socket is None:
             self._spill()
         else:
@@ -290,13 +299,14 @@ class Transport:
         if console is not None:
             console.deliver(self.send)
 
-    def _pack_queue(self) -> int:
-        """Turn queued rows and messages into numbered frames, in the order they were queued;
+    def _pack_queue(self, limit: float = float("inf")) -> int:
+        """Turn queued rows and messages into numbered frames, in the order they were queued,
+        until `limit` rows are packed (the metrics message then stays open for the rest);
         the number of rows packed."""
         rows: list[tuple[int, float, dict[str, Any]]] = []
         packed = 0
         queue = self.queue
-        while queue:
+        while queue and packed + len(rows) < limit:
             item = queue.popleft()
             if type(item) is PendingRow:
                 item = item.resolved()
@@ -320,7 +330,8 @@ class Transport:
         if rows:
             packed += len(rows)
             self._add_rows(rows)
-        self._end_metrics()
+        if not queue:
+            self._end_metrics()
         return packed
 
     def _add_rows(self, rows: list[tuple[int, float, dict[str, Any]]]) -> None:
