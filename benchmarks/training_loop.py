@@ -280,6 +280,7 @@ def worker(
     logged = {"wall": 0.0, "cpu": 0.0}
     unlogged = {"wall": 0.0, "cpu": 0.0}
     pair_ratios = []
+    in_calls = 0.0  # wall time inside the library's logging calls
     load_before = os.getloadavg()[0]
     step = 0
     last_step_at = 0.0
@@ -300,9 +301,11 @@ def worker(
                         histogram = np.histogram(weights, 64)
                     if media and i % IMAGE_EVERY == 0:
                         image_now = image
+                    called = time.perf_counter()
                     logger.log(
                         i, scalars, weights if case == "tensorboardX" else histogram, image_now
                     )
+                    in_calls += time.perf_counter() - called
             walls[log] = time.perf_counter() - wall
             totals["wall"] += walls[log]
             totals["cpu"] += time.process_time() - cpu
@@ -331,6 +334,7 @@ def worker(
         "median_pair_slowdown_pct": (statistics.median(pair_ratios) - 1) * 100,
         "cpu_overhead_pct": (logged["cpu"] / unlogged["cpu"] - 1) * 100,
         "cpu_per_wall_logged": logged["cpu"] / logged["wall"],
+        "in_calls_pct": in_calls / unlogged["wall"] * 100,  # the calls alone, of the loop
         "loop_s": loop_seconds,
         "loop_cpu_s": time.process_time() - loop_cpu,  # the loop and the end of the run
         "finish_s": finish_s,
@@ -409,6 +413,8 @@ def summarize(results: list[dict[str, Any]], labels: list[str]) -> list[dict[str
             ):
                 row[key] = statistics.median(r[key] for r in ok)
             row["to_backend_max_s"] = max(r["to_backend_s"] for r in ok)
+            timed = [r["in_calls_pct"] for r in ok if "in_calls_pct" in r]
+            row["in_calls_pct"] = statistics.median(timed) if timed else None
             row["loop_s"] = statistics.median(r["loop_s"] for r in ok)
             loads = [r["load_before"] for r in ok] + [r["load_after"] for r in ok]
             row.update(load_min=min(loads), load_max=max(loads))
@@ -427,7 +433,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     header = (
         f"{'case':<22} {'slowdown % median [min..max]':>30} {'total %':>8} {'CPU +%':>7} "
         f"{'step ms':>8} {'fresh %':>8} {'to backend s':>13} {'CPU s':>6} {'wake/s':>7} "
-        f"{'load':>10}"
+        f"{'calls %':>8} {'load':>10}"
     )
     lines = [header]
     for row in rows:
@@ -442,6 +448,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{row['step_ms_unlogged']:>8.2f} {row.get('fresh_process_pct', 0.0):>8.1f} "
             f"{row['to_backend_s']:>13.2f} "
             f"{row['loop_cpu_s']:>6.1f} {row['delivery_wakeups_per_s']:>7.1f} "
+            f"{row['in_calls_pct'] if row['in_calls_pct'] is not None else float('nan'):>8.2f} "
             f"{row['load_min']:4.1f}-{row['load_max']:4.1f}"
         )
     return "\n".join(lines)
@@ -500,9 +507,12 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.steps, args.block, args.step_ms, args.batch, args.media, args.out)
         return
-    if args.chart:
+    if args.chart:  # the summary again from the saved processes, the table, the PNG
         saved = json.loads(args.chart.read_text())
-        chart(saved["summary"], args.chart.with_suffix(".png"))
+        labels = list(dict.fromkeys(result["label"] for result in saved["results"]))
+        rows = summarize(saved["results"], labels)
+        print(table(rows))
+        chart(rows, args.chart.with_suffix(".png"))
         print(f"wrote {args.chart.with_suffix('.png')}")
         return
     cases = [case.strip() for case in args.cases.split(",") if case.strip()]
