@@ -475,7 +475,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     axes.axhline(0, color="black", linewidth=0.5)
     axes.set_ylabel("training loop slowdown, % (median, min-max)")
     axes.set_title("2,000 steps of ~5 ms: 20 scalars/step, histogram/50, image/200")
-    axes.tick_params(axis="x", rotation=20)
+    plt.setp(axes.get_xticklabels(), rotation=30, ha="right")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
