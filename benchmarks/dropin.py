@@ -28,7 +28,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from machine import provenance, wait_for_quiet
 
@@ -137,17 +137,9 @@ class Services:
         self.processes.append(subprocess.Popen(daemon, env=self.env, stdout=log, stderr=log))
         self._wait((self.work / "rt" / "control.sock").exists)
         if with_mlflow:
-            port = 5000 + os.getpid() % 1000
-            server = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
-            server += ["--port", str(port), "--workers", "1"]
-            server += ["--backend-store-uri", f"sqlite:///{self.work / 'mlflow.db'}"]
-            server += ["--artifacts-destination", str(self.work / "mlartifacts")]
-            env = {**self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-            self.processes.append(
-                subprocess.Popen(server, env=env, stdout=log, stderr=log, start_new_session=True)
-            )
-            self.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
-            self._wait(lambda: _answers(f"http://127.0.0.1:{port}/health"), 180)
+            server, uri = start_mlflow_server(self.work, self.env, log)
+            self.processes.append(server)
+            self.env["MLFLOW_TRACKING_URI"] = uri
 
     @staticmethod
     def _wait(condition: Callable[[], bool], seconds: float = 60) -> None:
@@ -159,13 +151,34 @@ class Services:
 
     def stop(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                with_group = process.args[1:3] == ["-m", "mlflow"]  # type: ignore[index]
-                if with_group:  # its uvicorn worker is a child in the same session
-                    os.killpg(process.pid, signal.SIGTERM)
-                else:
-                    process.send_signal(signal.SIGTERM)
-                process.wait(60)
+            stop_service(process)
+
+
+def start_mlflow_server(
+    work: Path, env: dict[str, str], log: IO[bytes]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`mlflow server` (sqlite, one worker) on 127.0.0.1 in `work`, answering; its tracking URI.
+    In a session of its own: `stop_service` ends it and its uvicorn worker together."""
+    port = 5000 + os.getpid() % 1000
+    server = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+    server += ["--port", str(port), "--workers", "1"]
+    server += ["--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}"]
+    server += ["--artifacts-destination", str(work / "mlartifacts")]
+    env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    process = subprocess.Popen(server, env=env, stdout=log, stderr=log, start_new_session=True)
+    Services._wait(lambda: _answers(f"http://127.0.0.1:{port}/health"), 180)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop_service(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a service this script started (an mlflow server with its worker), wait for it."""
+    if process.poll() is None:
+        with_group = process.args[1:3] == ["-m", "mlflow"]  # type: ignore[index]
+        if with_group:  # its uvicorn worker is a child in the same session
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        process.wait(60)
 
 
 def _answers(url: str) -> bool:

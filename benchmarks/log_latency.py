@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import provenance, wait_for_quiet
+from stalls import SLOW_NS, StallProbe
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
@@ -223,9 +224,10 @@ def _pause() -> None:
     time.sleep(2.0)
 
 
-def worker(case: str, calls: int, warmup: int, out: Path, work: Path) -> None:
+def worker(case: str, calls: int, warmup: int, out: Path, work: Path, stalls: bool) -> None:
     info: dict[str, Any] = {}
     adapter = SETUPS[case](case, work, info)
+    probe = StallProbe() if stalls else None
     log, flush = adapter.log, adapter.flush
     clock = time.perf_counter_ns
     for i in range(warmup):
@@ -235,15 +237,23 @@ def worker(case: str, calls: int, warmup: int, out: Path, work: Path) -> None:
     # Each row is built just before its call, outside the timed region: a list of all the
     # rows built up front would give the garbage collector 10^5 more objects to traverse,
     # and its full collections would show up in the tail of whatever allocates.
+    if probe is not None:
+        probe.install()
+    slow = probe.slow if probe is not None else None
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     step = warmup
     for j in range(calls):
         row = {"loss": 1.0 / (step + 1), "acc": step * 1e-7, "lr": 3e-4}
         started = clock()
         log(row, step)
-        samples[j] = clock() - started
+        took = samples[j] = clock() - started
+        if slow is not None and took > SLOW_NS:
+            slow.append((started, took))
         step += 1
     loop_seconds = time.perf_counter() - wall_start
+    if probe is not None:
+        probe.uninstall()
+        info["stalls"] = probe.attribute()
     flush()
     cpu_seconds = time.process_time() - cpu_start
     flush_seconds = time.perf_counter() - wall_start - loop_seconds
@@ -409,6 +419,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         checks["machine_busy_before"] = round(wait_for_quiet(args.quiet_wait), 3)
         command = [python, str(HERE), "--worker", case, "--calls", str(calls)]
         command += ["--warmup", str(warmup), "--out", str(out), "--work", str(work)]
+        command += ["--stalls"] if args.stalls else []
         done = subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT, check=False
         )
@@ -592,6 +603,8 @@ def checks_text(results: list[dict[str, Any]]) -> str:
     for result in results:
         info, checks = result.get("info", {}), result.get("checks", {})
         case = result["case"]
+        if "stalls" in info:
+            lines.append(f"{case}: slow calls by cause: {json.dumps(info['stalls'])}")
         if case == "floor" and checks:
             lines.append(
                 f"floor: {info.get('dropped_eagain', 0)} of {result['calls'] + result['warmup']} "
@@ -636,6 +649,11 @@ def main() -> None:
         help="measure imports only; with --save, replace the imports of an existing report",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    parser.add_argument(
+        "--stalls",
+        action="store_true",
+        help="attribute each call over 100 µs to a collection, the delivery thread or the OS",
+    )
     parser.add_argument("--save", type=Path, help="write the results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--receiver", help=argparse.SUPPRESS)
@@ -645,7 +663,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.calls, args.warmup, args.out, args.work)
+        worker(args.worker, args.calls, args.warmup, args.out, args.work, args.stalls)
         return
     if args.receiver:
         receiver(args.receiver)

@@ -8,6 +8,7 @@ across several messages.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,3 +90,29 @@ def test_a_burst_arrives_whole_and_in_order_across_several_messages(daemon: Daem
     rows = metric_rows(daemon, "pace")
     assert [row["step"] for row in rows] == list(range(total))
     assert all(row["half"] == row["i"] / 2 and row["flag"] == (row["i"] % 3 == 0) for row in rows)
+
+
+def test_rows_waiting_for_the_delivery_thread_give_the_garbage_collector_nothing_to_track(
+    daemon: Daemon, no_idle_pack: None
+) -> None:
+    """Queued rows are not GC-tracked: in a log() flood, tracked rows were promoted to the oldest
+    generation by the ten thousand and brought full collections, stalls of every thread."""
+    daemon.start()
+    run = trackd.init(project="pace", name="untracked")
+    assert run.flush(timeout=60) is True
+    total = 5000
+    tracked_before = len(gc.get_objects())
+    for step in range(total):
+        run.log({"loss": 1 / (step + 1), "epoch": step // 100, "best": step % 7 == 0})
+    assert len(gc.get_objects()) - tracked_before < total // 50
+    run.finish(timeout=60)
+    daemon.flush()
+    rows = metric_rows(daemon, "pace")
+    assert [row["step"] for row in rows] == list(range(total))
+    assert all(
+        row["loss"] == 1 / (row["step"] + 1)
+        and row["epoch"] == row["step"] // 100
+        and row["best"] == (row["step"] % 7 == 0)
+        and set(row) == {"step", "ts", "loss", "epoch", "best"}
+        for row in rows
+    )

@@ -8,7 +8,7 @@ import time
 
 from trackd import paths
 from trackd.client.artifacts import store_artifact, store_bytes
-from trackd.client.transport import Transport
+from trackd.client.transport import STEP, TIME, Transport
 from trackd.client.values import WithMedia, json_tree, metric_row, scalar, string_map
 from trackd.protocol import ALERT_LEVELS
 
@@ -236,7 +236,9 @@ class Run:
             elif type(step) is not int:
                 step = _step(step)
             self._step = step + 1
-            enqueue((step, time.time(), row))
+            row[STEP] = step  # type: ignore[index]  # the queue's own keys: see transport
+            row[TIME] = time.time()  # type: ignore[index]
+            enqueue(row)
 
     def _log_media(self, found: WithMedia, step: int | None) -> None:
         """The slow path of a row with media: store each file, then queue the row's numbers
@@ -264,8 +266,11 @@ class Run:
                 step = _step(step)
             self._step = step + 1
             ts = time.time()
-            if found.row:
-                enqueue((step, ts, found.row))
+            row = found.row
+            if row:
+                row[STEP] = step  # type: ignore[index]  # the queue's own keys: see transport
+                row[TIME] = ts  # type: ignore[index]
+                enqueue(row)
             for body in bodies:
                 transport.send("media", {"step": step, "ts": ts, **body})
 

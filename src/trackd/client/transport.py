@@ -1,7 +1,14 @@
 """Delivery of one run's messages to the daemon, off the caller's thread.
 
 `log()` only appends a row to `queue` (a deque: appends and pops are atomic
-under the GIL, so the caller takes no lock shared with this thread). A
+under the GIL, so the caller takes no lock shared with this thread): the
+row's own dict, its step and time under the keys `STEP` and `TIME`. Ints
+cannot be metric names, and a dict of ints, floats and strings is one the
+garbage collector does not track, where a `(step, time, row)` tuple would be
+tracked for as long as it waits (a tuple holding a dict never gets
+untracked): in a `log()` flood such tuples were promoted to the oldest
+generation by the ten thousand and brought full collections, each one a
+stall of every thread. A
 background thread packs the queued rows into `metrics` messages, numbers
 them, and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each
 wake-up takes the GIL from the training thread, which then waits for it when
@@ -9,7 +16,8 @@ its next torch op returns, so a quiet run is packed every `IDLE_SECONDS`, a
 flood every `POLL_SECONDS`, and a flush or close wakes it at once through a
 pipe (acks wake it too, but only to be read). Rows are packed `PACK_CHUNK_ROWS`
 at a time, so that no single msgpack call keeps a caller from the GIL past its
-switch interval; the chunks are joined into one message.
+switch interval, and at most `PASS_ROWS` a wake-up; the chunks are joined into
+one message.
 
 Nothing counts as delivered until the daemon acks it: every message stays
 in `_unacked` until an ack covers its sequence number, and is sent again
@@ -40,6 +48,8 @@ if TYPE_CHECKING:
 
     from trackd.client.console import ConsoleCapture
 
+STEP = 0  # a queued row's key of its step
+TIME = 1  # a queued row's key of its time.time()
 POLL_SECONDS = 0.01  # between packs while rows flood in, flushes wait or frames wait to go
 IDLE_SECONDS = 0.2  # between packs otherwise: a few wake-ups a second cost a training loop ~nothing
 FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after POLL_SECONDS
@@ -49,6 +59,11 @@ FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after PO
 # over sooner: a caller that never lets go of the GIL (a log() flood) would give it back
 # only every switch interval, and the rows would pile up unpacked while the daemon idles.
 PACK_CHUNK_ROWS = 64
+# Rows packed per wake-up at most (~0.5-1 ms of the GIL). A flood's backlog is packed over
+# several wake-ups, each ended by a poll that lets go of the GIL, rather than in one pass of
+# tens of ms during which every forced switch handed a log() caller a 5 ms wait; the
+# message being built stays open across them, so frames are as large as before.
+PASS_ROWS = 2048
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
 GAP_REWIND_SECONDS = 0.2
@@ -109,7 +124,7 @@ class Transport:
         self.run_id = run_id
         self.session = session
         self.endpoint = endpoint
-        self.queue: deque[tuple[int, float, dict[str, Any]] | Message | FlushRequest] = deque()
+        self.queue: deque[dict[Any, Any] | Message | FlushRequest] = deque()
         self.errors: dict[str, int] = {}
         self._spool_dir = spool_dir
         self._memory_limit = memory_bytes or int(
@@ -128,7 +143,7 @@ class Transport:
         self._unreachable_since: float | None = None
         self._flushes: list[FlushRequest] = []
         self._pack_at = 0.0  # monotonic time of the next pack; 0: at the next wake-up
-        self._chunks: list[memoryview] = []  # packed rows of the metrics message being built
+        self._chunks: list[bytes] = []  # packed rows of the metrics message being built
         self._chunk_rows = 0
         self._chunk_bytes = 0
         self._stop = threading.Event()
@@ -236,8 +251,11 @@ class Transport:
         now = time.monotonic()
         if now >= self._pack_at:
             self._queue_console()
-            rows = self._pack_queue()
-            self._pack_at = now + (POLL_SECONDS if rows >= FLOOD_ROWS else IDLE_SECONDS)
+            rows = self._pack_queue(PASS_ROWS)
+            if self.queue and rows >= PASS_ROWS:
+                self._pack_at = 0.0  # more after a poll: the caller gets the GIL in between
+            else:
+                self._pack_at = now + (POLL_SECONDS if rows >= FLOOD_ROWS else IDLE_SECONDS)
         if socket is None:
             self._spill()
         else:
@@ -281,18 +299,19 @@ class Transport:
         if console is not None:
             console.deliver(self.send)
 
-    def _pack_queue(self) -> int:
-        """Turn queued rows and messages into numbered frames, in the order they were queued;
+    def _pack_queue(self, limit: float = float("inf")) -> int:
+        """Turn queued rows and messages into numbered frames, in the order they were queued,
+        until `limit` rows are packed (the metrics message then stays open for the rest);
         the number of rows packed."""
         rows: list[tuple[int, float, dict[str, Any]]] = []
         packed = 0
         queue = self.queue
-        while queue:
+        while queue and packed + len(rows) < limit:
             item = queue.popleft()
-            if type(item) is tuple:
-                if type(item[2]) is PendingRow:
-                    item = (item[0], item[1], item[2].resolved())
-                rows.append(item)
+            if type(item) is PendingRow:
+                item = item.resolved()
+            if type(item) is dict:
+                rows.append((item.pop(STEP), item.pop(TIME), item))
                 if len(rows) >= PACK_CHUNK_ROWS:
                     packed += len(rows)
                     self._add_rows(rows)
@@ -311,13 +330,15 @@ class Transport:
         if rows:
             packed += len(rows)
             self._add_rows(rows)
-        self._end_metrics()
+        if not queue:
+            self._end_metrics()
         return packed
 
     def _add_rows(self, rows: list[tuple[int, float, dict[str, Any]]]) -> None:
         """Pack rows onto the metrics message being built; end it first if they would not fit."""
         packed = msgpack.packb(rows, use_bin_type=True)
-        body = memoryview(packed)[len(_array_header(len(rows))) :]
+        # a copy, not a memoryview: bytes are no work for the garbage collector
+        body = packed[len(_array_header(len(rows))) :]
         if len(body) + _ENVELOPE_BYTES > MAX_FRAME_BYTES:
             if len(rows) > 1:
                 half = len(rows) // 2
