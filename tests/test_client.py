@@ -630,6 +630,39 @@ def test_child_forked_while_delivering_logs_into_the_same_run(
     assert_fork_rows(daemon, python(env, FORKING_SCRIPT, "--flush-first"))
 
 
+# Fault injection: the parent's delivery thread is held until its child has delivered and
+# exited and the sinks have taken the child's rows, so the parent's run_start reaches the
+# daemon after them (as it can under load when the child is forked right after init()).
+PARENT_HELD = """
+import os, threading
+from trackd.client import transport
+
+parent, gate = os.getpid(), threading.Event()
+deliver = transport.Transport._pass
+
+def held(self, socket):
+    if os.getpid() == parent:
+        gate.wait()
+    deliver(self, socket)
+
+transport.Transport._pass = held
+"""
+
+
+def test_a_child_whose_rows_reach_the_daemon_before_its_parents_run_start_logs_into_the_run(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """A forked child's own session announces the run it logs to (a join), so its rows land
+    in the run even when they reach the daemon before the parent's run_start."""
+    daemon.start()
+    waited = "_, status = os.waitpid(pid, 0)\n"
+    assert waited in FORKING_SCRIPT
+    delivered_then_released = "from trackd.client.control import request\n"
+    delivered_then_released += "assert request('flush', timeout=65, wait=60)\ngate.set()\n"
+    script = PARENT_HELD + FORKING_SCRIPT.replace(waited, waited + delivered_then_released)
+    assert_fork_rows(daemon, python(env, script))
+
+
 def test_four_threads_logging_to_one_run_get_unique_steps(daemon: Daemon) -> None:
     """4 threads x 5,000 log() calls on one run: 20,000 rows, steps exactly 0..19,999."""
     daemon.start()

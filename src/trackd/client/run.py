@@ -121,6 +121,7 @@ class Run:
             self._spool_dir = os.fspath(dir) if dir else paths.spool_dir(paths.data_dir())
             self._transport = self._new_transport()
             self._transport.send("run_start", start_body)
+            self._start_body = start_body
             if diff:
                 self._send_diff(diff)
             if console == "wrap":
@@ -365,6 +366,14 @@ class Run:
             return
         self._transport.abandon()
         self._transport = self._new_transport()
+        if not self._start_body.get("resolve"):
+            # The parent's run_start may still be queued in the parent, and this session's rows
+            # could reach the daemon first and land in a placeholder run: announce the run as
+            # a joining rank does, with the parent's own start (its pid: the system sampler
+            # measures this process as the parent's child). The daemon keeps whichever start
+            # comes first and turns a later join into a `joined` record.
+            body = {**self._start_body, "config": dict(self.config), "join": True}
+            self._transport.send("run_start", body)
         self._enqueue = self._transport.queue.append
         if self._console is not None:
             self._console.after_fork()

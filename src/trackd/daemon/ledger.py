@@ -115,7 +115,9 @@ class Ledger:
             self.alerts.append({"run": run_id, **body})
         elif kind == "joined" and run_id in self.runs and "pid" in body:
             # another rank's process: the system sampler measures every rank on its node
-            self.runs[run_id].setdefault("ranks", []).append([body.get("host"), body["pid"]])
+            ranks = self.runs[run_id].setdefault("ranks", [])
+            if [body.get("host"), body["pid"]] not in ranks:  # a forked child joins as its parent
+                ranks.append([body.get("host"), body["pid"]])
         elif kind == "run_end" and run_id in self.runs:
             self.runs[run_id].update(
                 status=body["status"], ended=body["ended"], error=body.get("error")
