@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from conftest import HELPERS, wait_for
+from conftest import HEAVY, HELPERS, wait_for
 from trackd.client.control import DaemonUnreachable, request
 
 ROWS = 6000
@@ -43,7 +43,8 @@ CUT_SECONDS = 30.0
 MLFLOW_PORT = 5000  # the backend namespace's own port space: nothing else listens there
 REFUSED = ("Operation not permitted", "Permission denied", "not supported", "Not supported")
 
-pytestmark = pytest.mark.timeout(240)
+# three namespaces, an MLflow server and two daemons: one heavy test at a time
+pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group(HEAVY)]
 
 WAIT_FOR_MLFLOW = r"""
 import sys, time, urllib.request
