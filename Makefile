@@ -13,8 +13,9 @@ FAST_TESTS := tests/test_protocol.py tests/test_settings.py tests/test_curve.py 
 
 # The suite runs on pytest-xdist workers: most tests wait on daemons, servers and clients in
 # processes of their own, so 3 workers keep 2 cores busy (with 4 on a loaded machine 22
-# tests ran out of time: README "Testing"). `--dist loadgroup` honours the xdist_group marks (the heavy tests one at a time; tests/conftest.py groups a module whose
-# tests share a module-scoped server). A plain `pytest tests/test_x.py` stays serial.
+# tests ran out of time: README "Testing"). `--dist loadgroup` honours the xdist_group
+# marks (the heavy tests one at a time; tests/conftest.py groups a module whose tests share
+# a module-scoped server). A plain `pytest tests/test_x.py` stays serial.
 WORKERS ?= 3
 PARALLEL := -n $(WORKERS) --dist loadgroup
 # more pytest options, e.g. PYTEST_ARGS=--basetemp=/tmp/mine beside other checkouts' runs
