@@ -105,6 +105,49 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+HEAVY = "heavy"  # the xdist_group of tests that each load both cores (namespaces, chaos)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For `make test`'s parallel run (`pytest -n N --dist loadgroup`; a no-op without it).
+
+    A module whose tests share a module-scoped fixture (a server, a run delivered once)
+    becomes one xdist group, so one worker makes that fixture once instead of every worker
+    making it. The heavy group goes first: its tests run one after another in one worker,
+    and started last they would be the run's tail."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        definitions = item._fixtureinfo.name2fixturedefs.values()
+        if any(d.scope == "module" for defs in definitions for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: _groups(item) != [HEAVY])
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker sends the ids to its scheduler
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Give each grouped test the `@group` id suffix that xdist's scheduler groups by.
+
+    pytest-xdist 3.8 sets it on `item._nodeid`, which pytest 9.2 no longer reads (a node's
+    id is `item._id`), so every xdist_group mark is silently ignored; this writes it where
+    pytest reads it, and stands aside once the id has its suffix."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in session.items:
+        groups = _groups(item)
+        if groups and item.nodeid.rfind("@") <= item.nodeid.rfind("]"):  # xdist's own test
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
+
+
+def _groups(item: pytest.Item) -> list[str]:
+    return [str(mark.args[0]) for mark in item.iter_markers("xdist_group") if mark.args]
+
+
 @pytest.fixture(autouse=True)
 def _outside_any_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test (and every client it starts) runs in a directory of its own: init()'s

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import wait_for
+from conftest import HEAVY, wait_for
 from helpers.netns import Lab, NamespacedMlflow, Node, build_network, read_back, set_link
 
 CLIENTS = {"a": 2, "b": 1, "c": 2}  # node -> training clients on it
@@ -27,7 +27,8 @@ OUTAGE = 8.0
 CUT = 8.0
 KEYS = ("i", "loss")
 
-pytestmark = pytest.mark.timeout(300)
+# four namespaces, an MLflow server, three daemons and five clients: one heavy test at a time
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group(HEAVY)]
 
 
 def run_names() -> list[str]:

@@ -16,14 +16,15 @@ import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import HEAVY, wait_for
 from helpers.netns import Lab, NamespacedMlflow, Node, build_network, read_back, set_link
 
 ROWS = 6000
 PACE = 0.9  # seconds per 100 rows: about 55 s of logging
 CUT_SECONDS = 30.0
 
-pytestmark = pytest.mark.timeout(240)
+# three namespaces, an MLflow server and two daemons: one heavy test at a time
+pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group(HEAVY)]
 
 
 def test_two_nodes_one_mlflow_link_cut_for_30s_everything_arrives_once(

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import Daemon, jsonl_runs
+from conftest import Daemon, free_port, jsonl_runs
 
 RANK_SCRIPT = r"""
 import sys
@@ -22,7 +22,9 @@ run.finish()
 
 
 def launch(env: dict[str, str], ranks: str, rows: int) -> None:
-    """Four processes as torchrun would start them: RANK 0-3, WORLD_SIZE 4, one rendezvous."""
+    """Four processes as torchrun would start them: RANK 0-3, WORLD_SIZE 4, one rendezvous
+    (a port of its own, so no job running beside it on the machine is the same job)."""
+    port = str(free_port())
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", RANK_SCRIPT, ranks, str(rows)],
@@ -32,7 +34,7 @@ def launch(env: dict[str, str], ranks: str, rows: int) -> None:
                 "LOCAL_RANK": str(rank),
                 "WORLD_SIZE": "4",
                 "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": "29555",
+                "MASTER_PORT": port,
             },
             stderr=subprocess.PIPE,
         )

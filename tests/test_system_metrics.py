@@ -186,8 +186,8 @@ def test_interval_from_the_config_file_and_the_environment(
 
 LAUNCHER = """
 import os, subprocess, sys
-helper, stop = sys.argv[1], sys.argv[2]
-job = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561"}
+helper, stop, port = sys.argv[1:4]
+job = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
 ranks = [
     subprocess.Popen(
         [sys.executable, helper, "--name", "ddp", "--stop", stop, "--rss-mb", str(100 * rank)],
@@ -207,8 +207,10 @@ def test_every_rank_of_a_job_on_the_node_counts_in_its_runs_process_metrics(
     to the daemon, and rank 1 (holding 100 MiB) is measured with it."""
     daemon.start(extra_env=SAMPLING)
     stop = dirs["root"] / "stop"
+    port = str(free_port())  # the job's own: no other job on the machine shares its ranks
     launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(HELPERS / "load_client.py"), str(stop)], env=env
+        [sys.executable, "-c", LAUNCHER, str(HELPERS / "load_client.py"), str(stop), port],
+        env=env,
     )
     try:
         rows = wait_for(lambda: [r for r in samples(dirs["data"], "ddp") if r["proc.count"] == 2])

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Daemon, jsonl_runs, wait_for
+from conftest import HEAVY, Daemon, jsonl_runs, wait_for
 from mlflow_server import MlflowServer
 
 CLIENT = Path(__file__).parent / "chaos_client.py"
@@ -69,6 +69,7 @@ SEED = int(os.environ.get("TRACKD_CHAOS_SEED", str(DEFAULT_SEED)))
 pytestmark = [
     pytest.mark.timeout(PROFILE.budget + 30),
     pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SADeprecationWarning"),
+    pytest.mark.xdist_group(HEAVY),  # its timings are its figures: one heavy test at a time
 ]
 
 

@@ -45,12 +45,17 @@ class Archive:
 
 def comet_env(root: Path) -> dict[str, str]:
     """For a daemon with a Comet sink: no API key, no config file, no error reports, and a
-    server URL nobody answers (a free loopback port), so nothing can reach Comet's servers."""
+    server URL nobody answers (a free loopback port), so nothing can reach Comet's servers.
+    Comet's own HTTP retries are off: against that port they back off for about a minute
+    before an online session gives up, and the retry a test checks is trackd's."""
     return {
         "COMET_API_KEY": "",
         "COMET_CONFIG": str(root / "no-comet.config"),
         "COMET_URL_OVERRIDE": f"http://127.0.0.1:{free_port()}/clientlib/",
         "COMET_ERROR_TRACKING_ENABLE": "false",
+        "COMET_HTTP_SESSION_RETRY_TOTAL": "0",
+        "COMET_GET_OR_ADD_EXPERIMENT_RETRY_TOTAL": "0",
+        "COMET_GET_OR_ADD_EXPERIMENT_RETRY_CONNECT": "0",
     }
 
 
