@@ -116,7 +116,8 @@ class Ingest:
         self._accepted: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self.full: Callable[[], bool] = lambda: False
-        self._started: set[str] = set(ledger.runs)  # runs whose run_start is in the WAL
+        # runs whose run_start is in the WAL -> that start's time
+        self._started = {run_id: run.get("started") for run_id, run in ledger.runs.items()}
 
     def start(self) -> None:
         self.wal.start_writer(self._from_writer)
@@ -149,11 +150,18 @@ class Ingest:
         if resolved is not message:  # a resume resolved here: stored under the resumed run
             message, frame = resolved, encode(resolved)
         if message["t"] == "run_start":
-            if message["b"].get("join") and message["r"] in self._started:
-                rank = {k: message["b"][k] for k in ("host", "pid") if k in message["b"]}
+            body, run_id = message["b"], message["r"]
+            # A joining rank, or the same start told twice (a forked child announces its
+            # parent's start, which may come first or second): the run has one start, so a
+            # sink never sees a second one in the middle of the run.
+            if run_id in self._started and (
+                body.get("join") or body["started"] == self._started[run_id]
+            ):
+                rank = {k: body[k] for k in ("host", "pid") if k in body}
                 message = {**message, "t": "joined", "b": {"values": {}, **rank}}
                 frame = encode(message)
-            self._started.add(message["r"])
+            else:
+                self._started[run_id] = body["started"]
         elif message["t"] == "tags":
             self._count_ignored(message["b"]["values"])
         self.wal.append(frame, _Accepted.of(frame, message, reply))

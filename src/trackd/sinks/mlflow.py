@@ -906,6 +906,7 @@ def _use_http_settings(settings: dict[str, int]) -> None:
         return
     request: Any = rest_utils.http_request
 
+    @functools.wraps(request)  # its signature stays MLflow's (the contract test reads it)
     def http_request(*args: Any, **kwargs: Any) -> Any:
         for argument, value in getattr(_REQUESTS, "settings", {}).items():
             if kwargs.get(argument) is None:
