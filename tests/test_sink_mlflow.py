@@ -260,11 +260,7 @@ def test_daemon_killed_mid_delivery_still_exactly_once(
     settings = {"TRACKD_CHECKPOINT_SECONDS": "5"}
     daemon.start(*serve, extra_env=settings)
     running = [clients.start(f"crash-{store}", name, 6000, pace=0.12) for name in "ab"]
-    for _ in range(2):
-        wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=30)
-        time.sleep(0.3)
-        daemon.kill()
-        daemon.start(*serve, extra_env=settings)
+    kill_twice_mid_delivery(daemon, serve, settings)
     for client in running:
         finish_client(client)
     daemon.flush(timeout=120)
@@ -273,6 +269,17 @@ def test_daemon_killed_mid_delivery_still_exactly_once(
     for run in runs.values():
         assert_complete(uri, run, 6000)
     assert daemon.stop() == 0
+
+
+def kill_twice_mid_delivery(
+    daemon: Daemon, serve: tuple[str, ...], settings: dict[str, str]
+) -> None:
+    """SIGKILL the daemon twice once its sink has delivered some rows, restarting it each time."""
+    for _ in range(2):
+        wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=30)
+        time.sleep(0.3)
+        daemon.kill()
+        daemon.start(*serve, extra_env=settings)
 
 
 def refused_points(postgres: Postgres) -> list[str]:
@@ -298,11 +305,7 @@ def test_daemon_killed_mid_delivery_into_postgresql_never_sends_a_stored_point_a
     refused_before = len(refused_points(postgres))
     daemon.start(*serve, extra_env=settings)
     running = [clients.start("crash-postgres", name, 6000, pace=0.12) for name in "ab"]
-    for _ in range(2):
-        wait_for(lambda: sink_status(daemon)["delivered_rows"] > 0, timeout=30)
-        time.sleep(0.3)
-        daemon.kill()
-        daemon.start(*serve, extra_env=settings)
+    kill_twice_mid_delivery(daemon, serve, settings)
     for client in running:
         finish_client(client)
     daemon.flush(timeout=120)

@@ -10,9 +10,21 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import trackd
 from conftest import Daemon
 from trackd.cli_views import SPARKS
+
+# `trackd` as a shell in a terminal starts it: Ctrl-C (SIGINT) at its default, not blocked.
+# A test worker's process may pass on an ignored or blocked SIGINT (both survive exec).
+AS_FROM_A_TERMINAL = (
+    "import runpy, signal, sys; "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "sys.argv[0] = 'trackd'; "
+    "runpy.run_module('trackd', run_name='__main__', alter_sys=True)"
+)
 
 
 def read_screen(fd: int, until: str, seconds: float) -> str:
@@ -29,6 +41,7 @@ def read_screen(fd: int, until: str, seconds: float) -> str:
     return seen.decode(errors="replace")
 
 
+@pytest.mark.serial
 def test_terminal_view_shows_latest_values_and_sparklines(
     daemon: Daemon, env: dict[str, str]
 ) -> None:
@@ -37,10 +50,10 @@ def test_terminal_view_shows_latest_values_and_sparklines(
     run = trackd.init(project="view", name="r")
     for step in range(40):
         run.log({"loss": 1.0 / (step + 1), "acc": step / 40}, step=step)
-    run.flush(10)
+    assert run.flush(10)
     primary, secondary = pty.openpty()
     tail = subprocess.Popen(
-        [sys.executable, "-m", "trackd", "tail", "--since-start"],
+        [sys.executable, "-c", AS_FROM_A_TERMINAL, "tail", "--since-start"],
         env={**env, "COLUMNS": "120", "TERM": "xterm"},
         stdin=secondary,
         stdout=secondary,
@@ -52,9 +65,15 @@ def test_terminal_view_shows_latest_values_and_sparklines(
         screen = read_screen(primary, "0.025", 20)  # loss at step 39, the last row drawn
     finally:
         tail.send_signal(signal.SIGINT)
-        tail.wait(10)
-        os.close(primary)
-        run.finish()
+        try:
+            tail.wait(10)
+        except subprocess.TimeoutExpired:
+            tail.kill()
+            tail.wait(10)
+            pytest.fail("trackd tail did not stop on SIGINT (Ctrl-C)")
+        finally:
+            os.close(primary)
+            run.finish()
     assert "loss" in screen
     assert "acc" in screen
     assert "0.975" in screen, "the latest acc (39/40) is shown"
