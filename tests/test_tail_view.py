@@ -37,6 +37,7 @@ def read_screen(
     return seen.decode(errors="replace")
 
 
+@pytest.mark.serial  # see pyproject's markers
 def test_terminal_view_shows_latest_values_and_sparklines(
     daemon: Daemon, env: dict[str, str]
 ) -> None:
@@ -56,17 +57,19 @@ def test_terminal_view_shows_latest_values_and_sparklines(
         close_fds=True,
     )
     os.close(secondary)
+    screen = ""
     try:
         screen = read_screen(primary, "0.025", 20)  # loss at step 39, the last row drawn
     finally:
         tail.send_signal(signal.SIGINT)
-        read_screen(primary, "\0", 10, tail)  # the terminal goes on being read until it stops
+        # the terminal goes on being read until it stops
+        after = read_screen(primary, "\0", 10, tail)
         try:
             tail.wait(1)
         except subprocess.TimeoutExpired:
             tail.kill()
             tail.wait(10)
-            pytest.fail("trackd tail did not stop on SIGINT (Ctrl-C)")
+            pytest.fail(f"trackd tail did not stop on Ctrl-C; it showed {screen + after!r}")
         finally:
             os.close(primary)
             run.finish()
