@@ -44,13 +44,11 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 # mypy (minutes with a cold cache: it reads the SDKs' and torch's stubs) runs beside the
-# tests, which spend most of their time waiting; any part failing fails the target. Tests
-# marked `serial` run after the parallel part, alone (see pyproject's markers).
+# tests, which spend most of their time waiting; either failing fails the target.
 test: lint
 	$(BIN)/mypy & typecheck=$$!; \
-	$(BIN)/pytest $(PARALLEL) -m "not serial" --durations=30 $(PYTEST_ARGS); tests=$$?; \
-	$(BIN)/pytest -m serial $(PYTEST_ARGS); serial=$$?; \
-	wait $$typecheck && [ $$tests -eq 0 ] && exit $$serial
+	$(BIN)/pytest $(PARALLEL) --durations=30 $(PYTEST_ARGS); tests=$$?; \
+	wait $$typecheck && exit $$tests
 
 test-fast: $(VENV)/.installed-test
 	$(BIN)/pytest -q $(FAST_TESTS)

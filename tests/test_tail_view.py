@@ -37,7 +37,6 @@ def read_screen(
     return seen.decode(errors="replace")
 
 
-@pytest.mark.serial  # see pyproject's markers
 def test_terminal_view_shows_latest_values_and_sparklines(
     daemon: Daemon, env: dict[str, str]
 ) -> None:

@@ -42,6 +42,9 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+STREAM_POLL_MS = 200  # `tail`: how long Ctrl-C may wait while nothing arrives
+
+
 def _ask(command: str, runtime_dir: str | None, endpoint: str | None, **arguments: Any) -> Any:
     try:
         return request(command, endpoint=endpoint, runtime_dir=runtime_dir, **arguments)
@@ -233,6 +236,11 @@ def tail(
         seam.read_to_end()
     try:
         while True:
+            # A bounded wait, not a blocking recv: Ctrl-C may be delivered to another thread
+            # (the view's refresh), and Python runs its handler only in the main thread, at
+            # its next bytecode, so a recv blocked while nothing is logged would ignore it.
+            if not socket.poll(STREAM_POLL_MS):
+                continue
             topic, frame, packed = socket.recv_multipart()
             if seam is not None:
                 seam.live(topic.decode(), frame, tuple(msgpack.unpackb(packed)))
