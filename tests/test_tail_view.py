@@ -16,6 +16,15 @@ import trackd
 from conftest import Daemon
 from trackd.cli_views import SPARKS
 
+# `trackd tail` as a shell on a terminal starts it: with Ctrl-C (SIGINT) at its default. A
+# suite started in the background (`make test &`) passes on SIGINT ignored, which survives exec.
+AS_FROM_A_TERMINAL = (
+    "import runpy, signal, sys; "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'trackd'; "
+    "runpy.run_module('trackd', run_name='__main__', alter_sys=True)"
+)
+
 
 def read_screen(
     fd: int, until: str, seconds: float, process: subprocess.Popen[bytes] | None = None
@@ -48,7 +57,7 @@ def test_terminal_view_shows_latest_values_and_sparklines(
     assert run.flush(10)
     primary, secondary = pty.openpty()
     tail = subprocess.Popen(
-        [sys.executable, "-m", "trackd", "tail", "--since-start"],
+        [sys.executable, "-c", AS_FROM_A_TERMINAL, "tail", "--since-start"],
         env={**env, "COLUMNS": "120", "TERM": "xterm"},
         stdin=secondary,
         stdout=secondary,
