@@ -4,6 +4,7 @@ which trackd tree is being measured. Shared by log_latency.py, throughput.py and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -16,6 +17,20 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def proc_run_seconds(pid: int) -> float:
+    """Seconds the process's live threads ran on a CPU, in nanoseconds' precision.
+
+    From each thread's /proc/PID/task/TID/schedstat, not the 10 ms clock ticks of
+    /proc/PID/stat: a daemon that costs half a percent of a core runs 50 ticks a
+    minute, so ticks alone put ±0.1% on a figure meant to be read to 0.05%.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended since the listing
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def proc_status_kb(pid: int, key: str) -> int:

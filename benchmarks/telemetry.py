@@ -8,9 +8,10 @@ Cases (`CASES`; add one by writing a function `(args) -> dict` and listing it th
 * `sampler`: the daemon's CPU for system metrics with 4 runs open on the node. For each
   `system_interval` (off, 1 s, 10 s) a fresh daemon (default JSONL sink) and 4 client
   processes that open a run, log one row and then sleep; after a settling period the
-  daemon's CPU seconds (utime + stime, /proc/PID/stat) are read over `--window`
-  seconds. The cost of sampling is the difference from the daemon with sampling off,
-  over the same window: per sampling round (one round = one `system` message per run,
+  daemon's CPU seconds are read over `--window` seconds (each thread's run time from
+  /proc/PID/task/TID/schedstat, to the nanosecond: the 10 ms clock ticks of
+  /proc/PID/stat are too coarse for a figure of half a percent). The cost of sampling
+  is the difference from the daemon with sampling off, over the same window: per sampling round (one round = one `system` message per run,
   sampled, made durable in the WAL and written to system.jsonl) and as a share of one
   core. Rounds are counted from the daemon's own `trackd status` (samples acked / 4),
   which also gives the sampler thread's own CPU (psutil and NVML reads only): the rest
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from machine import proc_cpu_seconds, proc_status_kb, provenance, wait_for_quiet
+from machine import proc_run_seconds, proc_status_kb, provenance, wait_for_quiet
 from throughput import Daemon
 
 RUNS = 4
@@ -89,9 +90,9 @@ def sampler(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(args.settle)
             busy = wait_for_quiet(args.quiet_wait)
             before = daemon.request("status")["system"]
-            cpu_before, started = proc_cpu_seconds(daemon.pid), time.monotonic()
+            cpu_before, started = proc_run_seconds(daemon.pid), time.monotonic()
             time.sleep(args.window)
-            cpu = proc_cpu_seconds(daemon.pid) - cpu_before
+            cpu = proc_run_seconds(daemon.pid) - cpu_before
             elapsed = time.monotonic() - started
             after = daemon.request("status")["system"]
             samples = after.get("samples", 0) - before.get("samples", 0)

@@ -1,4 +1,5 @@
-"""How the client's delivery thread paces itself (client/transport.py).
+"""How the client's delivery thread paces itself (client/transport.py), and how often the
+daemon's fan-out saves a sink's cursor (daemon/fanout.py).
 
 It packs a quiet run only every `IDLE_SECONDS` and packs rows a chunk at a
 time; these tests pin down what that must never cost: a flush or finish does
@@ -19,6 +20,7 @@ import pytest
 import trackd
 from conftest import Daemon, wait_for
 from trackd.client import registry, transport
+from trackd.daemon import fanout
 
 NEVER = 3600.0  # an idle period no test could wait out: only a wake-up can pack
 
@@ -116,3 +118,27 @@ def test_rows_waiting_for_the_delivery_thread_give_the_garbage_collector_nothing
         and set(row) == {"step", "ts", "loss", "epoch", "best"}
         for row in rows
     )
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "delivered", "due"),
+    [
+        (0.4, 10_000, False),  # a stream, but within checkpoint_seconds
+        (0.5, fanout.TRICKLE_RECORDS, True),  # a stream: every checkpoint_seconds
+        (0.5, fanout.TRICKLE_RECORDS - 1, False),  # a trickle waits ...
+        (fanout.TRICKLE_SAVE_SECONDS - 0.1, 1, False),
+        (fanout.TRICKLE_SAVE_SECONDS, 1, True),  # ... TRICKLE_SAVE_SECONDS
+        (fanout.TRICKLE_SAVE_SECONDS, 0, True),  # the first save after a start
+    ],
+)
+def test_a_sink_saves_its_cursor_often_in_a_stream_and_seldom_in_a_trickle(
+    elapsed: float, delivered: int, due: bool
+) -> None:
+    """The daemon's own fan-out: a save fsyncs the sink's files, so a daemon sampling a few
+    runs a second would spend most of its sampling cost on saves every half second."""
+    assert fanout.save_due(elapsed, delivered, checkpoint_seconds=0.5) is due
+
+
+def test_a_checkpoint_interval_longer_than_the_trickles_is_kept() -> None:
+    assert not fanout.save_due(fanout.TRICKLE_SAVE_SECONDS, 1, checkpoint_seconds=30.0)
+    assert fanout.save_due(30.0, 1, checkpoint_seconds=30.0)

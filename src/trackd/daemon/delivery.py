@@ -32,6 +32,13 @@ T = TypeVar("T")
 UNMAPPED_RETRIES = 5
 
 
+class Untried:
+    """No write of the batch was attempted yet (`Delivery.deliver`'s `first`)."""
+
+
+UNTRIED = Untried()
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with full jitter: a uniform wait in [0, min(cap, base * 2**attempt)]."""
@@ -88,31 +95,46 @@ class Delivery:
                 attempt += 1
         return False
 
-    async def deliver(self, records: list[Record]) -> bool:
-        """Write a batch; False if stopped before it was stored.
+    def attempt(self, records: list[Record]) -> Exception | None:
+        """One write of a batch, on the sink's thread: what it raised, or None once stored.
+
+        The fan-out reads a batch and makes this first attempt in one call on the sink's
+        thread, so that a batch that goes through costs the event loop one hand-off.
+        """
+        try:
+            self.sink.write(records)
+        except Exception as exc:  # judged by `deliver`, on the event loop
+            return exc
+        return None
+
+    async def deliver(
+        self, records: list[Record], first: Exception | Untried | None = UNTRIED
+    ) -> bool:
+        """Write a batch, given the outcome of a `first` attempt if one was made; False if
+        stopped before it was stored.
 
         An exception the sink did not map is a bug in it: it is retried, but after
         `UNMAPPED_RETRIES` in a row it is treated as permanent, so that one record a
         sink cannot handle goes to the dead letters instead of stalling it forever.
         """
         attempt = 0
+        outcome = first
         while not self.stopped.is_set():
-            try:
-                await self.call(self.sink.write, records)
-            except SinkError as exc:
-                self._failed(exc)
-                if not exc.retriable:
-                    return await self._one_by_one(records, exc)
-            except Exception as exc:
-                self._failed(exc)
-                if attempt + 1 >= UNMAPPED_RETRIES:
-                    error = SinkError(f"{type(exc).__name__}: {exc}", retriable=False)
-                    return await self._one_by_one(records, error)
-            else:
+            if isinstance(outcome, Untried):
+                outcome = await self.call(self.attempt, records)
+            if outcome is None:
                 self._delivered(records)
                 return True
+            self._failed(outcome)
+            if isinstance(outcome, SinkError):
+                if not outcome.retriable:
+                    return await self._one_by_one(records, outcome)
+            elif attempt + 1 >= UNMAPPED_RETRIES:
+                error = SinkError(f"{type(outcome).__name__}: {outcome}", retriable=False)
+                return await self._one_by_one(records, error)
             await self.sleep(self._backoff.delay(attempt, self._rng))
             attempt += 1
+            outcome = UNTRIED
         return False
 
     async def _one_by_one(self, records: list[Record], error: SinkError) -> bool:

@@ -39,7 +39,27 @@ from trackd.daemon.nvml import NVML_MODULE, Gpus, open_gpus
 log = logging.getLogger("trackd.system")
 CHILDREN_RESCAN_SECONDS = 10.0  # how long a new child (a DataLoader worker) may go unmeasured
 _MEMORY_TOTAL = psutil.virtual_memory().total
+_CPU_COUNT = psutil.cpu_count() or 0
 _GONE = (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess)
+
+
+def _stat(pid: int | str) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name, from the state on (field 3).
+
+    One read serves everything measured of a process in a round: its parent, CPU time,
+    thread count, resident pages and start time (psutil reads three files for the same).
+    Raises OSError once the process is gone.
+    """
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        fields = stat.read()
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+    return fields[fields.rfind(b")") + 2 :].split()
+
+
+# Indexes into `_stat`'s fields (proc(5)'s field numbers minus 3).
+_PPID, _UTIME, _STIME, _THREADS, _STARTTIME, _RSS = 1, 11, 12, 17, 19, 21
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class ProcessTree:
@@ -56,12 +76,9 @@ class ProcessTree:
             if not entry.name.isdigit():
                 continue
             try:
-                with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                    fields = stat.read()
+                parent = int(_stat(entry.name)[_PPID])
             except OSError:  # gone since the listing
                 continue
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-            parent = int(fields[fields.rfind(b")") + 2 :].split(maxsplit=2)[1])
             self._children.setdefault(parent, []).append(int(entry.name))
 
     def children(self, pid: int) -> list[int]:
@@ -77,48 +94,55 @@ class ProcessTree:
 
 
 class _RunProcesses:
-    """A run's processes, kept between samples: psutil's CPU % is measured since the last call."""
+    """A run's processes, kept between samples: CPU % is measured since the last sample.
+
+    Each process is known by its pid and start time, so a pid the kernel gave to a new
+    process is not taken for the old one. Read from `/proc/PID/stat` once per process a
+    round (CPU ticks, threads, resident pages), as psutil computes them from the same
+    fields: at a 1 s interval the per-process reads were a tenth of the daemon's cost.
+    """
 
     def __init__(self) -> None:
-        self.processes: dict[int, psutil.Process] = {}
-        self.primed: set[int] = set()  # measured once: psutil's first CPU % of a process is 0.0
+        self.processes: dict[int, bytes] = {}  # pid -> start time
+        self._last: dict[int, tuple[bytes, int, float]] = {}  # pid -> (start, CPU ticks, when)
 
     def refresh(self, roots: Iterable[int], tree: ProcessTree) -> None:
-        found: dict[int, psutil.Process] = {}
+        found: dict[int, bytes] = {}
         for pid in roots:
             try:
-                root = self.processes.get(pid) or psutil.Process(pid)
-                ranks = [root, *_job_siblings(root, tree)]
+                ranks = [pid, *_job_siblings(psutil.Process(pid), tree)]
             except _GONE:
                 continue
             for rank in ranks:
-                for member in (rank.pid, *tree.descendants(rank.pid)):
-                    known = self.processes.get(member) or found.get(member)
+                for member in (rank, *tree.descendants(rank)):
                     try:
-                        found[member] = known or psutil.Process(member)
-                    except _GONE:
+                        found[member] = _stat(member)[_STARTTIME]
+                    except OSError:
                         continue
         self.processes = found
-        self.primed &= set(found)
+        self._last = {pid: last for pid, last in self._last.items() if found.get(pid) == last[0]}
 
     def read(self) -> dict[str, float]:
         cpu, rss, threads, alive = 0.0, 0, 0, 0
         measured_cpu = False
-        for pid, process in list(self.processes.items()):
+        now = time.monotonic()
+        for pid, started in list(self.processes.items()):
             try:
-                with process.oneshot():
-                    percent = process.cpu_percent()
-                    rss += process.memory_info().rss
-                    threads += process.num_threads()
-            except _GONE:
+                fields = _stat(pid)
+            except OSError:
+                fields = []
+            if not fields or fields[_STARTTIME] != started:  # gone, or its pid reused
                 del self.processes[pid]
-                self.primed.discard(pid)
                 continue
             alive += 1
-            if pid in self.primed:
-                cpu += percent
+            rss += int(fields[_RSS]) * _PAGE
+            threads += int(fields[_THREADS])
+            ticks = int(fields[_UTIME]) + int(fields[_STIME])
+            last = self._last.get(pid)
+            if last is not None and now > last[2]:
+                cpu += 100.0 * (ticks - last[1]) / _TICKS / (now - last[2])
                 measured_cpu = True
-            self.primed.add(pid)
+            self._last[pid] = (started, ticks, now)
         if not alive:
             return {}
         values = {"proc.rss": float(rss), "proc.threads": float(threads)}
@@ -129,7 +153,7 @@ class _RunProcesses:
         return values
 
 
-def _job_siblings(root: psutil.Process, tree: ProcessTree) -> list[psutil.Process]:
+def _job_siblings(root: psutil.Process, tree: ProcessTree) -> list[int]:
     """The other ranks of `root`'s distributed job on this node.
 
     With `ranks="zero"` (the client's default) only rank 0 talks to the daemon, so the
@@ -150,12 +174,11 @@ def _job_siblings(root: psutil.Process, tree: ProcessTree) -> list[psutil.Proces
         if pid == root.pid:
             continue
         try:
-            process = psutil.Process(pid)
-            other = process.environ()
+            other = psutil.Process(pid).environ()
         except _GONE:
             continue
         if "RANK" in other and _job(other) == job:
-            siblings.append(process)
+            siblings.append(pid)
     return siblings
 
 
@@ -227,7 +250,7 @@ class NodeSampler:
 
 def _node(data_dir: str) -> dict[str, float]:
     values: dict[str, float] = {}
-    _read(values, lambda: {"cpu": psutil.cpu_percent(), "cpu.count": psutil.cpu_count() or 0})
+    _read(values, lambda: {"cpu": psutil.cpu_percent(), "cpu.count": _CPU_COUNT})
     _read(values, lambda: _fields("memory", psutil.virtual_memory(), "used available percent"))
     _read(values, lambda: _fields("swap", psutil.swap_memory(), "used percent"))
     _read(values, lambda: _fields("disk", psutil.disk_usage(data_dir), "used free percent"))
