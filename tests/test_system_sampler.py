@@ -22,7 +22,7 @@ from conftest import HELPERS, wait_for
 from trackd.daemon.ledger import Ledger
 from trackd.daemon.sampler import NodeSampler
 from trackd.daemon.system import SystemMetrics, local_pids, node_name
-from trackd.protocol import decode, validate
+from trackd.protocol import decode, encode, validate
 
 GIB = 1024**3
 
@@ -138,12 +138,13 @@ class FailingOnce(NodeSampler):
 
 
 def test_a_failed_sample_is_counted_and_sampling_goes_on(tmp_path: Path) -> None:
-    """Messages go to ingest as validated `system` frames with consecutive sequence numbers."""
+    """Messages go to ingest as valid `system` messages (ingest takes them as built, so the
+    test checks them as a client's frame), with consecutive sequence numbers."""
     frames: list[dict[str, Any]] = []
     enough = asyncio.Event()
 
-    def receive(frame: bytes, _reply: object) -> bool:
-        frames.append(decode(frame))
+    def receive(message: dict[str, Any], _reply: object) -> bool:
+        frames.append(decode(encode(message)))
         if len(frames) >= 3:
             enough.set()
         return True

@@ -19,6 +19,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
@@ -133,6 +134,16 @@ class Ingest:
         except ProtocolError as exc:
             self._refuse(exc, reply)
             return True
+        return self._take(message, frame, reply, from_spool)
+
+    def receive_own(self, message: dict[str, Any], reply: Reply | None) -> bool:
+        """A message the daemon built itself (the system sampler's): valid as built, so it is
+        not decoded and checked again as a client's frame is; the rest is the same."""
+        return self._take(message, encode(message), reply, from_spool=False)
+
+    def _take(
+        self, message: dict[str, Any], frame: bytes, reply: Reply | None, from_spool: bool
+    ) -> bool:
         session, seq = message["s"], message["q"]
         high = self._high(session)
         if seq <= high:

@@ -272,7 +272,7 @@ def _system_metrics(settings: Settings, ingest: Ingest) -> SystemMetrics | None:
         return None
     sampler = NodeSampler(settings.data_dir)
     return SystemMetrics(
-        settings.system_interval, sampler, lambda: ingest.ledger.runs, ingest.receive
+        settings.system_interval, sampler, lambda: ingest.ledger.runs, ingest.receive_own
     )
 
 

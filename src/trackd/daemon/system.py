@@ -5,7 +5,8 @@ Who owns what:
 * the **event loop** (this module's `SystemMetrics.run` task) picks the runs to
   measure from the run table (running runs, with the pids of their ranks on this
   node), and turns a finished reading into messages handed to ingest like any
-  client's: validated, deduplicated, appended to the WAL and acked once durable;
+  client's (valid as built, so not decoded again): deduplicated, appended to the WAL
+  and acked once durable;
 * the **sampler thread** (a one-thread executor of its own) owns the
   `NodeSampler`: psutil and NVML calls, which can take milliseconds, happen only
   there, so client acks never wait on a sample.
@@ -31,10 +32,10 @@ from typing import Any
 import msgpack
 
 from trackd.daemon.sampler import NodeSampler
-from trackd.protocol import VERSION, encode
+from trackd.protocol import VERSION
 
 log = logging.getLogger("trackd.system")
-Receive = Callable[[bytes, Callable[[bytes], None] | None], bool]
+Receive = Callable[[dict[str, Any], Callable[[bytes], None] | None], bool]
 
 
 def node_name() -> str:
@@ -120,7 +121,7 @@ class SystemMetrics:
             "r": run_id,
             "b": {"ts": ts, "node": self.node, "values": values},
         }
-        if self._receive(encode(message), self._acked):
+        if self._receive(message, self._acked):
             self._ts_by_seq[self._seq] = ts
         else:
             self._seq -= 1  # not taken (the WAL is full): the number is used again

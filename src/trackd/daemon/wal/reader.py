@@ -11,6 +11,7 @@ each segment (`base`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from trackd.daemon.wal.segments import Position, Segments
@@ -30,35 +31,38 @@ class Reader:
         """
         try:
             return self._read(start, end, max_bytes)
-        except FileNotFoundError:  # removed while we were reading: start again from what is left
-            return self._read(start, end, max_bytes)
+        except FileNotFoundError:  # removed before or while we read: go on from what is left
+            oldest = (self._segments.numbers()[0], 0)
+            return self._read(max(start, oldest), end, max_bytes)
 
     def _read(self, start: Position, end: Position, max_bytes: int) -> list[tuple[Position, bytes]]:
+        """The records from `start`, whose segment must exist: segments go oldest first, so
+        a reader that keeps up never lists the directory (a listing cost a sink more than a
+        small batch's whole read)."""
         segments = self._segments
-        first = segments.numbers()[0]
-        segment, offset = start if start[0] >= first else (first, 0)
+        segment, offset = start
         budget = max(max_bytes, 1)
         records: list[tuple[Position, bytes]] = []
         while not records and (segment, offset) < end:
-            size = segments.path(segment).stat().st_size
-            limit = end[1] if segment == end[0] else size
-            if offset >= limit:
-                if segment >= end[0]:
-                    break
-                segment, offset = self._next_segment(segment), 0
-                continue
-            sealed = segment < self._writer.durable_end[0] and limit == size
             with segments.path(segment).open("rb") as handle:
-                chunk = min(budget, limit - offset)
-                for begin, stop, payload in segments.records(
-                    handle.fileno(), segment, offset, limit, sealed, chunk
-                ):
-                    if records and stop - offset > budget:
-                        break
-                    if not segments.is_copy(segment, begin):
-                        records.append(((segment, stop), payload))
-                else:
-                    offset = limit  # only damage or copies were left: go on past them
+                size = os.fstat(handle.fileno()).st_size
+                limit = end[1] if segment == end[0] else size
+                if offset < limit:
+                    sealed = segment < self._writer.durable_end[0] and limit == size
+                    chunk = min(budget, limit - offset)
+                    for begin, stop, payload in segments.records(
+                        handle.fileno(), segment, offset, limit, sealed, chunk
+                    ):
+                        if records and stop - offset > budget:
+                            break
+                        if not segments.is_copy(segment, begin):
+                            records.append(((segment, stop), payload))
+                    else:
+                        offset = limit  # only damage or copies were left: go on past them
+                    continue
+            if segment >= end[0]:
+                break
+            segment, offset = self._next_segment(segment), 0
         return records
 
     def scan(self, start: Position, end: Position) -> Iterator[tuple[Position, bytes]]:
