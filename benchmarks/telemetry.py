@@ -11,12 +11,12 @@ Cases (`CASES`; add one by writing a function `(args) -> dict` and listing it th
   daemon's CPU seconds are read over `--window` seconds (each thread's run time from
   /proc/PID/task/TID/schedstat, to the nanosecond: the 10 ms clock ticks of
   /proc/PID/stat are too coarse for a figure of half a percent). The cost of sampling
-  is the difference from the daemon with sampling off, over the same window: per sampling round (one round = one `system` message per run,
-  sampled, made durable in the WAL and written to system.jsonl) and as a share of one
-  core. Rounds are counted from the daemon's own `trackd status` (samples acked / 4),
-  which also gives the sampler thread's own CPU (psutil and NVML reads only): the rest
-  is the pipeline every message takes (WAL commit, fan-out, the JSONL sink's appends
-  and checkpoints).
+  is the difference from the daemon with sampling off, over the same window: per
+  sampling round (one round = one `system` message per run, sampled, made durable in the
+  WAL and written to system.jsonl) and as a share of one core. Rounds are counted from
+  the daemon's own `trackd status` (samples acked / 4), which also gives the sampler
+  thread's own CPU (psutil and NVML reads only): the rest is the pipeline every message
+  takes (WAL commit, fan-out, the JSONL sink's appends and checkpoints).
 * `threads`: the training process's thread count (/proc/PID/status `Threads`, after
   `init()` and a `log()`) with system metrics on (1 s) and off: the daemon samples, so
   the training process runs no sampler thread of its own.
