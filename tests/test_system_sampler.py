@@ -116,6 +116,21 @@ def test_without_a_driver_the_sampler_says_no_gpu_once_and_carries_on(
     assert "proc.cpu" in results[-1][1]["run"]  # measured from the second sample on
 
 
+def test_a_process_that_exited_but_is_not_reaped_yet_is_gone(
+    tmp_path: Path, processes: list[int]
+) -> None:
+    """A zombie still has its /proc entry: it must not count as a live process of its run."""
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_for(lambda: psutil.Process(exited.pid).status() == psutil.STATUS_ZOMBIE)
+        sampler = NodeSampler(tmp_path)
+        _, runs = sampler.sample({"exited": [exited.pid], "live": processes[:1]})
+        assert set(runs) == {"live"}
+        assert runs["live"]["proc.count"] == 1
+    finally:
+        exited.wait(10)
+
+
 def test_nvml_not_installed_is_said_and_not_raised(tmp_path: Path) -> None:
     sampler = NodeSampler(tmp_path, nvml_module="trackd_no_such_nvml")
     sampler.open()

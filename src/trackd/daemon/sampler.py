@@ -57,7 +57,7 @@ def _stat(pid: int | str) -> list[bytes]:
 
 
 # Indexes into `_stat`'s fields (proc(5)'s field numbers minus 3).
-_PPID, _UTIME, _STIME, _THREADS, _STARTTIME, _RSS = 1, 11, 12, 17, 19, 21
+_STATE, _PPID, _UTIME, _STIME, _THREADS, _STARTTIME, _RSS = 0, 1, 11, 12, 17, 19, 21
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -131,7 +131,8 @@ class _RunProcesses:
                 fields = _stat(pid)
             except OSError:
                 fields = []
-            if not fields or fields[_STARTTIME] != started:  # gone, or its pid reused
+            if not fields or fields[_STATE] == b"Z" or fields[_STARTTIME] != started:
+                # gone (exited, if not yet reaped), or its pid given to another process
                 del self.processes[pid]
                 continue
             alive += 1
