@@ -465,6 +465,7 @@ def test_disabled_mode_is_a_no_op(daemon: Daemon, env: dict[str, str], tmp_path:
         """
         import json, os, sys, threading
         import trackd
+        from trackd.client import registry
 
         def counts():
             return (
@@ -486,7 +487,8 @@ def test_disabled_mode_is_a_no_op(daemon: Daemon, env: dict[str, str], tmp_path:
         run.flush(timeout=1)
         run.finish()
         after = counts()
-        print(json.dumps({"before": before, "after": after, "zmq": "zmq" in sys.modules}))
+        print(json.dumps({"before": before, "after": after, "zmq": "zmq" in sys.modules,
+                          "current after finish": repr(registry.current)}))
         """,
         str(local),
         str(artifact),
@@ -495,6 +497,7 @@ def test_disabled_mode_is_a_no_op(daemon: Daemon, env: dict[str, str], tmp_path:
     report = json.loads(result.stdout)
     assert report["after"] == report["before"], "disabled mode started a thread or opened a file"
     assert report["zmq"] is False, "disabled mode imported zmq (a socket was made)"
+    assert report["current after finish"] == "None", "a finished disabled run stayed current"
     assert not local.exists()
     assert not list((daemon.data_dir / "spool").glob("*"))
     assert not (daemon.data_dir / "runs").exists() or not list((daemon.data_dir / "runs").iterdir())

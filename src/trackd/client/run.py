@@ -345,17 +345,14 @@ class Run:
         if status not in ("finished", "failed"):
             raise ValueError(f"finish(): status must be 'finished' or 'failed', got {status!r}")
         with self._lock:
-            if self._finished:
-                return
-            self._finished = True
+            finished, self._finished = self._finished, True
             self._enqueue = None
         transport = self._transport
-        if transport is None:
-            return
-        self._drain_console(final=True)
-        if os.getpid() == self._owner_pid and self._ends_run:
-            transport.send("run_end", {"status": status, "error": error, "ended": time.time()})
-        transport.close(timeout)
+        if not finished and transport is not None:  # a disabled run starts finished
+            self._drain_console(final=True)
+            if os.getpid() == self._owner_pid and self._ends_run:
+                transport.send("run_end", {"status": status, "error": error, "ended": time.time()})
+            transport.close(timeout)
         if self._on_finished is not None:
             self._on_finished(self)
 
