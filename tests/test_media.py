@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path, PurePath
@@ -381,6 +382,115 @@ def test_media_objects_refuse_bad_input_at_once_and_import_nothing_heavy() -> No
     code = "import sys, trackd; print(sorted({'numpy', 'PIL', 'pandas'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_image_from_an_array_is_a_png_pillow_reads_back_pixel_for_pixel() -> None:
+    """trackd writes an array's PNG itself (zlib), so the first image in a training loop
+    does not import Pillow; Pillow, the reader every sink uses, must see the same pixels
+    as the array, in every layout Image() takes."""
+    import numpy as np
+
+    import trackd
+
+    rng = np.random.default_rng(7)
+    noise = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    smooth = np.add.outer(np.arange(40), np.arange(30)).astype(np.uint8)
+    cases: dict[str, tuple[Any, Any]] = {
+        "grey": (noise[..., 0], noise[..., 0]),
+        "grey (h, w, 1)": (noise[..., :1], noise[..., 0]),
+        "RGB": (noise[..., :3], noise[..., :3]),
+        "RGBA": (noise, noise),
+        "(c, h, w)": (noise[..., :3].transpose(2, 0, 1), noise[..., :3]),
+        "smooth, rows wrap past 255": (smooth, smooth),
+        "floats in [0, 1]": (
+            np.array([[0.0, 0.5], [1.0, 2.0]]),
+            np.array([[0, 127], [255, 255]], dtype=np.uint8),
+        ),
+        "one pixel": (np.zeros((1, 1, 3), dtype=np.uint8), np.zeros((1, 1, 3), dtype=np.uint8)),
+    }
+    for name, (value, expected) in cases.items():
+        image = trackd.Image(value)
+        decoded = np.asarray(PILImage.open(io.BytesIO(image.data)))
+        assert decoded.shape == expected.shape, name
+        assert (decoded == expected).all(), name
+        assert (image.width, image.height) == (expected.shape[1], expected.shape[0]), name
+    code = (
+        "import sys, numpy, trackd; trackd.Image(numpy.zeros((4, 4, 3), dtype=numpy.uint8));"
+        " print('PIL' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_log_of_an_image_leaves_the_store_and_its_fsync_to_the_delivery_thread(
+    daemon: Daemon, dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store fsyncs each new file (3-5 ms here): `log()` must not wait for it. The
+    file is still stored, durable, before the message naming it is sent."""
+    import threading
+
+    import numpy as np
+
+    import trackd
+
+    root = tmp_path / "runs"
+    daemon.start("--sink", f"jsonl:{root}")
+    fsyncs: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        fsyncs.append(threading.current_thread().name)
+        real_fsync(fd)
+
+    run = trackd.init(project="p", name="store")
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    run.log({"sample": trackd.Image(pixels)}, step=3)
+    in_log = list(fsyncs)
+    run.finish()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert in_log == []
+    assert any(name.startswith("trackd-") for name in fsyncs)
+    daemon.flush()
+    assert daemon.stop() == 0
+    [row] = jsonl_runs(root)[f"store-{run.id[:8]}"]
+    stored = root / "p" / f"store-{run.id[:8]}" / row["sample"]["path"]
+    assert (row["step"], row["sample"]["size"]) == (3, stored.stat().st_size)
+    assert (np.asarray(PILImage.open(stored)) == pixels).all()
+
+
+def test_an_image_that_cannot_be_stored_is_counted_and_loses_nothing_else(
+    daemon: Daemon, dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    import hashlib
+
+    import numpy as np
+
+    import trackd
+
+    root = tmp_path / "runs"
+    daemon.start("--sink", f"jsonl:{root}")
+    broken = trackd.Image(np.zeros((2, 2), dtype=np.uint8))
+    digest = hashlib.sha256(broken.data).hexdigest()
+    blocker = dirs["data"] / "artifacts" / digest[:2]  # a file where its directory goes
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"")
+    run = trackd.init(project="p", name="unstorable")
+    run.log({"loss": 1.0, "sample": broken}, step=0)
+    run.log({"loss": 0.5, "fine": trackd.Image(np.ones((2, 2), dtype=np.uint8))}, step=1)
+    transport = run._transport
+    assert transport is not None
+    run.finish()
+    [(problem, count)] = transport.errors.items()
+    assert (problem.startswith("image 'sample' at step 0: not stored, "), count) == (True, 1)
+    daemon.flush()
+    assert daemon.stop() == 0
+    rows = jsonl_runs(root)[f"unstorable-{run.id[:8]}"]
+    assert [(row["step"], sorted(set(row) - {"step", "ts"})) for row in rows] == [
+        (0, ["loss"]),
+        (1, ["loss"]),
+        (1, ["fine"]),
+    ]
 
 
 def test_a_video_file_is_stored_as_it_is(

@@ -352,6 +352,8 @@ class Run:
 class Image(_TrackdImage):
     """`wandb.Image(data_or_path, mode=None, caption=None)`: a path, NumPy array or PIL image."""
 
+    pillow_png = True
+
     def __init__(
         self, data_or_path: Any, mode: str | None = None, caption: str | None = None, **kwargs: Any
     ) -> None:

@@ -4,10 +4,12 @@ Each object encodes itself when constructed (so a bad array fails at once, in th
 caller's line): an image to PNG, a video to an animated GIF (Pillow writes it without
 ffmpeg; a `.mp4` or `.gif` file is taken as it is), a table to JSON `{"columns": [...],
 "data": [[...], ...]}`. NumPy, Pillow and pandas are imported here only when an object is
-built. `log()` stores the bytes in the content-addressed store under DATA_DIR/artifacts
-and sends a `media` message naming the file: bytes never travel in frames. A
-`Histogram` is the exception: its counts and edges are a few hundred numbers and travel
-inline in the `media` body (`inline` is true).
+built, and an image from an array never imports Pillow: zlib writes its PNG (`_png_array`),
+since Pillow's import (~90 ms) would otherwise stall the training loop at its first image.
+The bytes go to the content-addressed store under DATA_DIR/artifacts (stored by the
+delivery thread: see `transport.MediaMessage`), and a `media` message names the file:
+bytes never travel in frames. A `Histogram` is the exception: its counts and edges are a
+few hundred numbers and travel inline in the `media` body (`inline` is true).
 """
 
 from __future__ import annotations
@@ -50,17 +52,68 @@ def _png(pil_image: Any) -> bytes:
     return buffer.getvalue()
 
 
+_PNG_COLOR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA
+
+
+def _png_array(pixels: Any) -> bytes:
+    """An 8-bit PNG of (h, w), (h, w, 3) or (h, w, 4) uint8 pixels, from zlib alone.
+
+    Every scanline takes the "Up" filter (the difference from the row above: one NumPy
+    subtraction), which compresses smooth images about as well as Pillow's per-row choice.
+    """
+    import struct
+    import zlib
+
+    import numpy as np
+
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    rows = pixels.reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # the "Up" filter; the first row's "above" is zeros
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8: wraps modulo 256
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPES[channels], 0, 0, 0)
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            chunk(b"IHDR", header),
+            chunk(b"IDAT", zlib.compress(filtered.tobytes(), 6)),
+            chunk(b"IEND", b""),
+        )
+    )
+
+
 class Image(Media):
     """An image from a file path, a NumPy array ((h, w), (h, w, c) or (c, h, w)) or a PIL image."""
 
     kind = "image"
     format = "png"
+    # An array's PNG by Pillow rather than by `_png_array`: the same pixels, other bytes
+    # (Pillow picks a filter per row). The W&B shim sets it: W&B writes with Pillow, and a
+    # run's files and their sha256 in its history must be W&B's, byte for byte.
+    pillow_png = False
 
     def __init__(self, value: Any, caption: str | None = None) -> None:
+        self.caption = _caption(caption, "Image()")
+        pixels = None
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            pixels = _hwc_uint8(value, "Image()")
+            if not self.pillow_png:
+                self.height, self.width = pixels.shape[:2]
+                self.data = _png_array(pixels)
+                return
         from PIL import Image as PILImage
 
-        self.caption = _caption(caption, "Image()")
-        if isinstance(value, str | os.PathLike):
+        if pixels is not None:
+            picture = PILImage.fromarray(pixels)
+        elif isinstance(value, str | os.PathLike):
             path = os.fspath(value)
             if not os.path.isfile(path):
                 raise ValueError(f"Image(): {path!r} is not a file")
@@ -73,8 +126,6 @@ class Image(Media):
                 )
         elif isinstance(value, PILImage.Image):
             picture = value
-        elif hasattr(value, "shape") and hasattr(value, "dtype"):
-            picture = PILImage.fromarray(_hwc_uint8(value, "Image()"))
         else:
             raise TypeError(
                 f"Image(): value must be a path, a NumPy array or a PIL image, "

@@ -8,7 +8,7 @@ import time
 
 from trackd import paths
 from trackd.client.artifacts import store_artifact, store_bytes
-from trackd.client.transport import STEP, TIME, Transport
+from trackd.client.transport import STEP, TIME, MediaMessage, Message, Transport
 from trackd.client.values import WithMedia, json_tree, metric_row, scalar, string_map
 from trackd.protocol import ALERT_LEVELS
 
@@ -242,20 +242,27 @@ class Run:
             enqueue(row)
 
     def _log_media(self, found: WithMedia, step: int | None) -> None:
-        """The slow path of a row with media: store each file, then queue the row's numbers
-        and one `media` message per object under the same step, in that order."""
+        """The slow path of a row with media: queue the row's numbers and one `media`
+        message per object under the same step, in that order.
+
+        A file the user named (a video) is stored here, since it may be deleted once this
+        returns; encoded bytes are stored by the delivery thread (`MediaMessage`), as the
+        store fsyncs, and the file need only be durable before its message is sent."""
         data_dir = paths.data_dir()
-        bodies = []
+        messages = []
         for key, item in found.media:
             body: dict[str, Any] = {"key": key, "kind": item.kind, "caption": item.caption}
-            if not item.inline:
-                if item.source is not None:
-                    stored, digest, size = store_artifact(item.source, data_dir)
-                else:
-                    stored, digest, size = store_bytes(item.data, data_dir)
-                body.update(format=item.format, path=stored, sha256=digest, size=size)
             body.update(item.meta())
-            bodies.append(body)
+            if item.inline:
+                messages.append(Message("media", body))
+                continue
+            body["format"] = item.format
+            if item.source is None:
+                messages.append(MediaMessage(body, item.data, data_dir))
+                continue
+            stored, digest, size = store_artifact(item.source, data_dir)
+            body.update(path=stored, sha256=digest, size=size)
+            messages.append(Message("media", body))
         transport = self._transport
         with self._lock:
             enqueue = self._enqueue
@@ -272,8 +279,9 @@ class Run:
                 row[STEP] = step  # type: ignore[index]  # the queue's own keys: see transport
                 row[TIME] = ts  # type: ignore[index]
                 enqueue(row)
-            for body in bodies:
-                transport.send("media", {"step": step, "ts": ts, **body})
+            for message in messages:
+                message.body.update(step=step, ts=ts)
+                transport.queue.append(message)
 
     def log_config(self, values: dict[str, Any]) -> None:
         """Merge into the run's config (params in MLflow, config in W&B)."""

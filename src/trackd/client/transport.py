@@ -17,7 +17,8 @@ flood every `POLL_SECONDS`, and a flush or close wakes it at once through a
 pipe (acks wake it too, but only to be read). Rows are packed `PACK_CHUNK_ROWS`
 at a time, so that no single msgpack call keeps a caller from the GIL past its
 switch interval, and at most `PASS_ROWS` a wake-up; the chunks are joined into
-one message.
+one message. A media message's body and bytes cross with it (`MediaMessage`): the
+caller lets go of them once queued, and this thread stores the bytes before framing.
 
 Nothing counts as delivered until the daemon acks it: every message stays
 in `_unacked` until an ack covers its sequence number, and is sent again
@@ -37,6 +38,7 @@ from collections import deque
 
 import msgpack
 
+from trackd.client.artifacts import store_bytes
 from trackd.client.curve import secure
 from trackd.client.spool import Spool
 from trackd.client.values import PendingRow
@@ -85,6 +87,18 @@ class Message:
     def __init__(self, type_: str, body: dict[str, Any]) -> None:
         self.type = type_
         self.body = body
+
+
+class MediaMessage(Message):
+    """A `media` message whose encoded bytes (a PNG, a GIF, a table's JSON) the delivery
+    thread stores in DATA_DIR/artifacts, naming the file in the body, before framing it."""
+
+    __slots__ = ("data", "data_dir")
+
+    def __init__(self, body: dict[str, Any], data: bytes, data_dir: str) -> None:
+        super().__init__("media", body)
+        self.data = data
+        self.data_dir = data_dir
 
 
 class FlushRequest:
@@ -323,7 +337,8 @@ class Transport:
                 rows = []
             self._end_metrics()
             if isinstance(item, Message):
-                self._add(item.type, item.body)
+                if type(item) is not MediaMessage or self._store(item):
+                    self._add(item.type, item.body)
             elif isinstance(item, FlushRequest):
                 item.target = self._next_seq - 1
                 self._flushes.append(item)
@@ -366,6 +381,20 @@ class Transport:
         envelope = self._frame("metrics", {"rows": []})
         self._append(b"".join((envelope[:-1], _array_header(self._chunk_rows), *self._chunks)))
         self._chunks, self._chunk_rows, self._chunk_bytes = [], 0, 0
+
+    def _store(self, message: MediaMessage) -> bool:
+        """Store a media message's bytes; whether it may be sent (a file that cannot be
+        stored is counted, and only its own message is lost)."""
+        try:
+            stored, digest, size = store_bytes(message.data, message.data_dir)
+        except OSError as error:
+            body = message.body
+            self._count(
+                f"{body['kind']} {body['key']!r} at step {body['step']}: not stored, {error}"
+            )
+            return False
+        message.body.update(path=stored, sha256=digest, size=size)
+        return True
 
     def _add(self, type_: str, body: dict[str, Any]) -> None:
         frame = self._frame(type_, body)
