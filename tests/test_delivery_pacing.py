@@ -1,10 +1,11 @@
 """How the client's delivery thread paces itself (client/transport.py), and how often the
 daemon's fan-out saves a sink's cursor (daemon/fanout.py).
 
-It packs a quiet run only every `IDLE_SECONDS` and packs rows a chunk at a
-time; these tests pin down what that must never cost: a flush or finish does
-not wait for the idle period, and a burst arrives whole, in order, exactly once,
-across several messages.
+It frames a quiet run only every `IDLE_SECONDS` and at most `PASS_ROWS` rows a
+wake-up, rows packed by `log()` itself; these tests pin down what that must never
+cost: a flush or finish does not wait for the idle period, and a burst arrives
+whole, in order, exactly once, across several messages, with messages and rows
+packed late (a CUDA value's) in their places.
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ def test_finish_without_daemon_never_waits_for_the_idle_period(
 
 
 def test_a_burst_arrives_whole_and_in_order_across_several_messages(daemon: Daemon) -> None:
-    """More rows than one message holds, packed a chunk at a time and joined into messages."""
+    """More rows than one message holds, framed a pass at a time and joined into messages."""
     daemon.start()
     run = trackd.init(project="pace", name="burst")
     assert run.flush(timeout=60) is True
     before = daemon.status()["ingest"]["messages"]
-    total = 2 * transport.MAX_ROWS_PER_MESSAGE + transport.PACK_CHUNK_ROWS // 2 + 7
+    total = 2 * transport.MAX_ROWS_PER_MESSAGE + transport.PASS_ROWS // 2 + 7
     for step in range(total):
         run.log({"i": step, "half": step / 2, "flag": step % 3 == 0})
     assert run.flush(timeout=120) is True
@@ -92,6 +93,39 @@ def test_a_burst_arrives_whole_and_in_order_across_several_messages(daemon: Daem
     rows = metric_rows(daemon, "pace")
     assert [row["step"] for row in rows] == list(range(total))
     assert all(row["half"] == row["i"] / 2 and row["flag"] == (row["i"] % 3 == 0) for row in rows)
+
+
+def test_rows_packed_late_and_messages_among_packed_rows_keep_their_order(
+    daemon: Daemon, no_idle_pack: None
+) -> None:
+    """A row with a CUDA value is packed by the delivery thread, not by `log()`
+    (`PendingRow`; made here of plain numbers, as this machine has no GPU), and config,
+    alerts and flushes are messages: the thread frames the mix in queue order, with the
+    packed rows around them joined into messages as they come."""
+    from trackd.client.values import PendingRow
+
+    daemon.start()
+    run = trackd.init(project="pace", name="mixed")
+    queue_row = run._transport.queue_row  # type: ignore[union-attr]
+    steps = []
+    for step in range(3 * transport.PASS_ROWS + 5):
+        if step % 1000 == 7:
+            with run._lock:
+                queue_row(step, float(step), PendingRow({"i": step, "late": 1.0}))
+        else:
+            run.log({"i": step}, step=step)
+        if step % 1500 == 3:
+            run.log_config({f"at{step}": step})
+        steps.append(step)
+    assert run.flush(timeout=60) is True
+    run.finish(timeout=60)
+    daemon.flush()
+    rows = metric_rows(daemon, "pace")
+    assert [row["step"] for row in rows] == steps
+    assert [row["i"] for row in rows] == steps
+    assert [row["step"] for row in rows if "late" in row] == [7, 1007, 2007, 3007, 4007, 5007, 6007]
+    (config,) = (daemon.data_dir / "runs" / "pace").glob("*/config.json")
+    assert json.loads(config.read_text()) == {f"at{s}": s for s in steps if s % 1500 == 3}
 
 
 def test_rows_waiting_for_the_delivery_thread_give_the_garbage_collector_nothing_to_track(

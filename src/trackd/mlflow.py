@@ -24,7 +24,6 @@ from trackd.client import registry
 from trackd.client.media import Image as _TrackdImage
 from trackd.client.run import Run as _TrackdRun
 from trackd.client.shim import known_run, real_attribute, remember_run
-from trackd.client.transport import STEP, TIME
 from trackd.client.values import scalar
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
@@ -287,7 +286,7 @@ def _log_row(
 ) -> None:
     """Queue trackd's row of values with MLflow's step and time: the hot path of a
     training loop, so a key checked once is not checked again and floats pass as they are."""
-    row: dict[str | int, float] = {}
+    row: dict[str, float] = {}
     for key, value in values.items():
         if key not in _good_keys:
             _check_key(key, "metric")
@@ -305,9 +304,7 @@ def _log_row(
     with trackd_run._lock:
         enqueue = trackd_run._enqueue
         if enqueue is not None:
-            row[STEP] = step  # the client queue's keys of a row's step and time
-            row[TIME] = ts
-            enqueue(row)
+            enqueue(step, ts, row)
 
 
 def set_tag(key: str, value: Any, synchronous: bool | None = None) -> None:

@@ -8,7 +8,7 @@ import time
 
 from trackd import paths
 from trackd.client.artifacts import store_artifact, store_bytes
-from trackd.client.transport import STEP, TIME, MediaMessage, Message, Transport
+from trackd.client.transport import MediaMessage, Message, Transport
 from trackd.client.values import WithMedia, json_tree, metric_row, scalar, string_map
 from trackd.protocol import ALERT_LEVELS
 
@@ -126,7 +126,7 @@ class Run:
                 self._send_diff(diff)
             if console == "wrap":
                 self._start_console()
-        self._enqueue = self._transport.queue.append if self._transport else None
+        self._enqueue = self._transport.queue_row if self._transport else None
 
     def _resume(self, resume: str, endpoint: str | None, mode: str) -> bool:
         """Continue the latest run of this project and name (trackio's rule), its id and
@@ -237,9 +237,7 @@ class Run:
             elif type(step) is not int:
                 step = _step(step)
             self._step = step + 1
-            row[STEP] = step  # type: ignore[index]  # the queue's own keys: see transport
-            row[TIME] = time.time()  # type: ignore[index]
-            enqueue(row)
+            enqueue(step, time.time(), row)
 
     def _log_media(self, found: WithMedia, step: int | None) -> None:
         """The slow path of a row with media: queue the row's numbers and one `media`
@@ -274,11 +272,8 @@ class Run:
                 step = _step(step)
             self._step = step + 1
             ts = time.time()
-            row = found.row
-            if row:
-                row[STEP] = step  # type: ignore[index]  # the queue's own keys: see transport
-                row[TIME] = ts  # type: ignore[index]
-                enqueue(row)
+            if found.row:
+                enqueue(step, ts, found.row)
             for message in messages:
                 message.body.update(step=step, ts=ts)
                 transport.queue.append(message)
@@ -379,7 +374,7 @@ class Run:
             # comes first and turns a later join into a `joined` record.
             body = {**self._start_body, "config": dict(self.config), "join": True}
             self._transport.send("run_start", body)
-        self._enqueue = self._transport.queue.append
+        self._enqueue = self._transport.queue_row
         if self._console is not None:
             self._console.after_fork()
             self._transport.console = self._console

@@ -1,24 +1,28 @@
 """Delivery of one run's messages to the daemon, off the caller's thread.
 
-`log()` only appends a row to `queue` (a deque: appends and pops are atomic
-under the GIL, so the caller takes no lock shared with this thread): the
-row's own dict, its step and time under the keys `STEP` and `TIME`. Ints
-cannot be metric names, and a dict of ints, floats and strings is one the
-garbage collector does not track, where a `(step, time, row)` tuple would be
-tracked for as long as it waits (a tuple holding a dict never gets
-untracked): in a `log()` flood such tuples were promoted to the oldest
-generation by the ten thousand and brought full collections, each one a
-stall of every thread. A
-background thread packs the queued rows into `metrics` messages, numbers
+`log()` only packs its row, `(step, time, {name: number})`, with MessagePack and
+appends the bytes to `queue` (a list: appends are atomic under the GIL, and
+only this thread takes items off its front, so the caller takes no lock shared
+with this thread). Packing in the caller costs it a fraction of a µs, and
+leaves this thread only bytes to join: in a `log()` flood the caller never lets
+go of the GIL, so this thread gets it only when the caller's switch interval
+(5 ms) runs out, and the caller then waits for as long as this thread holds it.
+Joining a wake-up's rows in C keeps that wait to tens of µs, where packing them
+here held it for a millisecond or more. Bytes are no work for the garbage
+collector, either. A row holding a CUDA value (`PendingRow`) is the exception:
+it is queued as the row's own dict, its step and time under the int keys `STEP`
+and `TIME`, and packed here once the value has reached host memory.
+
+A background thread frames the queued rows as `metrics` messages, numbers
 them, and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each
 wake-up takes the GIL from the training thread, which then waits for it when
 its next torch op returns, so a quiet run is packed every `IDLE_SECONDS`, a
 flood every `POLL_SECONDS`, and a flush or close wakes it at once through a
-pipe (acks wake it too, but only to be read). Rows are packed `PACK_CHUNK_ROWS`
-at a time, so that no single msgpack call keeps a caller from the GIL past its
-switch interval, and at most `PASS_ROWS` a wake-up; the chunks are joined into
-one message. A media message's body and bytes cross with it (`MediaMessage`): the
-caller lets go of them once queued, and this thread stores the bytes before framing.
+pipe; acks are read at each wake-up, and wake it only while a flush waits for
+them. At most `PASS_ROWS` rows are framed a wake-up, the metrics message
+staying open across wake-ups until it is full or the queue is empty. A media
+message's body and bytes cross with it (`MediaMessage`): the caller lets go of
+them once queued, and this thread stores the bytes before framing.
 
 Nothing counts as delivered until the daemon acks it: every message stays
 in `_unacked` until an ack covers its sequence number, and is sent again
@@ -55,17 +59,10 @@ TIME = 1  # a queued row's key of its time.time()
 POLL_SECONDS = 0.01  # between packs while rows flood in, flushes wait or frames wait to go
 IDLE_SECONDS = 0.2  # between packs otherwise: a few wake-ups a second cost a training loop ~nothing
 FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after POLL_SECONDS
-# Rows per msgpack call: ~30-100 µs without a chance to switch threads (3-20 scalars a row).
-# Between calls the interpreter hands the GIL to a caller that asked for it (after its
-# switch interval, 5 ms): one call of 20,000 rows held it 20-30 ms. No sleep(0) to hand it
-# over sooner: a caller that never lets go of the GIL (a log() flood) would give it back
-# only every switch interval, and the rows would pile up unpacked while the daemon idles.
-PACK_CHUNK_ROWS = 64
-# Rows packed per wake-up at most (~0.5-1 ms of the GIL). A flood's backlog is packed over
-# several wake-ups, each ended by a poll that lets go of the GIL, rather than in one pass of
-# tens of ms during which every forced switch handed a log() caller a 5 ms wait; the
-# message being built stays open across them, so frames are as large as before.
+# Rows framed per wake-up at most: a list slice and a join, tens of µs of the GIL. A
+# flood's backlog is framed over several wake-ups, each ended by a poll that lets go of it.
 PASS_ROWS = 2048
+BACKLOG_PAUSE_SECONDS = 0.001  # between passes over a backlog: the caller's turn at the GIL
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
 GAP_REWIND_SECONDS = 0.2
@@ -138,7 +135,10 @@ class Transport:
         self.run_id = run_id
         self.session = session
         self.endpoint = endpoint
-        self.queue: deque[dict[Any, Any] | Message | FlushRequest] = deque()
+        self.queue: list[bytes | PendingRow | Message | FlushRequest] = []
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._pack_row = self._packer.pack  # bound once: `queue_row` is `log()`'s hot path
+        self._queue_append = self.queue.append
         self.errors: dict[str, int] = {}
         self._spool_dir = spool_dir
         self._memory_limit = memory_bytes or int(
@@ -178,6 +178,15 @@ class Transport:
         self._thread.start()
 
     # --- the caller's side -----------------------------------------------------
+
+    def queue_row(self, step: int, ts: float, row: dict[str, Any]) -> None:
+        """Queue a row; the caller holds its run's lock (the packer is not thread-safe)."""
+        if type(row) is PendingRow:
+            row[STEP] = step  # type: ignore[index]  # a pending row's own keys: see above
+            row[TIME] = ts  # type: ignore[index]
+            self._queue_append(row)
+        else:
+            self._queue_append(self._pack_row((step, ts, row)))
 
     def send(self, type_: str, body: dict[str, Any]) -> None:
         self.queue.append(Message(type_, body))
@@ -267,7 +276,9 @@ class Transport:
             self._queue_console()
             rows = self._pack_queue(PASS_ROWS)
             if self.queue and rows >= PASS_ROWS:
-                self._pack_at = 0.0  # more after a poll: the caller gets the GIL in between
+                # More after a short sleep, not at once: a poll that returns at once takes
+                # the GIL back before a waiting caller can, which then waits a switch interval.
+                self._pack_at = now + BACKLOG_PAUSE_SECONDS
             else:
                 self._pack_at = now + (POLL_SECONDS if rows >= FLOOD_ROWS else IDLE_SECONDS)
         if socket is None:
@@ -277,17 +288,21 @@ class Transport:
         self._settle_flushes()
 
     def _wait(self, socket: Any) -> None:
-        """Sleep until the next pack is due, a flush or close wakes us, or an ack comes."""
+        """Sleep until the next pack is due or a flush or close wakes us, then read acks.
+
+        An ack wakes the thread only while a flush waits for it: every wake-up takes the
+        GIL, which in a `log()` flood the caller hands over only at its switch interval,
+        and then waits for; acks come a few ms apart, as often as the packs themselves."""
         timeout = max(0.0, self._pack_at - time.monotonic())
         if self._flushes or (socket is not None and self._sent < self._next_seq - 1):
             timeout = min(timeout, POLL_SECONDS)  # give-up, resend and send-again timers
-        if socket is None:
+        if socket is None or not self._flushes:
             woken = bool(select.select([self._wake_read], [], [], timeout)[0])
         else:
             ready = dict(self._poller.poll(int(-(-timeout * 1000 // 1))))  # ms, rounded up
-            if ready.get(socket):
-                self._read_acks(socket)
             woken = bool(ready.get(self._wake_read))
+        if socket is not None:
+            self._read_acks(socket)
         if woken:
             os.read(self._wake_read, 4096)
             self._pack_at = 0.0
@@ -314,26 +329,41 @@ class Transport:
             console.deliver(self.send)
 
     def _pack_queue(self, limit: float = float("inf")) -> int:
-        """Turn queued rows and messages into numbered frames, in the order they were queued,
-        until `limit` rows are packed (the metrics message then stays open for the rest);
-        the number of rows packed."""
-        rows: list[tuple[int, float, dict[str, Any]]] = []
-        packed = 0
+        """Frame queued rows and messages, in the order they were queued, until `limit`
+        rows are framed (the metrics message then stays open for the rest); the number of
+        rows framed."""
+        framed = 0
         queue = self.queue
-        while queue and packed + len(rows) < limit:
-            item = queue.popleft()
+        while queue and framed < limit:
+            items = queue[: int(min(PASS_ROWS, limit - framed))]
+            del queue[: len(items)]  # the caller only appends: the front is this thread's
+            try:
+                rows = b"".join(items)  # type: ignore[arg-type]  # a TypeError says otherwise
+            except TypeError:  # a message, a flush or a pending row is among them
+                framed += self._add_items(items)
+            else:
+                self._add_rows(items, rows)  # type: ignore[arg-type]  # all bytes: joined
+                framed += len(items)
+        if not queue:
+            self._end_metrics()
+        return framed
+
+    def _add_items(self, items: list[bytes | PendingRow | Message | FlushRequest]) -> int:
+        """Frame a mix of rows and messages, in order; the number of rows."""
+        rows: list[bytes] = []
+        count = 0
+        for item in items:
+            if type(item) is bytes:
+                rows.append(item)
+                continue
             if type(item) is PendingRow:
-                item = item.resolved()
-            if type(item) is dict:
-                rows.append((item.pop(STEP), item.pop(TIME), item))
-                if len(rows) >= PACK_CHUNK_ROWS:
-                    packed += len(rows)
-                    self._add_rows(rows)
-                    rows = []
+                values: dict[Any, Any] = item.resolved()
+                row = (values.pop(STEP), values.pop(TIME), values)
+                rows.append(msgpack.packb(row, use_bin_type=True))  # not the caller's packer
                 continue
             if rows:
-                packed += len(rows)
                 self._add_rows(rows)
+                count += len(rows)
                 rows = []
             self._end_metrics()
             if isinstance(item, Message):
@@ -343,24 +373,22 @@ class Transport:
                 item.target = self._next_seq - 1
                 self._flushes.append(item)
         if rows:
-            packed += len(rows)
             self._add_rows(rows)
-        if not queue:
-            self._end_metrics()
-        return packed
+            count += len(rows)
+        return count
 
-    def _add_rows(self, rows: list[tuple[int, float, dict[str, Any]]]) -> None:
-        """Pack rows onto the metrics message being built; end it first if they would not fit."""
-        packed = msgpack.packb(rows, use_bin_type=True)
-        # a copy, not a memoryview: bytes are no work for the garbage collector
-        body = packed[len(_array_header(len(rows))) :]
+    def _add_rows(self, rows: list[bytes], body: bytes | None = None) -> None:
+        """Add packed rows (`body`: them joined) to the metrics message being built; end it
+        first if they would not fit."""
+        if body is None:
+            body = b"".join(rows)
         if len(body) + _ENVELOPE_BYTES > MAX_FRAME_BYTES:
             if len(rows) > 1:
                 half = len(rows) // 2
                 self._add_rows(rows[:half])
                 self._add_rows(rows[half:])
             else:
-                step = rows[0][0]
+                step = msgpack.unpackb(rows[0])[0]
                 self._count(f"a row at step {step} is over the {MAX_FRAME_BYTES}-byte frame cap")
             return
         if (

@@ -76,7 +76,8 @@ class PendingRow(_Row):
 
 
 def metric_row(values: object, prefix: str = "") -> dict[str, Scalar] | PendingRow:
-    """The row for `log(values)`, its keys prefixed with `prefix` (a rank's `rank{N}/`)."""
+    """The row for `log(values)`, its keys prefixed with `prefix` (a rank's `rank{N}/`): the
+    caller's own dict when it is flat and plain already (packed at once, never kept)."""
     if type(values) is dict and not prefix:
         for key, value in values.items():
             kind = type(value)
@@ -85,7 +86,7 @@ def metric_row(values: object, prefix: str = "") -> dict[str, Scalar] | PendingR
             ):
                 break
         else:
-            return dict(values)
+            return values  # not copied: `log()` packs it before it returns
     if not isinstance(values, Mapping):
         raise TypeError(
             f"log(): values must be a dict of name -> number, got {type(values).__name__}"
