@@ -128,6 +128,27 @@ def test_rows_packed_late_and_messages_among_packed_rows_keep_their_order(
     assert json.loads(config.read_text()) == {f"at{s}": s for s in steps if s % 1500 == 3}
 
 
+def test_a_dict_the_caller_reuses_is_delivered_as_it_was_at_each_log(
+    daemon: Daemon, no_idle_pack: None
+) -> None:
+    """`log()` keeps no reference to the caller's dict, whether it queues a copy (the
+    delivery thread keeping up) or packs it (a flood): a training loop that updates one
+    dict in place and logs it each step gets each step's values."""
+    daemon.start()
+    run = trackd.init(project="pace", name="reuse")
+    values = {"i": -1, "x": 0.0}
+    total = 3 * transport.CALLER_PACKS_AT + 1000
+    for step in range(total):
+        values["i"] = step
+        values["x"] = step / 4
+        run.log(values, step=step)
+    values["i"] = -2
+    run.finish(timeout=60)
+    daemon.flush()
+    rows = metric_rows(daemon, "pace")
+    assert [(row["i"], row["x"]) for row in rows] == [(s, s / 4) for s in range(total)]
+
+
 def test_rows_waiting_for_the_delivery_thread_give_the_garbage_collector_nothing_to_track(
     daemon: Daemon, no_idle_pack: None
 ) -> None:

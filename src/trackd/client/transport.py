@@ -1,17 +1,20 @@
 """Delivery of one run's messages to the daemon, off the caller's thread.
 
-`log()` only packs its row, `(step, time, {name: number})`, with MessagePack and
-appends the bytes to `queue` (a list: appends are atomic under the GIL, and
-only this thread takes items off its front, so the caller takes no lock shared
-with this thread). Packing in the caller costs it a fraction of a µs, and
-leaves this thread only bytes to join: in a `log()` flood the caller never lets
-go of the GIL, so this thread gets it only when the caller's switch interval
-(5 ms) runs out, and the caller then waits for as long as this thread holds it.
-Joining a wake-up's rows in C keeps that wait to tens of µs, where packing them
-here held it for a millisecond or more. Bytes are no work for the garbage
-collector, either. A row holding a CUDA value (`PendingRow`) is the exception:
-it is queued as the row's own dict, its step and time under the int keys `STEP`
-and `TIME`, and packed here once the value has reached host memory.
+`log()` only appends its row, `(step, time, {name: number})`, to `queue` (a
+list: appends are atomic under the GIL, and only this thread takes items off
+its front, so the caller takes no lock shared with this thread), in one of two
+forms. While this thread keeps up (fewer than `CALLER_PACKS_AT` items waiting),
+the row goes as a dict, its step and time under the int keys `STEP` and `TIME`,
+and this thread packs it with MessagePack, on the other core while a training
+loop's next torch op runs without the GIL; ints cannot be metric names, and a
+dict of ints, floats and strings gives the garbage collector nothing to track.
+Past that, in a `log()` flood, the caller packs the row itself and queues the
+bytes: a flood never lets go of the GIL, so this thread gets it only when the
+caller's switch interval (5 ms) runs out, and the caller then waits for as long
+as this thread holds it. Joining packed rows in C keeps that wait to tens of
+µs, where packing a flood's rows here held it for a millisecond or more. A row
+holding a CUDA value (`PendingRow`) always goes as a dict: it is packed here,
+once the value has reached host memory.
 
 A background thread frames the queued rows as `metrics` messages, numbers
 them, and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each
@@ -62,6 +65,10 @@ FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after PO
 # Rows framed per wake-up at most: a list slice and a join, tens of µs of the GIL. A
 # flood's backlog is framed over several wake-ups, each ended by a poll that lets go of it.
 PASS_ROWS = 2048
+# Rows waiting past which `log()` packs its row itself (a flood), rather than this thread
+# packing it in a Python loop that holds the GIL (~1-2 µs a row): a flood's wake-up then
+# meets at most this many rows to pack, ~0.1 ms.
+CALLER_PACKS_AT = 64
 BACKLOG_PAUSE_SECONDS = 0.001  # between passes over a backlog: the caller's turn at the GIL
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
@@ -135,9 +142,10 @@ class Transport:
         self.run_id = run_id
         self.session = session
         self.endpoint = endpoint
-        self.queue: list[bytes | PendingRow | Message | FlushRequest] = []
+        self.queue: list[bytes | dict[Any, Any] | Message | FlushRequest] = []
         self._packer = msgpack.Packer(use_bin_type=True)
         self._pack_row = self._packer.pack  # bound once: `queue_row` is `log()`'s hot path
+        self._thread_pack = msgpack.Packer(use_bin_type=True).pack  # this thread's own
         self._queue_append = self.queue.append
         self.errors: dict[str, int] = {}
         self._spool_dir = spool_dir
@@ -180,11 +188,14 @@ class Transport:
     # --- the caller's side -----------------------------------------------------
 
     def queue_row(self, step: int, ts: float, row: dict[str, Any]) -> None:
-        """Queue a row; the caller holds its run's lock (the packer is not thread-safe)."""
+        """Queue a row, as a dict or packed (see above); `row` may be the caller's own
+        dict, never kept. The caller holds its run's lock: the packer is not thread-safe."""
         if type(row) is PendingRow:
-            row[STEP] = step  # type: ignore[index]  # a pending row's own keys: see above
+            row[STEP] = step  # type: ignore[index]  # the queue's own keys: see above
             row[TIME] = ts  # type: ignore[index]
             self._queue_append(row)
+        elif len(self.queue) < CALLER_PACKS_AT:
+            self._queue_append({**row, STEP: step, TIME: ts})
         else:
             self._queue_append(self._pack_row((step, ts, row)))
 
@@ -339,7 +350,7 @@ class Transport:
             del queue[: len(items)]  # the caller only appends: the front is this thread's
             try:
                 rows = b"".join(items)  # type: ignore[arg-type]  # a TypeError says otherwise
-            except TypeError:  # a message, a flush or a pending row is among them
+            except TypeError:  # a row to pack, a message or a flush is among them
                 framed += self._add_items(items)
             else:
                 self._add_rows(items, rows)  # type: ignore[arg-type]  # all bytes: joined
@@ -348,7 +359,7 @@ class Transport:
             self._end_metrics()
         return framed
 
-    def _add_items(self, items: list[bytes | PendingRow | Message | FlushRequest]) -> int:
+    def _add_items(self, items: list[bytes | dict[Any, Any] | Message | FlushRequest]) -> int:
         """Frame a mix of rows and messages, in order; the number of rows."""
         rows: list[bytes] = []
         count = 0
@@ -356,10 +367,9 @@ class Transport:
             if type(item) is bytes:
                 rows.append(item)
                 continue
-            if type(item) is PendingRow:
-                values: dict[Any, Any] = item.resolved()
-                row = (values.pop(STEP), values.pop(TIME), values)
-                rows.append(msgpack.packb(row, use_bin_type=True))  # not the caller's packer
+            if type(item) is dict or type(item) is PendingRow:
+                values: dict[Any, Any] = item.resolved() if type(item) is PendingRow else item
+                rows.append(self._thread_pack((values.pop(STEP), values.pop(TIME), values)))
                 continue
             if rows:
                 self._add_rows(rows)
