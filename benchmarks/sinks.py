@@ -379,13 +379,16 @@ class Daemon:
         wait_until(self._answers, self.process, log, 30)
 
     def _answers(self) -> bool:
+        """The daemon answers and its sink is open: delivery is timed from a sink ready to
+        write, as the ceiling's senders are timed after their imports (the MLflow sink's
+        open imports mlflow, 1.5-3 s of CPU here), a cost a running daemon paid once."""
         from trackd.client.control import DaemonUnreachable, request
 
         try:
-            request("status", runtime_dir=str(self.runtime_dir), timeout=0.5)
+            status = request("status", runtime_dir=str(self.runtime_dir), timeout=0.5)
         except DaemonUnreachable:
             return False
-        return True
+        return all(sink["open"] for sink in status["sinks"].values())
 
     def stop(self) -> None:
         if self.process.poll() is None:

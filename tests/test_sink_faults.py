@@ -139,3 +139,26 @@ def test_the_rest_of_a_run_arrives_once_beside_a_dead_letter(
     (run_json,) = root.glob("*/*/run.json")
     assert json.loads(run_json.read_text())["status"] == "finished"
     assert daemon.stop() == 0
+
+
+def test_status_says_whether_each_sink_is_open(daemon: Daemon, tmp_path: Path) -> None:
+    """`open` is false until the sink's open() returns (an SDK's import, a backend not up
+    yet): a tool can tell a sink that is not delivering yet from one that is behind."""
+    gate = tmp_path / "open-gate"
+    gate.touch()
+    daemon.start(
+        "--sink",
+        f"gated:{tmp_path / 'out'}?gate={tmp_path / 'no-gate'}&open_gate={gate}",
+        "--sink",
+        f"jsonl:{tmp_path / 'plain'}",
+    )
+
+    def opened() -> dict[str, bool]:
+        sinks = daemon.status()["sinks"].values()
+        return {sink["spec"].split(":")[0]: sink["open"] for sink in sinks}
+
+    wait_for(lambda: opened()["jsonl"], timeout=30)
+    assert opened() == {"gated": False, "jsonl": True}
+    gate.unlink()
+    wait_for(lambda: opened()["gated"], timeout=30)
+    assert opened() == {"gated": True, "jsonl": True}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from trackd.sinks.base import Record, SinkError
+from trackd.sinks.base import Record, SinkContext, SinkError
 from trackd.sinks.jsonl import JsonlSink
 
 
@@ -38,10 +38,16 @@ class SlowSink(JsonlSink):
 
 
 class GatedSink(JsonlSink):
-    """Fails (retriably) while the file named by `gate` exists: a sink down until a test says."""
+    """Fails (retriably) while the file named by `gate` exists: a sink down until a test says;
+    with `open_gate`, its open() fails while that file exists (a backend not up at start)."""
 
     kind = "gated"
-    known_options = ("gate",)
+    known_options = ("gate", "open_gate")
+
+    def open(self, context: SinkContext) -> None:
+        if os.path.exists(self.options.get("open_gate", "")):
+            raise SinkError("gated: the open gate is closed", retriable=True)
+        super().open(context)
 
     def write(self, batch: list[Record]) -> None:
         if os.path.exists(self.options["gate"]):

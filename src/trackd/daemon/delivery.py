@@ -52,6 +52,7 @@ class Backoff:
 
 @dataclass
 class SinkStats:
+    open: bool = False  # its open() returned (an SDK's import and a backend's first answer)
     delivered_records: int = 0
     delivered_rows: int = 0
     retries: int = 0
@@ -74,7 +75,6 @@ class Delivery:
         self._backoff = backoff
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"trackd-{spec.kind}")
         self._rng = random.Random()
-        self._opened = False
         self._logged: set[str] = set()
 
     async def call(self, function: Callable[..., T], *args: Any) -> T:
@@ -87,7 +87,7 @@ class Delivery:
         while not self.stopped.is_set():
             try:
                 await self.call(self.sink.open, context)
-                self._opened = True
+                self.stats.open = True
                 return True
             except Exception as exc:  # SDK errors are the sink's to map; anything else is a bug
                 self._failed(exc)
@@ -193,7 +193,7 @@ class Delivery:
 
     async def close(self, path: Path, progress: Callable[[], dict[str, Any]]) -> None:
         """Save progress and close the sink (both on its thread), then release the thread."""
-        if self._opened:
+        if self.stats.open:
             try:
                 await self.call(lambda: self.save(path, progress()))
                 await self.call(self.sink.close)
