@@ -69,6 +69,7 @@ PASS_ROWS = 2048
 # packing it in a Python loop that holds the GIL (~1-2 µs a row): a flood's wake-up then
 # meets at most this many rows to pack, ~0.1 ms.
 CALLER_PACKS_AT = 64
+ONE_BY_ONE_ITEMS = 16  # a mix of queued items no longer halved to find what joins in C
 BACKLOG_PAUSE_SECONDS = 0.001  # between passes over a backlog: the caller's turn at the GIL
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
@@ -348,19 +349,27 @@ class Transport:
         while queue and framed < limit:
             items = queue[: int(min(PASS_ROWS, limit - framed))]
             del queue[: len(items)]  # the caller only appends: the front is this thread's
-            try:
-                rows = b"".join(items)  # type: ignore[arg-type]  # a TypeError says otherwise
-            except TypeError:  # a row to pack, a message or a flush is among them
-                framed += self._add_items(items)
-            else:
-                self._add_rows(items, rows)  # type: ignore[arg-type]  # all bytes: joined
-                framed += len(items)
+            framed += self._frame_items(items)
         if not queue:
             self._end_metrics()
         return framed
 
+    def _frame_items(self, items: list[bytes | dict[Any, Any] | Message | FlushRequest]) -> int:
+        """Frame items in order; the number of rows. Rows packed by `log()` are joined in C
+        a run at a time: a mix (a flood's pass starts with the rows queued as dicts before
+        it grew) is halved until each part joins, or is short enough to take one by one."""
+        try:
+            body = b"".join(items)  # type: ignore[arg-type]  # a TypeError says otherwise
+        except TypeError:  # a row to pack, a message or a flush is among them
+            if len(items) > ONE_BY_ONE_ITEMS:
+                half = len(items) // 2
+                return self._frame_items(items[:half]) + self._frame_items(items[half:])
+            return self._add_items(items)
+        self._add_rows(items, body)  # type: ignore[arg-type]  # all bytes: joined
+        return len(items)
+
     def _add_items(self, items: list[bytes | dict[Any, Any] | Message | FlushRequest]) -> int:
-        """Frame a mix of rows and messages, in order; the number of rows."""
+        """Frame a few rows and messages one by one, in order; the number of rows."""
         rows: list[bytes] = []
         count = 0
         for item in items:
