@@ -376,6 +376,52 @@ def test_recovery_looks_up_only_the_last_batch_whatever_the_run_length(
         assert sorted(metric.step for metric in history) == list(range(10_001)), key
 
 
+@pytest.mark.parametrize("wrapped", [True, False], ids=["as-encoded", "unwrapped"])
+def test_a_metric_batch_goes_out_as_encoded_or_else_mlflows_way(
+    server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wrapped: bool
+) -> None:
+    """The sink hands its encoded log_batch body to its wrapper of MLflow's `http_request`,
+    past `call_endpoint`'s decoding and `requests`' encoding; where something replaced that
+    wrapper, the body goes through `call_endpoint` after all, and no point is lost."""
+    from mlflow.utils import rest_utils
+
+    from trackd.sinks.mlflow import MlflowSink
+
+    project = f"encoded-body-{wrapped}"  # a run of its own: one already stored is only checked
+    run = RunInfo(("e" if wrapped else "f") * 32, project, "r", time.time())
+    rows = [[step, 1.7e9 + step, {"a": float(step), "b": -0.5}] for step in range(700)]
+    sink = MlflowSink(server.uri)
+    sink.open(SinkContext(None, tmp_path / "state"))
+    sink.write([Record((0, 1), "run_start", run, {})])
+    sent: list[bool] = []  # per log-batch request: its body passed as bytes (`data`)
+    send = rest_utils._get_http_response_with_retries
+
+    def recorded(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        if url.endswith("/runs/log-batch"):
+            sent.append("data" in kwargs)
+        return send(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(rest_utils, "_get_http_response_with_retries", recorded)
+    if not wrapped:  # MLflow's own function in its place, though it passes for the wrapper
+        original = rest_utils.http_request.__wrapped__
+
+        def impostor(*args: Any, **kwargs: Any) -> Any:
+            return original(*args, **kwargs)
+
+        impostor.trackd_http = True  # type: ignore[attr-defined]
+        monkeypatch.setattr(rest_utils, "http_request", impostor)
+    sink.write([Record((1, 0), "metrics", run, {"rows": rows})])
+    sink.close()
+    # 1,400 points, 2 calls; unwrapped, each is an empty batch, then the batch MLflow's way
+    assert sent == ([True] * 2 if wrapped else [False] * 4)
+    (found,) = runs_of(server.uri, project).values()
+    client = mlflow_client(server.uri)
+    a = client.get_metric_history(found.info.run_id, "a")
+    b = client.get_metric_history(found.info.run_id, "b")
+    assert sorted((metric.step, metric.value) for metric in a) == [(s, s) for s in range(700)]
+    assert sorted((metric.step, metric.value) for metric in b) == [(s, -0.5) for s in range(700)]
+
+
 @pytest.mark.parametrize("store", ["sqlite", "file"])
 def test_sqlite_and_file_targets(
     store: str, daemon: Daemon, clients: Clients, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
