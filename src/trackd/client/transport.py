@@ -144,8 +144,9 @@ class Transport:
         self.session = session
         self.endpoint = endpoint
         self.queue: list[bytes | dict[Any, Any] | Message | FlushRequest] = []
-        self._packer = msgpack.Packer(use_bin_type=True)
-        self._pack_row = self._packer.pack  # bound once: `queue_row` is `log()`'s hot path
+        # the callers' packer (under their run's lock), bound once: `queue_row` is `log()`'s
+        # hot path
+        self._pack_row = msgpack.Packer(use_bin_type=True).pack
         self._thread_pack = msgpack.Packer(use_bin_type=True).pack  # this thread's own
         self._queue_append = self.queue.append
         self.errors: dict[str, int] = {}
