@@ -106,7 +106,8 @@ def test_503s_bring_an_adaptive_sink_down_to_one_call_and_every_point_lands_once
                 counts = auth_proxy.set_fault(proxy, 503, read_only=True)
                 raise AssertionError(f"{sink_status(daemon)}; proxy: {counts}") from exc
         before = auth_proxy.set_fault(proxy, status=503)  # counts from here: the limit is known
-        wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["faulted"] >= 10, timeout=60)
+        faulted = before["faulted"] + 10  # 503s answered from here on, not counting earlier ones
+        wait_for(lambda: auth_proxy.set_fault(proxy, read_only=True)["faulted"] >= faulted, 60)
         during = auth_proxy.set_fault(proxy)  # the server answers again
         status = sink_status(daemon)
         assert status["retries"] > 0
