@@ -100,6 +100,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from trackd.sinks.base import (
     ErrorTable,
     Record,
@@ -387,15 +389,22 @@ class MlflowSink(Sink):
             return
         from mlflow.protos.service_pb2 import LogBatch
 
+        finite = math.isfinite
         body = [
-            {"key": key, "value": _json_number(value), "timestamp": millis, "step": step}
+            {
+                "key": key,
+                "value": value if finite(value) else _non_finite(value),
+                "timestamp": millis,
+                "step": step,
+            }
             for key, value, millis, step in points
         ]
         # The body goes to the wrapped `http_request` as it is (`_REQUESTS.body`), in place
         # of an empty batch: `call_endpoint` would decode it and `requests` encode it again,
         # a third of this thread's CPU, which an MLflow server on the same cores lacks. A
         # request that did not pass the wrapper stored nothing: the body goes MLflow's way.
-        _REQUESTS.body = json.dumps({"run_id": run_id, "metrics": body}).encode()
+        # orjson encodes it in a fifth of `json`'s time (the JSONL sink's encoder already).
+        _REQUESTS.body = orjson.dumps({"run_id": run_id, "metrics": body})
         try:
             self._call_endpoint(LogBatch, json.dumps({"run_id": run_id}))
         finally:
@@ -824,10 +833,8 @@ def _identity(value: float) -> float | str:
     return value
 
 
-def _json_number(value: float) -> float | str:
-    """A double as protobuf's JSON mapping writes it: NaN and the infinities as strings."""
-    if math.isfinite(value):
-        return value
+def _non_finite(value: float) -> str:
+    """NaN or an infinity as protobuf's JSON mapping writes a double: as a string."""
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
