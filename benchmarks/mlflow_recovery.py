@@ -14,8 +14,9 @@ cursor, and the sink must not store those points twice. For each run length:
 * before (the sink up to issue 13): for each key the whole metric history,
   `MlflowClient.get_metric_history` (what `_stored` fetched, one key at a time).
 * after: the sink's own check of the doubtful points, `MlflowSink._not_stored`, given
-  the points of one full batch (`batch_rows` = 5,000 log calls x KEYS keys, the last
-  steps of the run, all of them stored: the worst case, as when the batch in flight at
+  the points of one full batch (`batch_rows` log calls, or as many as the batcher's
+  MAX_BATCH_BYTES holds where that stops it first, x KEYS keys; the last steps of the
+  run, all of them stored: the worst case, as when the batch in flight at
   the crash had been stored whole). Records before it are skipped unasked (the sink
   knows them delivered), so this is the whole of the check.
 
@@ -63,8 +64,10 @@ def fill(database: Path, run_id: str, points: int, keys: list[str]) -> None:
 
 
 def measure(points: int, keys: list[str]) -> dict[str, Any]:
+    import msgpack
     from mlflow.tracking import MlflowClient
 
+    from trackd.daemon.batcher import MAX_BATCH_BYTES
     from trackd.sinks.base import SinkContext
     from trackd.sinks.mlflow import MlflowSink
 
@@ -84,7 +87,9 @@ def measure(points: int, keys: list[str]) -> dict[str, Any]:
 
         sink = MlflowSink(server.uri)
         sink.open(SinkContext(None, work / "state"))
-        last = range(max(0, steps - MlflowSink.batch_rows), steps)
+        row = msgpack.packb([steps, BASE_MS / 1000, dict.fromkeys(keys, 0.5)])
+        batch = min(MlflowSink.batch_rows, MAX_BATCH_BYTES // len(row))  # rows, as batcher.py
+        last = range(max(0, steps - batch), steps)
         doubtful = [
             (key, float(step + index), BASE_MS + step, step)
             for step in last
