@@ -1,7 +1,7 @@
 """How the client's delivery thread paces itself (client/transport.py), and how often the
 daemon's fan-out saves a sink's cursor (daemon/fanout.py).
 
-It frames a quiet run only every `IDLE_SECONDS` and at most `PASS_ROWS` rows a
+It frames a quiet run only every `IDLE_SECONDS` and at most `PASS_ITEMS` items a
 wake-up, rows packed by `log()` itself; these tests pin down what that must never
 cost: a flush or finish does not wait for the idle period, and a burst arrives
 whole, in order, exactly once, across several messages, with messages and rows
@@ -81,7 +81,7 @@ def test_a_burst_arrives_whole_and_in_order_across_several_messages(daemon: Daem
     run = trackd.init(project="pace", name="burst")
     assert run.flush(timeout=60) is True
     before = daemon.status()["ingest"]["messages"]
-    total = 2 * transport.MAX_ROWS_PER_MESSAGE + transport.PASS_ROWS // 2 + 7
+    total = 2 * transport.MAX_ROWS_PER_MESSAGE + transport.PASS_ITEMS // 2 + 7
     for step in range(total):
         run.log({"i": step, "half": step / 2, "flag": step % 3 == 0})
     assert run.flush(timeout=120) is True
@@ -108,7 +108,7 @@ def test_rows_packed_late_and_messages_among_packed_rows_keep_their_order(
     run = trackd.init(project="pace", name="mixed")
     queue_row = run._transport.queue_row  # type: ignore[union-attr]
     steps = []
-    for step in range(3 * transport.PASS_ROWS + 5):
+    for step in range(3 * transport.PASS_ITEMS + 5):
         if step % 1000 == 7:
             with run._lock:
                 queue_row(step, float(step), PendingRow({"i": step, "late": 1.0}))
@@ -147,6 +147,71 @@ def test_a_dict_the_caller_reuses_is_delivered_as_it_was_at_each_log(
     daemon.flush()
     rows = metric_rows(daemon, "pace")
     assert [(row["i"], row["x"]) for row in rows] == [(s, s / 4) for s in range(total)]
+
+
+def test_a_flush_after_a_flood_covers_the_rows_still_in_the_callers_open_batch(
+    daemon: Daemon, no_idle_pack: None
+) -> None:
+    """A flooding `log()` joins its rows `CHUNK_ROWS` at a time, behind the queue: a flush,
+    anything else queued (here a row with a CUDA value) or the thread's next wake-up closes
+    the open batch first, so nothing overtakes a row logged before it and a flush that
+    returns covers every one; a wake-up that meets a trickle ends the flood, and the caller
+    queues dicts again, behind the flood's last rows."""
+    from trackd.client.values import PendingRow
+
+    daemon.start()
+    run = trackd.init(project="pace", name="batch")
+    assert run.flush(timeout=60) is True
+    sender = run._transport
+    assert sender is not None
+    flood = transport.CALLER_PACKS_AT + 10 * transport.CHUNK_ROWS + 5  # the last 5: batched
+    for step in range(flood):
+        run.log({"i": step})
+    assert sender._flooding
+    assert len(sender._batch) == 5
+    with run._lock:
+        sender.queue_row(flood, 0.0, PendingRow({"i": flood, "late": 1.0}))
+    assert run.flush(timeout=60) is True
+    assert daemon.status()["ingest"]["rows"] == flood + 1
+    run.log({"i": flood + 1}, step=flood + 1)
+    assert run.flush(timeout=60) is True  # this wake-up framed one row: the flood is over
+    assert not sender._flooding
+    run.log({"i": flood + 2})
+    assert sender.queue
+    assert type(sender.queue[-1]) is dict
+    run.finish(timeout=60)
+    daemon.flush()
+    rows = metric_rows(daemon, "pace")
+    assert [row["i"] for row in rows] == list(range(flood + 3))
+    assert [row["step"] for row in rows] == list(range(flood + 3))
+
+
+def test_a_flood_of_rows_too_large_to_share_a_frame_is_framed_row_by_row(
+    daemon: Daemon, no_idle_pack: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is joined by row count alone; rows that together outgrow a frame are split
+    apart again by the thread, and a row over the cap alone is counted and dropped, alone."""
+    monkeypatch.setattr(transport, "MAX_FRAME_BYTES", 64 * 1024)  # the client's cap only
+    daemon.start()
+    run = trackd.init(project="pace", name="large")
+    assert run.flush(timeout=60) is True
+    wide = {f"metric_{k:04d}": float(k) for k in range(200)}  # ~3.6 KB packed
+    total = transport.CALLER_PACKS_AT + 2 * transport.CHUNK_ROWS
+    too_wide = transport.CALLER_PACKS_AT + transport.CHUNK_ROWS + 3
+    for step in range(total):
+        if step == too_wide:
+            run.log({f"w{k}": 1.0 for k in range(10_000)})  # ~140 KB: over the cap alone
+        else:
+            run.log({**wide, "i": step})
+    assert run.flush(timeout=60) is True
+    sender = run._transport
+    assert sender is not None
+    assert sender.errors == {f"a row at step {too_wide} is over the 65536-byte frame cap": 1}
+    run.finish(timeout=60)
+    daemon.flush()
+    rows = metric_rows(daemon, "pace")
+    assert [row["i"] for row in rows] == [s for s in range(total) if s != too_wide]
+    assert all(row["metric_0199"] == 199.0 for row in rows)
 
 
 def test_rows_waiting_for_the_delivery_thread_give_the_garbage_collector_nothing_to_track(

@@ -276,7 +276,7 @@ class Run:
                 enqueue(step, ts, found.row)
             for message in messages:
                 message.body.update(step=step, ts=ts)
-                transport.queue.append(message)
+                transport.put(message)
 
     def log_config(self, values: dict[str, Any]) -> None:
         """Merge into the run's config (params in MLflow, config in W&B)."""

@@ -1,31 +1,44 @@
 """Delivery of one run's messages to the daemon, off the caller's thread.
 
-`log()` only appends its row, `(step, time, {name: number})`, to `queue` (a
-list: appends are atomic under the GIL, and only this thread takes items off
-its front, so the caller takes no lock shared with this thread), in one of two
-forms. While this thread keeps up (fewer than `CALLER_PACKS_AT` items waiting),
-the row goes as a dict, its step and time under the int keys `STEP` and `TIME`,
-and this thread packs it with MessagePack, on the other core while a training
-loop's next torch op runs without the GIL; ints cannot be metric names, and a
-dict of ints, floats and strings gives the garbage collector nothing to track.
-Past that, in a `log()` flood, the caller packs the row itself and queues the
-bytes: a flood never lets go of the GIL, so this thread gets it only when the
-caller's switch interval (5 ms) runs out, and the caller then waits for as long
-as this thread holds it. Joining packed rows in C keeps that wait to tens of
-µs, where packing a flood's rows here held it for a millisecond or more. A row
-holding a CUDA value (`PendingRow`) always goes as a dict: it is packed here,
-once the value has reached host memory.
+`log()` only queues its row, `(step, time, {name: number})`, in one of two
+forms. While this thread keeps up (fewer than `CALLER_PACKS_AT` items waiting
+in `queue`), the row goes to `queue` as a dict, its step and time under the int
+keys `STEP` and `TIME`, and this thread packs it with MessagePack, on the other
+core while a training loop's next torch op runs without the GIL; ints cannot be
+metric names, and a dict of ints, floats and strings gives the garbage
+collector nothing to track. Past that, in a `log()` flood, the caller packs the
+row itself into its open batch, and every `CHUNK_ROWS` rows joins the batch
+into one `PackedRows` item of the queue. A flood never lets go of the GIL, so
+this thread gets it only when the caller's switch interval (5 ms) runs out, and
+the caller then waits for as long as this thread holds it (and, on a busy
+machine, for as long as the OS takes to run it): so a flood's wake-ups are few
+and each only moves a few dozen joined chunks, where packing a flood's rows
+here held the GIL for a millisecond or more. A row holding a CUDA value
+(`PendingRow`) always goes as a dict: it is packed here, once the value has
+reached host memory.
+
+What crosses threads, and how: `queue` is a list; appends are atomic under the
+GIL, and only this thread takes items off its front. The open batch is behind
+everything in `queue`, so it is guarded by `_batch_lock`: the flooding caller
+adds to it under the lock; every other producer (`put`: messages, flushes, a
+CUDA row) and this thread's wake-ups close it into `queue` first, under the
+lock, so that no row is framed after something queued after it. `_flooding` is
+set by the caller and cleared by this thread, both under the lock, and the
+batch is empty whenever it is clear: a caller that finds it clear appends its
+dict without the lock, behind every row before it. Everything else here is
+this thread's.
 
 A background thread frames the queued rows as `metrics` messages, numbers
 them, and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each
 wake-up takes the GIL from the training thread, which then waits for it when
 its next torch op returns, so a quiet run is packed every `IDLE_SECONDS`, a
-flood every `POLL_SECONDS`, and a flush or close wakes it at once through a
-pipe; acks are read at each wake-up, and wake it only while a flush waits for
-them. At most `PASS_ROWS` rows are framed a wake-up, the metrics message
-staying open across wake-ups until it is full or the queue is empty. A media
-message's body and bytes cross with it (`MediaMessage`): the caller lets go of
-them once queued, and this thread stores the bytes before framing.
+stream every `POLL_SECONDS`, a flood every `FLOOD_POLL_SECONDS`, and a flush or
+close wakes it at once through a pipe; acks are read at each wake-up, and wake
+it only while a flush waits for them. At most `PASS_ITEMS` items are framed a
+wake-up, the metrics message staying open across wake-ups until it is full or
+the queue is empty. A media message's body and bytes cross with it
+(`MediaMessage`): the caller lets go of them once queued, and this thread
+stores the bytes before framing.
 
 Nothing counts as delivered until the daemon acks it: every message stays
 in `_unacked` until an ack covers its sequence number, and is sent again
@@ -59,17 +72,21 @@ if TYPE_CHECKING:
 
 STEP = 0  # a queued row's key of its step
 TIME = 1  # a queued row's key of its time.time()
-POLL_SECONDS = 0.01  # between packs while rows flood in, flushes wait or frames wait to go
+POLL_SECONDS = 0.01  # between packs while rows stream in, flushes wait or frames wait to go
+# Between packs while `log()` floods (packs its own rows): each wake-up in a flood costs the
+# caller a GIL hand-off at its switch interval, and on a busy machine the OS's delay in
+# running this thread (benchmarks/README.md, issue 13 §4), so they are few and take all.
+FLOOD_POLL_SECONDS = 0.05
 IDLE_SECONDS = 0.2  # between packs otherwise: a few wake-ups a second cost a training loop ~nothing
 FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after POLL_SECONDS
-# Rows framed per wake-up at most: a list slice and a join, tens of µs of the GIL. A
-# flood's backlog is framed over several wake-ups, each ended by a poll that lets go of it.
-PASS_ROWS = 2048
-# Rows waiting past which `log()` packs its row itself (a flood), rather than this thread
-# packing it in a Python loop that holds the GIL (~1-2 µs a row): a flood's wake-up then
-# meets at most this many rows to pack, ~0.1 ms.
+# Items framed per wake-up at most: a backlog of rows this thread packs (~1-2 µs a row
+# under the GIL) is framed over several wake-ups, each ended by a poll that lets go of it.
+PASS_ITEMS = 2048
+# Items waiting past which `log()` packs its row itself (a flood), rather than this thread
+# packing it in a Python loop that holds the GIL: a flood's first wake-up then meets at
+# most this many rows to pack, and the later ones only joined chunks.
 CALLER_PACKS_AT = 64
-ONE_BY_ONE_ITEMS = 16  # a mix of queued items no longer halved to find what joins in C
+CHUNK_ROWS = 64  # rows a flooding caller joins into one queued `PackedRows` (~2 µs, in C)
 BACKLOG_PAUSE_SECONDS = 0.001  # between passes over a backlog: the caller's turn at the GIL
 RESEND_AFTER_SECONDS = 1.0
 RESEND_AFTER_MAX_SECONDS = 30.0
@@ -106,6 +123,16 @@ class MediaMessage(Message):
         self.data_dir = data_dir
 
 
+class PackedRows:
+    """Rows packed and joined by a flooding `log()`: one queue item for up to `CHUNK_ROWS`."""
+
+    __slots__ = ("data", "rows")
+
+    def __init__(self, data: bytes, rows: int) -> None:
+        self.data = data
+        self.rows = rows
+
+
 class FlushRequest:
     """Set once everything queued before it is durable (acked, or fsynced to the spool offline)."""
 
@@ -116,6 +143,10 @@ class FlushRequest:
         self.target = 0
         self.give_up_unreachable = give_up_unreachable
         self.delivered = False
+
+
+if TYPE_CHECKING:
+    QueueItem = PackedRows | dict[Any, Any] | Message | FlushRequest
 
 
 class _Entry:
@@ -143,10 +174,13 @@ class Transport:
         self.run_id = run_id
         self.session = session
         self.endpoint = endpoint
-        self.queue: list[bytes | dict[Any, Any] | Message | FlushRequest] = []
+        self.queue: list[QueueItem] = []
         # the callers' packer (under their run's lock), bound once: `queue_row` is `log()`'s
         # hot path
         self._pack_row = msgpack.Packer(use_bin_type=True).pack
+        self._batch_lock = threading.Lock()
+        self._batch: list[bytes] = []  # a flooding caller's packed rows, behind the queue
+        self._flooding = False
         self._thread_pack = msgpack.Packer(use_bin_type=True).pack  # this thread's own
         self._queue_append = self.queue.append
         self.errors: dict[str, int] = {}
@@ -195,20 +229,39 @@ class Transport:
         if type(row) is PendingRow:
             row[STEP] = step  # type: ignore[index]  # the queue's own keys: see above
             row[TIME] = ts  # type: ignore[index]
-            self._queue_append(row)
-        elif len(self.queue) < CALLER_PACKS_AT:
+            self.put(row)
+        elif not self._flooding and len(self.queue) < CALLER_PACKS_AT:
             self._queue_append({**row, STEP: step, TIME: ts})
         else:
-            self._queue_append(self._pack_row((step, ts, row)))
+            packed = self._pack_row((step, ts, row))
+            with self._batch_lock:
+                self._flooding = True
+                batch = self._batch
+                batch.append(packed)
+                if len(batch) >= CHUNK_ROWS:
+                    self._close_batch()
+
+    def put(self, item: Message | FlushRequest | PendingRow) -> None:
+        """Queue anything but a plain row, behind every row queued before it."""
+        with self._batch_lock:
+            self._close_batch()
+            self._queue_append(item)
 
     def send(self, type_: str, body: dict[str, Any]) -> None:
-        self.queue.append(Message(type_, body))
+        self.put(Message(type_, body))
+
+    def _close_batch(self) -> None:
+        """Move the open batch into the queue; under `_batch_lock`."""
+        batch = self._batch
+        if batch:
+            self._queue_append(PackedRows(b"".join(batch), len(batch)))
+            self._batch = []
 
     def flush(self, timeout: float | None, give_up_unreachable: bool = False) -> bool:
         if not self._thread.is_alive():
             return not self.queue and not self._unacked
         request = FlushRequest(give_up_unreachable=give_up_unreachable)
-        self.queue.append(request)
+        self.put(request)
         self._wake()
         request.done.wait(timeout)
         return request.delivered
@@ -227,7 +280,10 @@ class Transport:
         if self._spool is not None:
             self._spool.detach()
         self.queue.clear()
-        self._wake_lock = threading.Lock()  # a parent's thread may have held it at the fork
+        self._batch.clear()
+        # a parent's thread may have held these at the fork
+        self._batch_lock = threading.Lock()
+        self._wake_lock = threading.Lock()
         self._close_wake_pipe()
 
     def _wake(self) -> None:
@@ -287,13 +343,20 @@ class Transport:
         now = time.monotonic()
         if now >= self._pack_at:
             self._queue_console()
-            rows = self._pack_queue(PASS_ROWS)
-            if self.queue and rows >= PASS_ROWS:
+            rows, taken = self._pack_queue(PASS_ITEMS)
+            if rows < CALLER_PACKS_AT and self._flooding:
+                with self._batch_lock:  # the flood is over: the caller queues dicts again
+                    self._close_batch()
+                    self._flooding = False
+            if self.queue and taken >= PASS_ITEMS:
                 # More after a short sleep, not at once: a poll that returns at once takes
                 # the GIL back before a waiting caller can, which then waits a switch interval.
-                self._pack_at = now + BACKLOG_PAUSE_SECONDS
+                pause = BACKLOG_PAUSE_SECONDS
+            elif self._flooding:
+                pause = FLOOD_POLL_SECONDS
             else:
-                self._pack_at = now + (POLL_SECONDS if rows >= FLOOD_ROWS else IDLE_SECONDS)
+                pause = POLL_SECONDS if rows >= FLOOD_ROWS else IDLE_SECONDS
+            self._pack_at = now + pause
         if socket is None:
             self._spill()
         else:
@@ -341,50 +404,39 @@ class Transport:
         if console is not None:
             console.deliver(self.send)
 
-    def _pack_queue(self, limit: float = float("inf")) -> int:
+    def _pack_queue(self, limit: float = float("inf")) -> tuple[int, int]:
         """Frame queued rows and messages, in the order they were queued, until `limit`
-        rows are framed (the metrics message then stays open for the rest); the number of
-        rows framed."""
-        framed = 0
+        items are taken (the metrics message then stays open for the rest); the number of
+        rows framed and of items taken."""
+        framed = taken = 0
         queue = self.queue
-        while queue and framed < limit:
-            items = queue[: int(min(PASS_ROWS, limit - framed))]
-            del queue[: len(items)]  # the caller only appends: the front is this thread's
+        while taken < limit:
+            with self._batch_lock:
+                self._close_batch()
+            items = queue[: int(min(PASS_ITEMS, limit - taken))]
+            if not items:
+                break
+            del queue[: len(items)]  # the callers only append: the front is this thread's
+            taken += len(items)
             framed += self._frame_items(items)
         if not queue:
             self._end_metrics()
-        return framed
+        return framed, taken
 
-    def _frame_items(self, items: list[bytes | dict[Any, Any] | Message | FlushRequest]) -> int:
-        """Frame items in order; the number of rows. Rows packed by `log()` are joined in C
-        a run at a time: a mix (a flood's pass starts with the rows queued as dicts before
-        it grew) is halved until each part joins, or is short enough to take one by one."""
-        try:
-            body = b"".join(items)  # type: ignore[arg-type]  # a TypeError says otherwise
-        except TypeError:  # a row to pack, a message or a flush is among them
-            if len(items) > ONE_BY_ONE_ITEMS:
-                half = len(items) // 2
-                return self._frame_items(items[:half]) + self._frame_items(items[half:])
-            return self._add_items(items)
-        self._add_rows(items, body)  # type: ignore[arg-type]  # all bytes: joined
-        return len(items)
-
-    def _add_items(self, items: list[bytes | dict[Any, Any] | Message | FlushRequest]) -> int:
-        """Frame a few rows and messages one by one, in order; the number of rows."""
-        rows: list[bytes] = []
+    def _frame_items(self, items: list[QueueItem]) -> int:
+        """Frame items in order; the number of rows."""
         count = 0
         for item in items:
-            if type(item) is bytes:
-                rows.append(item)
+            kind = type(item)
+            if kind is PackedRows:
+                self._add_rows(item.data, item.rows)  # type: ignore[union-attr]
+                count += item.rows  # type: ignore[union-attr]
                 continue
-            if type(item) is dict or type(item) is PendingRow:
-                values: dict[Any, Any] = item.resolved() if type(item) is PendingRow else item
-                rows.append(self._thread_pack((values.pop(STEP), values.pop(TIME), values)))
+            if kind is dict or kind is PendingRow:
+                values: dict[Any, Any] = item.resolved() if kind is PendingRow else item  # type: ignore[union-attr,assignment]
+                self._add_rows(self._thread_pack((values.pop(STEP), values.pop(TIME), values)), 1)
+                count += 1
                 continue
-            if rows:
-                self._add_rows(rows)
-                count += len(rows)
-                rows = []
             self._end_metrics()
             if isinstance(item, Message):
                 if type(item) is not MediaMessage or self._store(item):
@@ -392,33 +444,29 @@ class Transport:
             elif isinstance(item, FlushRequest):
                 item.target = self._next_seq - 1
                 self._flushes.append(item)
-        if rows:
-            self._add_rows(rows)
-            count += len(rows)
         return count
 
-    def _add_rows(self, rows: list[bytes], body: bytes | None = None) -> None:
-        """Add packed rows (`body`: them joined) to the metrics message being built; end it
-        first if they would not fit."""
-        if body is None:
-            body = b"".join(rows)
-        if len(body) + _ENVELOPE_BYTES > MAX_FRAME_BYTES:
-            if len(rows) > 1:
-                half = len(rows) // 2
-                self._add_rows(rows[:half])
-                self._add_rows(rows[half:])
-            else:
-                step = msgpack.unpackb(rows[0])[0]
+    def _add_rows(self, data: bytes, rows: int) -> None:
+        """Add `rows` packed rows to the metrics message being built; end it first if they
+        would not fit. Rows that cannot fit in one frame together are added one by one."""
+        if len(data) + _ENVELOPE_BYTES > MAX_FRAME_BYTES:
+            unpacker = msgpack.Unpacker(max_buffer_size=len(data))
+            unpacker.feed(data)
+            if rows == 1:
+                step = next(unpacker)[0]
                 self._count(f"a row at step {step} is over the {MAX_FRAME_BYTES}-byte frame cap")
+                return
+            for row in unpacker:
+                self._add_rows(self._thread_pack(row), 1)
             return
         if (
-            self._chunk_rows + len(rows) > MAX_ROWS_PER_MESSAGE
-            or self._chunk_bytes + len(body) + _ENVELOPE_BYTES > MAX_FRAME_BYTES
+            self._chunk_rows + rows > MAX_ROWS_PER_MESSAGE
+            or self._chunk_bytes + len(data) + _ENVELOPE_BYTES > MAX_FRAME_BYTES
         ):
             self._end_metrics()
-        self._chunks.append(body)
-        self._chunk_rows += len(rows)
-        self._chunk_bytes += len(body)
+        self._chunks.append(data)
+        self._chunk_rows += rows
+        self._chunk_bytes += len(data)
 
     def _end_metrics(self) -> None:
         """Frame the rows packed so far as one metrics message: its envelope with an empty
