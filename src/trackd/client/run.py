@@ -217,6 +217,7 @@ class Run:
             session=os.urandom(16).hex(),
             endpoint=self._endpoint,
             spool_dir=self._spool_dir,
+            lock=self._lock,
         )
 
     # --- logging -----------------------------------------------------------------
@@ -276,7 +277,7 @@ class Run:
                 enqueue(step, ts, found.row)
             for message in messages:
                 message.body.update(step=step, ts=ts)
-                transport.put(message)
+                transport.put_locked(message)
 
     def log_config(self, values: dict[str, Any]) -> None:
         """Merge into the run's config (params in MLflow, config in W&B)."""

@@ -19,14 +19,14 @@ reached host memory.
 
 What crosses threads, and how: `queue` is a list; appends are atomic under the
 GIL, and only this thread takes items off its front. The open batch is behind
-everything in `queue`, so it is guarded by `_batch_lock`: the flooding caller
-adds to it under the lock; every other producer (`put`: messages, flushes, a
-CUDA row) and this thread's wake-ups close it into `queue` first, under the
-lock, so that no row is framed after something queued after it. `_flooding` is
-set by the caller and cleared by this thread, both under the lock, and the
-batch is empty whenever it is clear: a caller that finds it clear appends its
-dict without the lock, behind every row before it. Everything else here is
-this thread's.
+everything in `queue`, so it is guarded by `lock`, the run's own lock, which
+every `log()` holds already: the flooding caller adds to it under that lock at
+no extra cost; every other producer (`put`: messages, flushes, a CUDA row) and
+this thread's wake-ups close it into `queue` first, under the lock, so that no
+row is framed after something queued after it. `_flooding` is set by the
+caller and cleared by this thread, both under the lock, and the batch is empty
+whenever it is clear: a caller that finds it clear appends its dict behind
+every row before it. Everything else here is this thread's.
 
 A background thread frames the queued rows as `metrics` messages, numbers
 them, and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each
@@ -169,6 +169,7 @@ class Transport:
         session: str,
         endpoint: str | None,
         spool_dir: str,
+        lock: threading.Lock,
         memory_bytes: int | None = None,
     ) -> None:
         self.run_id = run_id
@@ -178,7 +179,7 @@ class Transport:
         # the callers' packer (under their run's lock), bound once: `queue_row` is `log()`'s
         # hot path
         self._pack_row = msgpack.Packer(use_bin_type=True).pack
-        self._batch_lock = threading.Lock()
+        self.lock = lock  # the run's: held around `queue_row` and `put_locked`
         self._batch: list[bytes] = []  # a flooding caller's packed rows, behind the queue
         self._flooding = False
         self._thread_pack = msgpack.Packer(use_bin_type=True).pack  # this thread's own
@@ -225,33 +226,36 @@ class Transport:
 
     def queue_row(self, step: int, ts: float, row: dict[str, Any]) -> None:
         """Queue a row, as a dict or packed (see above); `row` may be the caller's own
-        dict, never kept. The caller holds its run's lock: the packer is not thread-safe."""
+        dict, never kept. The caller holds `lock`: the packer and the batch are not
+        thread-safe."""
         if type(row) is PendingRow:
             row[STEP] = step  # type: ignore[index]  # the queue's own keys: see above
             row[TIME] = ts  # type: ignore[index]
-            self.put(row)
+            self.put_locked(row)
         elif not self._flooding and len(self.queue) < CALLER_PACKS_AT:
             self._queue_append({**row, STEP: step, TIME: ts})
         else:
-            packed = self._pack_row((step, ts, row))
-            with self._batch_lock:
-                self._flooding = True
-                batch = self._batch
-                batch.append(packed)
-                if len(batch) >= CHUNK_ROWS:
-                    self._close_batch()
+            self._flooding = True
+            batch = self._batch
+            batch.append(self._pack_row((step, ts, row)))
+            if len(batch) >= CHUNK_ROWS:
+                self._close_batch()
 
-    def put(self, item: Message | FlushRequest | PendingRow) -> None:
+    def put(self, item: Message | FlushRequest) -> None:
         """Queue anything but a plain row, behind every row queued before it."""
-        with self._batch_lock:
-            self._close_batch()
-            self._queue_append(item)
+        with self.lock:
+            self.put_locked(item)
+
+    def put_locked(self, item: Message | FlushRequest | PendingRow) -> None:
+        """`put`, for a caller that holds `lock`."""
+        self._close_batch()
+        self._queue_append(item)
 
     def send(self, type_: str, body: dict[str, Any]) -> None:
         self.put(Message(type_, body))
 
     def _close_batch(self) -> None:
-        """Move the open batch into the queue; under `_batch_lock`."""
+        """Move the open batch into the queue; under `lock`."""
         batch = self._batch
         if batch:
             self._queue_append(PackedRows(b"".join(batch), len(batch)))
@@ -281,9 +285,7 @@ class Transport:
             self._spool.detach()
         self.queue.clear()
         self._batch.clear()
-        # a parent's thread may have held these at the fork
-        self._batch_lock = threading.Lock()
-        self._wake_lock = threading.Lock()
+        self._wake_lock = threading.Lock()  # a parent's thread may have held it at the fork
         self._close_wake_pipe()
 
     def _wake(self) -> None:
@@ -345,7 +347,7 @@ class Transport:
             self._queue_console()
             rows, taken = self._pack_queue(PASS_ITEMS)
             if rows < CALLER_PACKS_AT and self._flooding:
-                with self._batch_lock:  # the flood is over: the caller queues dicts again
+                with self.lock:  # the flood is over: the caller queues dicts again
                     self._close_batch()
                     self._flooding = False
             if self.queue and taken >= PASS_ITEMS:
@@ -411,7 +413,7 @@ class Transport:
         framed = taken = 0
         queue = self.queue
         while taken < limit:
-            with self._batch_lock:
+            with self.lock:
                 self._close_batch()
             items = queue[: int(min(PASS_ITEMS, limit - taken))]
             if not items:
