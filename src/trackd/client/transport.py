@@ -429,13 +429,12 @@ class Transport:
         """Frame items in order; the number of rows."""
         count = 0
         for item in items:
-            kind = type(item)
-            if kind is PackedRows:
-                self._add_rows(item.data, item.rows)  # type: ignore[union-attr]
-                count += item.rows  # type: ignore[union-attr]
+            if type(item) is PackedRows:
+                self._add_rows(item.data, item.rows)
+                count += item.rows
                 continue
-            if kind is dict or kind is PendingRow:
-                values: dict[Any, Any] = item.resolved() if kind is PendingRow else item  # type: ignore[union-attr,assignment]
+            if type(item) is dict or type(item) is PendingRow:
+                values: dict[Any, Any] = item.resolved() if type(item) is PendingRow else item
                 self._add_rows(self._thread_pack((values.pop(STEP), values.pop(TIME), values)), 1)
                 count += 1
                 continue
