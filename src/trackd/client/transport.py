@@ -413,8 +413,9 @@ class Transport:
         framed = taken = 0
         queue = self.queue
         while taken < limit:
-            with self.lock:
-                self._close_batch()
+            if self._batch:  # only the caller fills it: empty now, anything later comes later
+                with self.lock:
+                    self._close_batch()
             items = queue[: int(min(PASS_ITEMS, limit - taken))]
             if not items:
                 break
