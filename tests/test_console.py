@@ -162,6 +162,22 @@ def test_writes_past_the_bound_are_dropped_and_counted(monkeypatch: pytest.Monke
     assert streams.out.getvalue() == "".join(f"{index}\n" for index in range(6))
 
 
+def test_a_flood_wakes_the_delivery_thread_once_well_before_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flood that starts while the delivery thread sleeps between a quiet run's polls wakes
+    it once, an eighth of the way to the bound, from either stream; a fresh process flooding
+    /dev/null filled the bound in one 0.2 s sleep (test_daemon_killed_mid_flood...)."""
+    Streams(monkeypatch)
+    wakes: list[int] = []
+    capture = ConsoleCapture(wake=lambda: wakes.append(len(capture._pending)))
+    capture.install()
+    for index in range(console_module.WAKE_AT * 2):
+        (sys.stdout if index % 2 else sys.stderr).write(f"{index}\n")
+    capture.uninstall()
+    assert wakes == [console_module.WAKE_AT + 1]
+
+
 def test_finish_unhooks_and_a_later_wrapper_keeps_working(monkeypatch: pytest.MonkeyPatch) -> None:
     """Uninstalled while still the stream's write, the capture is gone; under a wrapper added
     after it, it stays in that chain as a pass-through and the later wrapper keeps working."""

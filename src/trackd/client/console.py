@@ -17,7 +17,9 @@ The delivery thread turns the pending writes into lines (`deliver`):
 * a partial line is held until its newline, or until the run finishes;
 * a line over `MAX_LINE_CHARS` is cut, with a marker that says how much;
 * at most `MAX_PENDING_WRITES` writes wait for the delivery thread; past that they
-  are dropped and a marker line counts them (memory stays bounded);
+  are dropped and a marker line counts them (memory stays bounded). The write that
+  makes `WAKE_AT` wakes the thread: a flood that starts while it sleeps between a
+  quiet run's polls (0.2 s) would fill the bound before it woke;
 * a line's time is when the delivery thread took it (it wakes every 10 ms): a clock
   read per write would cost the training thread more than the rest of the tee.
 
@@ -48,7 +50,8 @@ if TYPE_CHECKING:
 
 STREAMS = ("stdout", "stderr")
 MAX_LINE_CHARS = 16 * 1024
-MAX_PENDING_WRITES = 1 << 18  # about 130,000 lines waiting: 250 ms of a flood
+MAX_PENDING_WRITES = 1 << 18  # about 130,000 lines waiting: 200-250 ms of a flood
+WAKE_AT = MAX_PENDING_WRITES // 8
 # One `console` message: well under the protocol's 16 MiB frame cap even at the line cap.
 MAX_LINES_PER_MESSAGE = 10_000
 MAX_CHARS_PER_MESSAGE = 1 << 20
@@ -60,7 +63,8 @@ _ABSENT = object()
 class ConsoleCapture:
     """One run's tee of sys.stdout and sys.stderr."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake: Callable[[], None] | None = None) -> None:
+        self._wake = wake  # the delivery thread's: a flood is filling the pending writes
         self._pending: deque[str | tuple[str, str]] = deque()
         self._dropped = 0
         self._active = True
@@ -86,8 +90,11 @@ class ConsoleCapture:
             def write(text: str) -> int:
                 written = previous(text)
                 if capture._active:
-                    if len(pending) < MAX_PENDING_WRITES:
+                    waiting = len(pending)
+                    if waiting < MAX_PENDING_WRITES:
                         append(text)
+                        if waiting == WAKE_AT:
+                            capture.wake()
                     else:
                         capture._dropped += 1
                 return written
@@ -97,8 +104,11 @@ class ConsoleCapture:
             def write(text: str) -> int:
                 written = previous(text)
                 if capture._active:
-                    if len(pending) < MAX_PENDING_WRITES:
+                    waiting = len(pending)
+                    if waiting < MAX_PENDING_WRITES:
                         append((name, text))
+                        if waiting == WAKE_AT:
+                            capture.wake()
                     else:
                         capture._dropped += 1
                 return written
@@ -108,6 +118,10 @@ class ConsoleCapture:
         except (AttributeError, TypeError):  # a stream object that takes no attributes
             return
         self._hooks.append((stream, own, write))
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake()
 
     def uninstall(self) -> None:
         """Stop capturing; unhook where still outermost, else stay in the chain, passing through."""

@@ -178,10 +178,11 @@ class Run:
     def _start_console(self) -> None:
         from trackd.client.console import ConsoleCapture
 
-        self._console = ConsoleCapture()
+        transport = self._transport
+        self._console = ConsoleCapture(None if transport is None else transport.wake)
         self._console.install()
-        if self._transport is not None:
-            self._transport.console = self._console
+        if transport is not None:
+            transport.console = self._console
 
     def _drain_console(self, final: bool = False) -> None:
         """Queue the console lines written so far (all of them at the end, partial ones too),

@@ -266,7 +266,7 @@ class Transport:
             return not self.queue and not self._unacked
         request = FlushRequest(give_up_unreachable=give_up_unreachable)
         self.put(request)
-        self._wake()
+        self.wake()
         request.done.wait(timeout)
         return request.delivered
 
@@ -274,7 +274,7 @@ class Transport:
         """Wait up to `timeout` for acks (less if no daemon is there), spool the rest, stop."""
         delivered = self.flush(timeout, give_up_unreachable=True)
         self._stop.set()
-        self._wake()
+        self.wake()
         self._thread.join()
         self._close_wake_pipe()
         return delivered
@@ -288,7 +288,8 @@ class Transport:
         self._wake_lock = threading.Lock()  # a parent's thread may have held it at the fork
         self._close_wake_pipe()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Have the thread pack and send now, not at its next poll."""
         with self._wake_lock:
             if self._wake_write >= 0:
                 try:
