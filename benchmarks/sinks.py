@@ -390,6 +390,14 @@ class Daemon:
             return False
         return all(sink["open"] for sink in status["sinks"].values())
 
+    def concurrency(self) -> dict[str, Any] | None:
+        """The sink's concurrency limit as `trackd status` shows it (None: not a network sink)."""
+        from trackd.client.control import request
+
+        status = request("status", runtime_dir=str(self.runtime_dir), timeout=5)
+        (sink,) = status["sinks"].values()
+        return sink.get("concurrency")
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -477,6 +485,8 @@ def measure(
             return result
         result |= json.loads(out.stdout.strip().splitlines()[-1])
         result["missing"] = verify(backend, work, steps, env)  # the daemon still running
+        if daemon is not None:
+            result["concurrency"] = daemon.concurrency()
     finally:
         if daemon is not None:
             daemon.stop()
@@ -592,12 +602,19 @@ def ceiling_plan(args: argparse.Namespace) -> None:
                 f"  {store}: trackd {args.steps:,} steps: {rate(result):,.0f} steps/s ="
                 f" {rate(result) / found['ceiling']:.0%} of the ceiling"
                 f" (server {result['server_cpu'] / result['delivered']:.2f} CPU,"
-                f" load {result['load_before']:.2f})",
+                f" load {result['load_before']:.2f}; {limits(result['concurrency'])})",
                 flush=True,
             )
         results.append(found)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def limits(concurrency: dict[str, Any] | None) -> str:
+    if concurrency is None:
+        return "one call at a time"
+    moves = f"+{concurrency['increases']} -{concurrency['decreases']}"
+    return f"{concurrency['mode']} limit {concurrency['limit']}/{concurrency['ceiling']}, {moves}"
 
 
 def rate(result: dict[str, Any]) -> float:
