@@ -20,7 +20,7 @@ The delivery thread turns the pending writes into lines (`deliver`):
   are dropped and a marker line counts them (memory stays bounded). The write that
   makes `WAKE_AT` wakes the thread: a flood that starts while it sleeps between a
   quiet run's polls (0.2 s) would fill the bound before it woke;
-* a line's time is when the delivery thread took it (it wakes every 10 ms): a clock
+* a line's time is when the delivery thread took it (within 0.2 s of the write): a clock
   read per write would cost the training thread more than the rest of the tee.
 
 Only the stream objects in place at init are wrapped: one installed later

@@ -28,17 +28,17 @@ caller and cleared by this thread, both under the lock, and the batch is empty
 whenever it is clear: a caller that finds it clear appends its dict behind
 every row before it. Everything else here is this thread's.
 
-A background thread frames the queued rows as `metrics` messages, numbers
-them, and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each
-wake-up takes the GIL from the training thread, which then waits for it when
-its next torch op returns, so a quiet run is packed every `IDLE_SECONDS`, a
-stream every `POLL_SECONDS`, a flood every `FLOOD_POLL_SECONDS`, and a flush or
-close wakes it at once through a pipe; acks are read at each wake-up, and wake
-it only while a flush waits for them. At most `PASS_ITEMS` items are framed a
-wake-up, the metrics message staying open across wake-ups until it is full or
-the queue is empty. A media message's body and bytes cross with it
-(`MediaMessage`): the caller lets go of them once queued, and this thread
-stores the bytes before framing.
+A background thread frames the queued rows as `metrics` messages, numbers them,
+and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each wake-up
+takes the GIL from the training thread, which then waits for it when its next
+torch op returns, so a quiet run is packed every `IDLE_SECONDS`, a stream every
+`POLL_SECONDS`, a flood every `FLOOD_POLL_SECONDS`, and a flush, a close or a
+console flood (`wake()`) wakes it at once through a pipe; acks are read at each
+wake-up, and wake it only while a flush waits for them. At most `PASS_ITEMS`
+items are framed a wake-up, the metrics message staying open across wake-ups
+until it is full or the queue is empty. A media message's body and bytes cross
+with it (`MediaMessage`): the caller lets go of them once queued, and this
+thread stores the bytes before framing.
 
 Nothing counts as delivered until the daemon acks it: every message stays
 in `_unacked` until an ack covers its sequence number, and is sent again
