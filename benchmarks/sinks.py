@@ -500,10 +500,15 @@ def measure(
 STEPS_PER_CALL = 333  # x 3 keys: 999 metrics, a full log_batch (MLflow's cap is 1,000)
 
 
-def raw_log_batch(uri: str, run_id: str, threads: int, seconds: float, first: int) -> int:
+def raw_log_batch(
+    uri: str, run_id: str, threads: int, seconds: float, first: int, fresh: bool
+) -> int:
     """`threads` senders, each posting log_batch calls of 999 metrics (333 new steps x 3 keys)
     straight at the REST API, back to back, for `seconds`; the steps stored (a call in flight
-    at the end is waited for and counted). Bodies are built as trackd builds them (json)."""
+    at the end is waited for and counted). Bodies are built as trackd builds them (json).
+    `fresh`: each call on a new connection (`Connection: close`), which the server's workers
+    take as they are free to; otherwise each sender keeps its connection, and with it the
+    worker that accepted it (trackd's MLflow sink keeps MLflow's session, so this way)."""
     import itertools
     import threading
 
@@ -529,7 +534,8 @@ def raw_log_batch(uri: str, run_id: str, threads: int, seconds: float, first: in
             response = session.post(
                 f"{uri}/api/2.0/mlflow/runs/log-batch",
                 data=json.dumps({"run_id": run_id, "metrics": metrics}),
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json"}
+                | ({"Connection": "close"} if fresh else {}),
                 timeout=300,
             )
             with lock:
@@ -550,7 +556,8 @@ def raw_log_batch(uri: str, run_id: str, threads: int, seconds: float, first: in
 
 def ceiling(store: str, seconds: float, most: int) -> dict[str, Any]:
     """The server's ceiling in steps/s: concurrency 1, 2, 4, ... until two steps in a row
-    add less than 5% over the best so far (or `most` senders); the whole curve."""
+    add less than 5% over the best so far (or `most` senders), each with kept-alive
+    connections and with a new connection a call; the whole curve, the best of either."""
     from mlflow.tracking import MlflowClient
 
     work = Path(tempfile.mkdtemp(prefix=f"trackd-ceiling-{store}-"))
@@ -561,21 +568,27 @@ def ceiling(store: str, seconds: float, most: int) -> dict[str, Any]:
         run_id = client.create_run(client.create_experiment("ceiling")).info.run_id
         step, best, flat, threads = 0, 0.0, 0, 1
         while threads <= most and flat < 2:
-            load, cpu = os.getloadavg()[0], server.cpu_seconds()
-            began = time.perf_counter()
-            steps = raw_log_batch(server.uri, run_id, threads, seconds, step)
-            elapsed = time.perf_counter() - began
-            step += steps + threads * STEPS_PER_CALL  # past any call counted or not
-            rate_now = steps / elapsed
-            busy = (server.cpu_seconds() - cpu) / elapsed
-            curve.append({"threads": threads, "rate": rate_now, "load": load, "server_cpu": busy})
-            print(
-                f"  {store}: {threads:>3} at once: {rate_now:>8,.0f} steps/s"
-                f" (server {busy:.2f} CPU, load {load:.2f})",
-                flush=True,
-            )
-            flat = flat + 1 if rate_now < best * 1.05 else 0
-            best = max(best, rate_now)
+            rates = []
+            for fresh in (False, True):
+                load, cpu = os.getloadavg()[0], server.cpu_seconds()
+                began = time.perf_counter()
+                steps = raw_log_batch(server.uri, run_id, threads, seconds, step, fresh)
+                elapsed = time.perf_counter() - began
+                step += steps + threads * STEPS_PER_CALL  # past any call counted or not
+                rates.append(steps / elapsed)
+                busy = (server.cpu_seconds() - cpu) / elapsed
+                connections = "fresh" if fresh else "kept"
+                curve.append(
+                    {"threads": threads, "connections": connections, "rate": rates[-1]}
+                    | {"load": load, "server_cpu": busy}
+                )
+                print(
+                    f"  {store}: {threads:>3} at once, {connections:>5} connections:"
+                    f" {rates[-1]:>8,.0f} steps/s (server {busy:.2f} CPU, load {load:.2f})",
+                    flush=True,
+                )
+            flat = flat + 1 if max(rates) < best * 1.05 else 0
+            best = max(best, *rates)
             threads *= 2
     finally:
         server.stop()

@@ -42,13 +42,13 @@ with 2 workers stores 1.3x more with 8 calls at once than with 4 and about its
 most from 8 on (`benchmarks/sinks.py --ceiling`). How many of those the sink
 uses is spec option `concurrency`: `adaptive` (the default) starts at one call
 and adapts to the server's answers (`concurrency.ConcurrencyLimit`: more while
-the latency holds, fewer on rising latency, 429/503, timeouts or refusals), so a
-fleet of daemons does not push one server past its ceiling; `fixed` always uses
-`in_flight`. Param
-values over 6000 characters and tag values over 8000 are truncated (a counted
-notice). Params are immutable in MLflow: the sink knows each run's params
-(fetched once per run), skips a key re-logged with the same value and refuses
-a changed value. A refused value, or a key MLflow would reject, does not cost
+the latency says fewer than three of its calls wait at the server, fewer when it
+says more than four do, or on 429/503, timeouts or refusals), so a fleet of
+daemons does not push one server past its ceiling; `fixed` always uses
+`in_flight`. Param values over 6000 characters and tag values over 8000 are
+truncated (a counted notice). Params are immutable in MLflow: the sink knows each
+run's params (fetched once per run), skips a key re-logged with the same value and
+refuses a changed value. A refused value, or a key MLflow would reject, does not cost
 the record's other values: those are stored, then the record goes to the dead
 letters with the reason.
 
