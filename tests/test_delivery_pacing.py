@@ -217,15 +217,22 @@ def test_a_flood_of_rows_too_large_to_share_a_frame_is_framed_row_by_row(
 def test_rows_waiting_for_the_delivery_thread_give_the_garbage_collector_nothing_to_track(
     daemon: Daemon, no_idle_pack: None
 ) -> None:
-    """Queued rows are not GC-tracked: in a log() flood, tracked rows were promoted to the oldest
-    generation by the ten thousand and brought full collections, stalls of every thread."""
+    """A collection finds nothing to keep among the queued rows (a dict of numbers is never
+    tracked, a (step, time) stamp is untracked by the first collection): in a log() flood,
+    tracked rows were promoted to the oldest generation by the ten thousand and brought full
+    collections, stalls of every thread."""
     daemon.start()
     run = trackd.init(project="pace", name="untracked")
     assert run.flush(timeout=60) is True
     total = 5000
+    gc.collect()
     tracked_before = len(gc.get_objects())
     for step in range(total):
         run.log({"loss": 1 / (step + 1), "epoch": step // 100, "best": step % 7 == 0})
+    sender = run._transport
+    assert sender is not None
+    assert sender.queue  # rows wait (the thread packs them at a flush or its next wake-up)
+    gc.collect(0)  # the young collection a training loop's allocations bring
     assert len(gc.get_objects()) - tracked_before < total // 50
     run.finish(timeout=60)
     daemon.flush()

@@ -248,7 +248,6 @@ class Run:
         A file the user named (a video) is stored here, since it may be deleted once this
         returns; encoded bytes are stored by the delivery thread (`MediaMessage`), as the
         store fsyncs, and the file need only be durable before its message is sent."""
-        data_dir = paths.data_dir()
         messages = []
         for key, item in found.media:
             body: dict[str, Any] = {"key": key, "kind": item.kind, "caption": item.caption}
@@ -258,9 +257,9 @@ class Run:
                 continue
             body["format"] = item.format
             if item.source is None:
-                messages.append(MediaMessage(body, item.data, data_dir))
+                messages.append(MediaMessage(body, item.data, paths.data_dir()))
                 continue
-            stored, digest, size = store_artifact(item.source, data_dir)
+            stored, digest, size = store_artifact(item.source, paths.data_dir())
             body.update(path=stored, sha256=digest, size=size)
             messages.append(Message("media", body))
         transport = self._transport

@@ -2,11 +2,17 @@
 
 `log()` only queues its row, `(step, time, {name: number})`, in one of two
 forms. While this thread keeps up (fewer than `CALLER_PACKS_AT` items waiting
-in `queue`), the row goes to `queue` as a dict, its step and time under the int
-keys `STEP` and `TIME`, and this thread packs it with MessagePack, on the other
-core while a training loop's next torch op runs without the GIL; ints cannot be
-metric names, and a dict of ints, floats and strings gives the garbage
-collector nothing to track. Past that, in a `log()` flood, the caller packs the
+in `queue`), the row's dict (a copy of the caller's) goes to `queue` and its
+`(step, time)` to `stamps`, and this thread packs the row with MessagePack, on
+the other core while a training loop's next torch op runs without the GIL.
+Neither gives the garbage collector anything to keep: a dict of strings and
+numbers is not tracked, and a tuple of two numbers is untracked by the first
+collection, where a tuple holding the dict would stay tracked, and rows
+promoted to the oldest generation by the ten thousand brought full
+collections, stalls of every thread. (Until 2026-12-03 the step and time went
+into the dict under int keys, which made CPython rebuild the dict's
+string-only key table on every call: 5 µs of a 13 µs cold call with 20 keys.)
+Past that, in a `log()` flood, the caller packs the
 row itself into its open batch, and every `CHUNK_ROWS` rows joins the batch
 into one `PackedRows` item of the queue. A flood never lets go of the GIL, so
 this thread gets it only when the caller's switch interval (5 ms) runs out, and
@@ -14,11 +20,14 @@ the caller then waits for as long as this thread holds it (and, on a busy
 machine, for as long as the OS takes to run it): so a flood's wake-ups are few
 and each only moves a few dozen joined chunks, where packing a flood's rows
 here held the GIL for a millisecond or more. A row holding a CUDA value
-(`PendingRow`) always goes as a dict: it is packed here, once the value has
+(`PendingRow`) always goes to `queue`, its stamp to `stamps`: it is packed here, once the value has
 reached host memory.
 
-What crosses threads, and how: `queue` is a list; appends are atomic under the
-GIL, and only this thread takes items off its front. The open batch is behind
+What crosses threads, and how: `queue` and `stamps` are lists; appends are
+atomic under the GIL, and only this thread takes items off their fronts. A
+caller appends a row's stamp before its dict, both under `lock`, so the dicts
+and the stamps come in the same order, and each dict this thread takes from
+`queue` has its stamp in `stamps` already. The open batch is behind
 everything in `queue`, so it is guarded by `lock`, the run's own lock, which
 every `log()` holds already: the flooding caller adds to it under that lock at
 no extra cost; every other producer (`put`: messages, flushes, a CUDA row) and
@@ -70,8 +79,6 @@ if TYPE_CHECKING:
 
     from trackd.client.console import ConsoleCapture
 
-STEP = 0  # a queued row's key of its step
-TIME = 1  # a queued row's key of its time.time()
 POLL_SECONDS = 0.01  # between packs while rows stream in, flushes wait or frames wait to go
 # Between packs while `log()` floods (packs its own rows): each wake-up in a flood costs the
 # caller a GIL hand-off at its switch interval, and on a busy machine the OS's delay in
@@ -146,7 +153,7 @@ class FlushRequest:
 
 
 if TYPE_CHECKING:
-    QueueItem = PackedRows | dict[Any, Any] | Message | FlushRequest
+    QueueItem = PackedRows | dict[str, Any] | Message | FlushRequest  # a dict: a row's values
 
 
 class _Entry:
@@ -176,6 +183,7 @@ class Transport:
         self.session = session
         self.endpoint = endpoint
         self.queue: list[QueueItem] = []
+        self.stamps: list[tuple[int, float]] = []  # (step, time) of each row dict in `queue`
         # the callers' packer (under their run's lock), bound once: `queue_row` is `log()`'s
         # hot path
         self._pack_row = msgpack.Packer(use_bin_type=True).pack
@@ -184,6 +192,7 @@ class Transport:
         self._flooding = False
         self._thread_pack = msgpack.Packer(use_bin_type=True).pack  # this thread's own
         self._queue_append = self.queue.append
+        self._stamp = self.stamps.append
         self.errors: dict[str, int] = {}
         self._spool_dir = spool_dir
         self._memory_limit = memory_bytes or int(
@@ -225,15 +234,15 @@ class Transport:
     # --- the caller's side -----------------------------------------------------
 
     def queue_row(self, step: int, ts: float, row: dict[str, Any]) -> None:
-        """Queue a row, as a dict or packed (see above); `row` may be the caller's own
-        dict, never kept. The caller holds `lock`: the packer and the batch are not
-        thread-safe."""
+        """Queue a row, as a dict and its stamp or packed (see above); `row` may be the
+        caller's own dict, never kept. The caller holds `lock`: the packer, the batch and
+        the pairing of stamps with dicts are not thread-safe."""
         if type(row) is PendingRow:
-            row[STEP] = step  # type: ignore[index]  # the queue's own keys: see above
-            row[TIME] = ts  # type: ignore[index]
+            self._stamp((step, ts))
             self.put_locked(row)
         elif not self._flooding and len(self.queue) < CALLER_PACKS_AT:
-            self._queue_append({**row, STEP: step, TIME: ts})
+            self._stamp((step, ts))
+            self._queue_append(row.copy())
         else:
             self._flooding = True
             batch = self._batch
@@ -247,7 +256,7 @@ class Transport:
             self.put_locked(item)
 
     def put_locked(self, item: Message | FlushRequest | PendingRow) -> None:
-        """`put`, for a caller that holds `lock`."""
+        """`put`, for a caller that holds `lock` (a `PendingRow`: after its stamp)."""
         self._close_batch()
         self._queue_append(item)
 
@@ -284,6 +293,7 @@ class Transport:
         if self._spool is not None:
             self._spool.detach()
         self.queue.clear()
+        self.stamps.clear()
         self._batch.clear()
         self._wake_lock = threading.Lock()  # a parent's thread may have held it at the fork
         self._close_wake_pipe()
@@ -429,24 +439,30 @@ class Transport:
 
     def _frame_items(self, items: list[QueueItem]) -> int:
         """Frame items in order; the number of rows."""
-        count = 0
-        for item in items:
-            if type(item) is PackedRows:
-                self._add_rows(item.data, item.rows)
-                count += item.rows
-                continue
-            if type(item) is dict or type(item) is PendingRow:
-                values: dict[Any, Any] = item.resolved() if type(item) is PendingRow else item
-                self._add_rows(self._thread_pack((values.pop(STEP), values.pop(TIME), values)), 1)
-                count += 1
-                continue
-            self._end_metrics()
-            if isinstance(item, Message):
-                if type(item) is not MediaMessage or self._store(item):
-                    self._add(item.type, item.body)
-            elif isinstance(item, FlushRequest):
-                item.target = self._next_seq - 1
-                self._flushes.append(item)
+        count = stamped = 0
+        stamps = self.stamps
+        try:
+            for item in items:
+                if type(item) is PackedRows:
+                    self._add_rows(item.data, item.rows)
+                    count += item.rows
+                    continue
+                if type(item) is dict or type(item) is PendingRow:
+                    step, ts = stamps[stamped]
+                    stamped += 1
+                    values = item.resolved() if type(item) is PendingRow else item
+                    self._add_rows(self._thread_pack((step, ts, values)), 1)
+                    count += 1
+                    continue
+                self._end_metrics()
+                if isinstance(item, Message):
+                    if type(item) is not MediaMessage or self._store(item):
+                        self._add(item.type, item.body)
+                elif isinstance(item, FlushRequest):
+                    item.target = self._next_seq - 1
+                    self._flushes.append(item)
+        finally:  # the stamps of the rows taken, framed or not: the next row's is first
+            del stamps[:stamped]
         return count
 
     def _add_rows(self, data: bytes, rows: int) -> None:

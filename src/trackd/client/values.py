@@ -112,7 +112,9 @@ def _flatten_metrics(
         if not isinstance(key, str):
             raise TypeError(f"log(): key {key!r} must be a string, not {type(key).__name__}")
         name = prefix + key
-        if isinstance(value, Mapping):
+        if type(value) is float:  # most values: before the ABC check of Mapping (~1 µs cold)
+            row[name] = value
+        elif isinstance(value, Mapping):
             _flatten_metrics(value, name + "/", row, media)
         elif isinstance(value, Media):
             media.append((name, value))
