@@ -63,6 +63,11 @@ def test_np_histogram_is_taken_as_it_is() -> None:
     assert histogram.counts == [2, 0, 1]
     assert histogram.edges == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
     assert histogram.meta() == {"counts": histogram.counts, "edges": histogram.edges}
+    assert {type(v) for v in histogram.counts} == {int}  # plain numbers, as MessagePack packs
+    assert {type(v) for v in histogram.edges} == {float}
+    unsigned = trackd.Histogram(np_histogram=(np.array([3, 1], np.uint8), np.arange(3)))
+    assert (unsigned.counts, unsigned.edges) == ([3, 1], [0.0, 1.0, 2.0])
+    assert {type(v) for v in unsigned.edges} == {float}
 
 
 def test_bins_are_capped_at_512_as_wandb_and_trackio_cap_them() -> None:
@@ -83,6 +88,12 @@ def test_bins_are_capped_at_512_as_wandb_and_trackio_cap_them() -> None:
         ((), {"np_histogram": [1, 2, 3]}, TypeError, "(counts, edges) pair"),
         ((), {"np_histogram": ([1] * 513, range(514))}, ValueError, "513 bins, at most 512"),
         ((np.array(["a", "b"]),), {}, TypeError, "dtype <U1"),
+        # NumPy arrays of numbers skip the per-value type check: the value checks still apply
+        ((), {"np_histogram": (np.array([1, -1]), np.arange(3.0))}, ValueError, "counts >= 0"),
+        ((), {"np_histogram": (np.ones(2), np.array([0, np.nan, 2]))}, ValueError, "finite"),
+        ((), {"np_histogram": (np.ones(2), np.array([0.0, 2, 1]))}, ValueError, "not decrease"),
+        ((), {"np_histogram": (np.ones(2, bool), np.arange(3.0))}, TypeError, "counts[0]"),
+        ((), {"np_histogram": (np.ones(2), np.arange(4.0))}, ValueError, "one more edge"),
     ],
 )
 def test_a_bad_histogram_is_refused_naming_the_argument(

@@ -2,26 +2,25 @@
 
 `log()` only queues its row, `(step, time, {name: number})`, in one of two
 forms. While this thread keeps up (fewer than `CALLER_PACKS_AT` items waiting
-in `queue`), the row's dict (a copy of the caller's) goes to `queue` and its
-`(step, time)` to `stamps`, and this thread packs the row with MessagePack, on
-the other core while a training loop's next torch op runs without the GIL.
-Neither gives the garbage collector anything to keep: a dict of strings and
-numbers is not tracked, and a tuple of two numbers is untracked by the first
-collection, where a tuple holding the dict would stay tracked, and rows
-promoted to the oldest generation by the ten thousand brought full
-collections, stalls of every thread. (Until 2026-12-03 the step and time went
-into the dict under int keys, which made CPython rebuild the dict's
-string-only key table on every call: 5 µs of a 13 µs cold call with 20 keys.)
-Past that, in a `log()` flood, the caller packs the
-row itself into its open batch, and every `CHUNK_ROWS` rows joins the batch
-into one `PackedRows` item of the queue. A flood never lets go of the GIL, so
-this thread gets it only when the caller's switch interval (5 ms) runs out, and
-the caller then waits for as long as this thread holds it (and, on a busy
-machine, for as long as the OS takes to run it): so a flood's wake-ups are few
-and each only moves a few dozen joined chunks, where packing a flood's rows
-here held the GIL for a millisecond or more. A row holding a CUDA value
-(`PendingRow`) always goes to `queue`, its stamp to `stamps`: it is packed here, once the value has
-reached host memory.
+in `queue`), a copy of the row's dict goes to `queue` and its `(step, time)` to
+`stamps`, and this thread packs the row with MessagePack, on the other core
+while a training loop's next torch op runs without the GIL. The garbage
+collector keeps neither: a dict of strings and numbers is never tracked, and a
+tuple of two numbers is untracked by the first collection. A tuple holding the
+dict would stay tracked, and in a flood such rows were promoted to the oldest
+generation by the ten thousand and brought full collections, stalls of every
+thread. Nor does the step go into the dict: an int key makes CPython rebuild
+a dict's string-only key table, 5 of a 13 µs call after a torch step with 20
+keys (`benchmarks/cold_call.py`). Past that, in a `log()` flood, the caller
+packs the row itself into its open batch, and every `CHUNK_ROWS` rows joins
+the batch into one `PackedRows` item of the queue. A flood never lets go of
+the GIL, so this thread gets it only when the caller's switch interval (5 ms)
+runs out, and the caller then waits for as long as this thread holds it (and,
+on a busy machine, for as long as the OS takes to run it): so a flood's
+wake-ups are few and each only moves a few dozen joined chunks, where packing
+a flood's rows here held the GIL for a millisecond or more. A row holding a
+CUDA value (`PendingRow`) always goes to `queue`, with its stamp: it is
+packed here, once the value has reached host memory.
 
 What crosses threads, and how: `queue` and `stamps` are lists; appends are
 atomic under the GIL, and only this thread takes items off their fronts. A
