@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-SCALARS = 20
+from training_loop import SCALARS, mlp
 
 
 def main() -> None:
@@ -41,24 +41,11 @@ def main() -> None:
     import trackd
     from trackd.client.values import metric_row
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(512, 768),
-        torch.nn.ReLU(),
-        torch.nn.Linear(768, 768),
-        torch.nn.ReLU(),
-        torch.nn.Linear(768, 10),
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    _, step_of = mlp()
     x, y = torch.randn(128, 512), torch.randint(0, 10, (128,))
 
     def train_step() -> float:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return float(loss.item())
+        return step_of(x, y)
 
     run = trackd.init(project="cold-call", name="pieces", mode="offline")
     lock = threading.Lock()

@@ -235,10 +235,8 @@ def _jsonl_landed(media: list[int]) -> Callable[[], bool]:
 _logged_steps = [0]  # set by the worker's loop before landed() is first asked
 
 
-def worker(
-    case: str, steps: int, block: int, step_ms: float, batch: int, media: bool, out: Path
-) -> None:
-    import numpy as np
+def mlp() -> tuple[Any, Callable[[Any, Any], float]]:
+    """The 512-768-768-10 MLP on one torch thread, and its SGD step on a batch (x, y)."""
     import torch
 
     torch.set_num_threads(1)
@@ -258,6 +256,17 @@ def worker(
         loss.backward()
         optimizer.step()
         return float(loss.item())
+
+    return model, train_step
+
+
+def worker(
+    case: str, steps: int, block: int, step_ms: float, batch: int, media: bool, out: Path
+) -> None:
+    import numpy as np
+    import torch
+
+    model, train_step = mlp()
 
     def data(batch: int) -> tuple[Any, Any]:
         return torch.randn(batch, 512), torch.randint(0, 10, (batch,))
