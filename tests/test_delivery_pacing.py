@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 import trackd
@@ -126,6 +128,80 @@ def test_rows_packed_late_and_messages_among_packed_rows_keep_their_order(
     assert [row["step"] for row in rows if "late" in row] == [7, 1007, 2007, 3007, 4007, 5007, 6007]
     (config,) = (daemon.data_dir / "runs" / "pace").glob("*/config.json")
     assert json.loads(config.read_text()) == {f"at{s}": s for s in steps if s % 1500 == 3}
+
+
+class _FailedKernelEvent:
+    """Stands in for the CUDA event behind a value whose kernel failed (this machine has no
+    GPU): waiting on it raises, as torch does for an illegal memory access."""
+
+    def synchronize(self) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_cuda_row_that_cannot_be_read_loses_only_itself(
+    daemon: Daemon, no_idle_pack: None
+) -> None:
+    """A row whose CUDA value fails when the delivery thread reads it is counted and dropped;
+    the rows queued around it, in the same pass, keep their steps and values."""
+    from trackd.client.values import Pending, PendingRow
+
+    failed = Pending.__new__(Pending)
+    failed._event = _FailedKernelEvent()
+    failed._host = None
+    failed._what = "log(): 'late'"
+    daemon.start()
+    run = trackd.init(project="pace", name="unreadable")
+    sender = run._transport
+    assert sender is not None
+    for step in range(20):
+        if step == 7:
+            with run._lock:
+                sender.queue_row(step, float(step), PendingRow({"i": step, "late": failed}))
+        else:
+            run.log({"i": step}, step=step)
+    assert run.flush(timeout=60) is True
+    assert sender.errors == {
+        "a row at step 7 was dropped: CUDA error: an illegal memory access was encountered": 1
+    }
+    run.finish(timeout=60)
+    daemon.flush()
+    rows = metric_rows(daemon, "pace")
+    assert [(row["step"], row["i"]) for row in rows] == [(s, s) for s in range(20) if s != 7]
+
+
+class _Unexpected(Exception):
+    """An error the delivery thread does not expect (it logs it and goes on to the spool)."""
+
+
+def test_a_failed_pass_drops_the_stamps_of_every_row_it_took(tmp_path: Path) -> None:
+    """A pass that fails loses the items it took, those after the failure included; their
+    (step, time) stamps go with them, so the rows queued after keep their own steps."""
+    sender = transport.Transport(
+        run_id="f" * 32,
+        session="s",
+        endpoint=None,
+        spool_dir=str(tmp_path),
+        lock=threading.Lock(),
+    )
+    sender.close(timeout=0)  # its thread is gone: this test frames by hand
+    framed: list[list[Any]] = []
+
+    def add_rows(data: bytes, rows: int) -> None:
+        framed.append(msgpack.unpackb(data))
+        if len(framed) == 2:
+            raise _Unexpected
+
+    sender._add_rows = add_rows  # type: ignore[method-assign]
+    with sender.lock:
+        for step in range(6):
+            sender.queue_row(step, float(step), {"i": step})
+    taken = sender.queue[:4]
+    del sender.queue[:4]
+    with pytest.raises(_Unexpected):
+        sender._frame_items(taken)
+    assert sender.stamps == [(4, 4.0), (5, 5.0)]
+    assert sender._frame_items(sender.queue[:]) == 2
+    assert [(step, values["i"]) for step, _, values in framed] == [(0, 0), (1, 1), (4, 4), (5, 5)]
 
 
 def test_a_dict_the_caller_reuses_is_delivered_as_it_was_at_each_log(

@@ -449,9 +449,10 @@ class Transport:
                 if type(item) is dict or type(item) is PendingRow:
                     step, ts = stamps[stamped]
                     stamped += 1
-                    values = item.resolved() if type(item) is PendingRow else item
-                    self._add_rows(self._thread_pack((step, ts, values)), 1)
-                    count += 1
+                    values = self._resolved(item, step) if type(item) is PendingRow else item
+                    if values is not None:
+                        self._add_rows(self._thread_pack((step, ts, values)), 1)
+                        count += 1
                     continue
                 self._end_metrics()
                 if isinstance(item, Message):
@@ -460,9 +461,23 @@ class Transport:
                 elif isinstance(item, FlushRequest):
                     item.target = self._next_seq - 1
                     self._flushes.append(item)
-        finally:  # the stamps of the rows taken, framed or not: the next row's is first
+        except BaseException:
+            # The pass ends here, and the items after the one that failed are lost with it:
+            # so are their stamps, or every later row would take the stamp of one before it.
+            stamped = sum(type(item) is dict or type(item) is PendingRow for item in items)
+            raise
+        finally:
             del stamps[:stamped]
         return count
+
+    def _resolved(self, row: PendingRow, step: int) -> dict[str, Any] | None:
+        """A CUDA row's values, now on the host; None for a row whose values cannot be read
+        (counted): it loses only itself."""
+        try:
+            return row.resolved()
+        except (RuntimeError, TypeError, ValueError) as error:
+            self._count(f"a row at step {step} was dropped: {error}")
+            return None
 
     def _add_rows(self, data: bytes, rows: int) -> None:
         """Add `rows` packed rows to the metrics message being built; end it first if they
