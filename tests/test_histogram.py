@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given
@@ -68,6 +69,10 @@ def test_np_histogram_is_taken_as_it_is() -> None:
     unsigned = trackd.Histogram(np_histogram=(np.array([3, 1], np.uint8), np.arange(3)))
     assert (unsigned.counts, unsigned.edges) == ([3, 1], [0.0, 1.0, 2.0])
     assert {type(v) for v in unsigned.edges} == {float}
+    series = trackd.Histogram(np_histogram=(pd.Series([2, 1]), pd.Series([0.0, 0.5, 1.0])))
+    assert (series.counts, series.edges) == ([2, 1], [0.0, 0.5, 1.0])
+    with pytest.raises(TypeError, match="counts\\[1\\]"):  # pandas' missing value
+        trackd.Histogram(np_histogram=(pd.Series([2, None], dtype="Int64"), [0.0, 0.5, 1.0]))
 
 
 def test_bins_are_capped_at_512_as_wandb_and_trackio_cap_them() -> None:
