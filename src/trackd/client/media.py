@@ -342,13 +342,14 @@ def _plain_list(value: Any, what: str) -> list[Any]:
     """A flat list of Python numbers from a list, tuple, NumPy array or tensor."""
     if hasattr(value, "detach"):  # a torch tensor, maybe on a GPU
         value = value.detach().cpu()
-    if type(value).__name__ == "ndarray" and value.dtype.kind in ("i", "u", "f"):
+    if hasattr(value, "tolist") and hasattr(value, "shape"):
         # NumPy's own numbers: tolist() gives ints and floats only, so the check below, a
         # Python loop of ~0.3 µs a value in a training loop, would find nothing (a pandas
         # Series may hold pd.NA, so it is checked)
-        return value.reshape(-1).tolist()  # type: ignore[no-any-return]
-    if hasattr(value, "tolist") and hasattr(value, "shape"):
+        numbers = type(value).__name__ == "ndarray" and value.dtype.kind in ("i", "u", "f")
         value = value.reshape(-1).tolist() if hasattr(value, "reshape") else value.tolist()
+        if numbers:
+            return value  # type: ignore[no-any-return]
     if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
         raise TypeError(f"{what}: expected a sequence of numbers, got {type(value).__name__}")
     plain = []
