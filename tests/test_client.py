@@ -691,6 +691,34 @@ def test_four_threads_logging_to_one_run_get_unique_steps(daemon: Daemon) -> Non
         assert [row["i"] for row in rows if row["thread"] == index] == list(range(5000))
 
 
+def test_four_threads_logging_their_own_steps_lose_and_reorder_nothing(daemon: Daemon) -> None:
+    """4 threads x 5,000 log() calls with their own steps: a row with its step queues
+    without the run's lock (one atomic list.extend), and past 64 waiting rows each thread
+    packs into the locked batch instead. Every row arrives once, with its step, and each
+    thread's rows in the order it logged them."""
+    daemon.start()
+    run = trackd.init(project="thr", name="steps")
+    start = threading.Barrier(4)
+
+    def worker(index: int) -> None:
+        start.wait()
+        for i in range(5000):
+            run.log({"thread": index, "i": i}, step=index * 5000 + i)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    run.finish(timeout=60)
+    rows = rows_of(delivered(daemon, "thr", "steps"))
+    assert len(rows) == 20_000
+    assert sorted(row["step"] for row in rows) == list(range(20_000))
+    assert all(row["step"] == row["thread"] * 5000 + row["i"] for row in rows)
+    for index in range(4):
+        assert [row["i"] for row in rows if row["thread"] == index] == list(range(5000))
+
+
 # --- the package surface -----------------------------------------------------------
 
 

@@ -112,8 +112,7 @@ def test_rows_packed_late_and_messages_among_packed_rows_keep_their_order(
     steps = []
     for step in range(3 * transport.PASS_ITEMS + 5):
         if step % 1000 == 7:
-            with run._lock:
-                queue_row(step, float(step), PendingRow({"i": step, "late": 1.0}))
+            queue_row(step, float(step), PendingRow({"i": step, "late": 1.0}))
         else:
             run.log({"i": step}, step=step)
         if step % 1500 == 3:
@@ -155,8 +154,7 @@ def test_a_cuda_row_that_cannot_be_read_loses_only_itself(
     assert sender is not None
     for step in range(20):
         if step == 7:
-            with run._lock:
-                sender.queue_row(step, float(step), PendingRow({"i": step, "late": failed}))
+            sender.queue_row(step, float(step), PendingRow({"i": step, "late": failed}))
         else:
             run.log({"i": step}, step=step)
     assert run.flush(timeout=60) is True
@@ -173,9 +171,10 @@ class _Unexpected(Exception):
     """An error the delivery thread does not expect (it logs it and goes on to the spool)."""
 
 
-def test_a_failed_pass_drops_the_stamps_of_every_row_it_took(tmp_path: Path) -> None:
-    """A pass that fails loses the items it took, those after the failure included; their
-    (step, time) stamps go with them, so the rows queued after keep their own steps."""
+def test_a_pass_takes_whole_rows_and_a_failed_one_loses_only_its_own(tmp_path: Path) -> None:
+    """A row waits as two items, its (step, time) and its dict: a pass whose item limit
+    falls between them takes both, so a pass that fails loses whole rows, and the rows
+    queued after it keep their own steps."""
     sender = transport.Transport(
         run_id="f" * 32,
         session="s",
@@ -185,23 +184,23 @@ def test_a_failed_pass_drops_the_stamps_of_every_row_it_took(tmp_path: Path) -> 
     )
     sender.close(timeout=0)  # its thread is gone: this test frames by hand
     framed: list[list[Any]] = []
+    calls = iter(range(100))
 
     def add_rows(data: bytes, rows: int) -> None:
-        framed.append(msgpack.unpackb(data))
-        if len(framed) == 2:
+        if next(calls) == 3:
             raise _Unexpected
+        framed.append(msgpack.unpackb(data))
 
     sender._add_rows = add_rows  # type: ignore[method-assign]
-    with sender.lock:
-        for step in range(6):
-            sender.queue_row(step, float(step), {"i": step})
-    taken = sender.queue[:4]
-    del sender.queue[:4]
+    for step in range(8):
+        sender.queue_row(step, float(step), {"i": step})
+    assert sender._pack_queue(limit=3) == (2, 4)  # the 3rd item is row 1's stamp: its dict too
     with pytest.raises(_Unexpected):
-        sender._frame_items(taken)
-    assert sender.stamps == [(4, 4.0), (5, 5.0)]
-    assert sender._frame_items(sender.queue[:]) == 2
-    assert [(step, values["i"]) for step, _, values in framed] == [(0, 0), (1, 1), (4, 4), (5, 5)]
+        sender._pack_queue(limit=3)  # rows 2 and 3; framing row 3 fails
+    assert sender._pack_queue() == (4, 8)
+    assert [(step, values["i"]) for step, _, values in framed] == [
+        (step, step) for step in range(8) if step != 3
+    ]
 
 
 def test_a_dict_the_caller_reuses_is_delivered_as_it_was_at_each_log(
@@ -245,8 +244,7 @@ def test_a_flush_after_a_flood_covers_the_rows_still_in_the_callers_open_batch(
         run.log({"i": step})
     assert sender._flooding
     assert len(sender._batch) == 5
-    with run._lock:
-        sender.queue_row(flood, 0.0, PendingRow({"i": flood, "late": 1.0}))
+    sender.queue_row(flood, 0.0, PendingRow({"i": flood, "late": 1.0}))
     assert run.flush(timeout=60) is True
     assert daemon.status()["ingest"]["rows"] == flood + 1
     run.log({"i": flood + 1}, step=flood + 1)

@@ -1,11 +1,14 @@
 """Media for `log()`: `Image`, `Table`, `Video` and `Histogram`, in trackio's shapes.
 
-Each object encodes itself when constructed (so a bad array fails at once, in the
-caller's line): an image to PNG, a video to an animated GIF (Pillow writes it without
+Each object checks its input when constructed (so a bad array fails at once, in the
+caller's line) and encodes it: a video to an animated GIF (Pillow writes it without
 ffmpeg; a `.mp4` or `.gif` file is taken as it is), a table to JSON `{"columns": [...],
-"data": [[...], ...]}`. NumPy, Pillow and pandas are imported here only when an object is
-built, and an image from an array never imports Pillow: zlib writes its PNG (`_png_array`),
-since Pillow's import (~90 ms) would otherwise stall the training loop at its first image.
+"data": [[...], ...]}`. An image keeps a copy of its pixels, and its PNG is written when
+`data` is first read: by the delivery thread as it stores the image, so a training loop's
+`log()` pays for a copy, not for compression (zlib and Pillow let go of the GIL while they
+compress). NumPy, Pillow and pandas are imported here only when an object is built, and an
+image from an array never imports Pillow: zlib writes its PNG (`_png_array`), since
+Pillow's import (~90 ms) would otherwise stall the training loop at its first image.
 The bytes go to the content-addressed store under DATA_DIR/artifacts (stored by the
 delivery thread: see `transport.MediaMessage`), and a `media` message names the file:
 bytes never travel in frames. A `Histogram` is the exception: its counts and edges are a
@@ -18,6 +21,7 @@ import os
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -101,13 +105,16 @@ class Image(Media):
     pillow_png = False
 
     def __init__(self, value: Any, caption: str | None = None) -> None:
+        from functools import partial
+
         self.caption = _caption(caption, "Image()")
+        self._png: bytes | None = None
         pixels = None
         if hasattr(value, "shape") and hasattr(value, "dtype"):
-            pixels = _hwc_uint8(value, "Image()")
+            pixels = _hwc_uint8(value, "Image()").copy()  # the caller may change its array
             if not self.pillow_png:
                 self.height, self.width = pixels.shape[:2]
-                self.data = _png_array(pixels)
+                self._write: Callable[[], bytes] = partial(_png_array, pixels)
                 return
         from PIL import Image as PILImage
 
@@ -125,14 +132,22 @@ class Image(Media):
                     else opened.copy()
                 )
         elif isinstance(value, PILImage.Image):
-            picture = value
+            picture = value.copy()
         else:
             raise TypeError(
                 f"Image(): value must be a path, a NumPy array or a PIL image, "
                 f"got {type(value).__name__}"
             )
         self.width, self.height = picture.size
-        self.data = _png(picture)
+        self._write = partial(_png, picture)
+
+    @property
+    def data(self) -> bytes:  # type: ignore[override]  # Media's attribute, written when read
+        """The PNG. Two threads reading it first at once each write the same bytes."""
+        png = self._png
+        if png is None:
+            png = self._png = self._write()
+        return png
 
     def meta(self) -> dict[str, Any]:
         return {"width": self.width, "height": self.height}

@@ -224,7 +224,11 @@ class Run:
     # --- logging -----------------------------------------------------------------
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
-        """Queue one row; `step` auto-increments when omitted. Nested dicts flatten with "/"."""
+        """Queue one row; `step` auto-increments when omitted. Nested dicts flatten with "/".
+
+        A row with its step given takes no lock, so a `log()` that races `finish()` on
+        another thread may queue its row after the run's end: the sinks then get it after
+        `run_end`, or, once the delivery thread has stopped, never."""
         enqueue = self._enqueue
         if enqueue is None:
             return
@@ -233,13 +237,20 @@ class Run:
         except WithMedia as found:
             self._log_media(found, step)
             return
-        with self._lock:
-            if step is None:
-                step = self._step
-            elif type(step) is not int:
-                step = _step(step)
-            self._step = step + 1
-            enqueue(step, time.time(), row)
+        if step is None:
+            # The run counts the step: under the lock, so that the steps of threads logging
+            # at once are queued in order (W&B drops a row whose step is below its last).
+            with self._lock:
+                transport = self._transport
+                if self._enqueue is not None and transport is not None:  # not finished since
+                    step = self._step
+                    self._step = step + 1
+                    transport.queue_row_locked(step, time.time(), row)
+            return
+        if type(step) is not int:
+            step = _step(step)
+        self._step = step + 1
+        enqueue(step, time.time(), row)  # no lock: see `transport` on what crosses threads
 
     def _log_media(self, found: WithMedia, step: int | None) -> None:
         """The slow path of a row with media: queue the row's numbers and one `media`
@@ -257,7 +268,7 @@ class Run:
                 continue
             body["format"] = item.format
             if item.source is None:
-                messages.append(MediaMessage(body, item.data, paths.data_dir()))
+                messages.append(MediaMessage(body, item, paths.data_dir()))
                 continue
             stored, digest, size = store_artifact(item.source, paths.data_dir())
             body.update(path=stored, sha256=digest, size=size)
@@ -274,7 +285,7 @@ class Run:
             self._step = step + 1
             ts = time.time()
             if found.row:
-                enqueue(step, ts, found.row)
+                transport.queue_row_locked(step, ts, found.row)
             for message in messages:
                 message.body.update(step=step, ts=ts)
                 transport.put_locked(message)

@@ -1,10 +1,10 @@
 """Delivery of one run's messages to the daemon, off the caller's thread.
 
 `log()` only queues its row, `(step, time, {name: number})`, in one of two
-forms. While this thread keeps up (fewer than `CALLER_PACKS_AT` items waiting
-in `queue`), a copy of the row's dict goes to `queue` and its `(step, time)` to
-`stamps`, and this thread packs the row with MessagePack, on the other core
-while a training loop's next torch op runs without the GIL. The garbage
+forms. While this thread keeps up (fewer than `CALLER_PACKS_AT` rows waiting
+in `queue`), the row goes to `queue` as two items, its `(step, time)` stamp
+and a copy of its dict, and this thread packs it with MessagePack, on the other
+core while a training loop's next torch op runs without the GIL. The garbage
 collector keeps neither: a dict of strings and numbers is never tracked, and a
 tuple of two numbers is untracked by the first collection. A tuple holding the
 dict would stay tracked, and in a flood such rows were promoted to the oldest
@@ -19,22 +19,26 @@ runs out, and the caller then waits for as long as this thread holds it (and,
 on a busy machine, for as long as the OS takes to run it): so a flood's
 wake-ups are few and each only moves a few dozen joined chunks, where packing
 a flood's rows here held the GIL for a millisecond or more. A row holding a
-CUDA value (`PendingRow`) always goes to `queue`, with its stamp: it is
+CUDA value (`PendingRow`) always goes to `queue`, behind its stamp: it is
 packed here, once the value has reached host memory.
 
-What crosses threads, and how: `queue` and `stamps` are lists; appends are
-atomic under the GIL, and only this thread takes items off their fronts. A
-caller appends a row's stamp before its dict, both under `lock`, so the dicts
-and the stamps come in the same order, and each dict this thread takes from
-`queue` has its stamp in `stamps` already. The open batch is behind
-everything in `queue`, so it is guarded by `lock`, the run's own lock, which
-every `log()` holds already: the flooding caller adds to it under that lock at
-no extra cost; every other producer (`put`: messages, flushes, a CUDA row) and
-this thread's wake-ups close it into `queue` first, under the lock, so that no
-row is framed after something queued after it. `_flooding` is set by the
-caller and cleared by this thread, both under the lock, and the batch is empty
-whenever it is clear: a caller that finds it clear appends its dict behind
-every row before it. Everything else here is this thread's.
+What crosses threads, and how: `queue` is a list; appends are atomic under the
+GIL, and only this thread takes items off its front. A row's stamp and dict
+go in by one `list.extend`, atomic too, so nothing ever comes between them and
+a caller that queues a row needs no lock (`queue_row`): a training loop's
+`log()` pays for none (a lock taken and let go after a torch step costs ~2.5
+µs, a quarter of the call). This thread never takes a pass that ends on a
+stamp, so each pass holds whole rows. The open batch is behind everything in
+`queue`, so it is guarded by `lock`, the run's own lock: the flooding caller
+adds to it under that lock, and every other producer (`put`: messages,
+flushes; `queue_row_locked`: a CUDA row, a row whose step the run counts)
+and this thread's wake-ups close it into `queue` first, under the lock, so
+that no row is framed after something queued after it. `_flooding` is set by
+a caller and cleared by this thread, both under the lock, and the batch is
+empty whenever it is clear: a caller that finds it clear, with or without the
+lock, may extend `queue` behind every row of its own thread before it (rows of
+two threads logging at once have no order to keep but their own). Everything
+else here is this thread's.
 
 A background thread frames the queued rows as `metrics` messages, numbers them,
 and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each wake-up
@@ -77,6 +81,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from trackd.client.console import ConsoleCapture
+    from trackd.client.media import Media
 
 POLL_SECONDS = 0.01  # between packs while rows stream in, flushes wait or frames wait to go
 # Between packs while `log()` floods (packs its own rows): each wake-up in a flood costs the
@@ -88,10 +93,11 @@ FLOOD_ROWS = 1000  # a pack of this many rows means a flood: pack again after PO
 # Items framed per wake-up at most: a backlog of rows this thread packs (~1-2 µs a row
 # under the GIL) is framed over several wake-ups, each ended by a poll that lets go of it.
 PASS_ITEMS = 2048
-# Items waiting past which `log()` packs its row itself (a flood), rather than this thread
+# Rows waiting past which `log()` packs its row itself (a flood), rather than this thread
 # packing it in a Python loop that holds the GIL: a flood's first wake-up then meets at
 # most this many rows to pack, and the later ones only joined chunks.
 CALLER_PACKS_AT = 64
+_CALLER_PACKS_AT_ITEMS = 2 * CALLER_PACKS_AT  # a row waits as two items: stamp, dict
 CHUNK_ROWS = 64  # rows a flooding caller joins into one queued `PackedRows` (~2 µs, in C)
 BACKLOG_PAUSE_SECONDS = 0.001  # between passes over a backlog: the caller's turn at the GIL
 RESEND_AFTER_SECONDS = 1.0
@@ -118,14 +124,15 @@ class Message:
 
 
 class MediaMessage(Message):
-    """A `media` message whose encoded bytes (a PNG, a GIF, a table's JSON) the delivery
-    thread stores in DATA_DIR/artifacts, naming the file in the body, before framing it."""
+    """A `media` message whose object's bytes (a PNG, a GIF, a table's JSON) the delivery
+    thread stores in DATA_DIR/artifacts, naming the file in the body, before framing it:
+    an image's PNG is written then, here (`Image.data`)."""
 
-    __slots__ = ("data", "data_dir")
+    __slots__ = ("data_dir", "media")
 
-    def __init__(self, body: dict[str, Any], data: bytes, data_dir: str) -> None:
+    def __init__(self, body: dict[str, Any], media: Media, data_dir: str) -> None:
         super().__init__("media", body)
-        self.data = data
+        self.media = media
         self.data_dir = data_dir
 
 
@@ -152,7 +159,8 @@ class FlushRequest:
 
 
 if TYPE_CHECKING:
-    QueueItem = PackedRows | dict[str, Any] | Message | FlushRequest  # a dict: a row's values
+    # a tuple: a row's (step, time), always followed by its dict of values (or PendingRow)
+    QueueItem = tuple[int, float] | dict[str, Any] | PackedRows | Message | FlushRequest
 
 
 class _Entry:
@@ -182,7 +190,6 @@ class Transport:
         self.session = session
         self.endpoint = endpoint
         self.queue: list[QueueItem] = []
-        self.stamps: list[tuple[int, float]] = []  # (step, time) of each row dict in `queue`
         # the callers' packer (under their run's lock), bound once: `queue_row` is `log()`'s
         # hot path
         self._pack_row = msgpack.Packer(use_bin_type=True).pack
@@ -191,7 +198,7 @@ class Transport:
         self._flooding = False
         self._thread_pack = msgpack.Packer(use_bin_type=True).pack  # this thread's own
         self._queue_append = self.queue.append
-        self._stamp = self.stamps.append
+        self._queue_extend = self.queue.extend
         self.errors: dict[str, int] = {}
         self._spool_dir = spool_dir
         self._memory_limit = memory_bytes or int(
@@ -233,15 +240,22 @@ class Transport:
     # --- the caller's side -----------------------------------------------------
 
     def queue_row(self, step: int, ts: float, row: dict[str, Any]) -> None:
-        """Queue a row, as a dict and its stamp or packed (see above); `row` may be the
-        caller's own dict, never kept. The caller holds `lock`: the packer, the batch and
-        the pairing of stamps with dicts are not thread-safe."""
+        """Queue a row, as its stamp and a copy of its dict or packed (see above); `row` may
+        be the caller's own dict, never kept. The caller does not hold `lock`: it is taken
+        only for a flood's batch and for a CUDA row."""
+        if type(row) is dict and not self._flooding and len(self.queue) < _CALLER_PACKS_AT_ITEMS:
+            self._queue_extend(((step, ts), row.copy()))  # one extend: no lock needed
+            return
+        with self.lock:
+            self.queue_row_locked(step, ts, row)
+
+    def queue_row_locked(self, step: int, ts: float, row: dict[str, Any]) -> None:
+        """`queue_row`, for a caller that holds `lock` (the packer and the batch need it)."""
         if type(row) is PendingRow:
-            self._stamp((step, ts))
-            self.put_locked(row)
-        elif not self._flooding and len(self.queue) < CALLER_PACKS_AT:
-            self._stamp((step, ts))
-            self._queue_append(row.copy())
+            self._close_batch()
+            self._queue_extend(((step, ts), row))
+        elif not self._flooding and len(self.queue) < _CALLER_PACKS_AT_ITEMS:
+            self._queue_extend(((step, ts), row.copy()))
         else:
             self._flooding = True
             batch = self._batch
@@ -254,8 +268,8 @@ class Transport:
         with self.lock:
             self.put_locked(item)
 
-    def put_locked(self, item: Message | FlushRequest | PendingRow) -> None:
-        """`put`, for a caller that holds `lock` (a `PendingRow`: after its stamp)."""
+    def put_locked(self, item: Message | FlushRequest) -> None:
+        """`put`, for a caller that holds `lock`."""
         self._close_batch()
         self._queue_append(item)
 
@@ -292,7 +306,6 @@ class Transport:
         if self._spool is not None:
             self._spool.detach()
         self.queue.clear()
-        self.stamps.clear()
         self._batch.clear()
         self._wake_lock = threading.Lock()  # a parent's thread may have held it at the fork
         self._close_wake_pipe()
@@ -426,7 +439,10 @@ class Transport:
             if self._batch:  # only the caller fills it: empty now, anything later comes later
                 with self.lock:
                     self._close_batch()
-            items = queue[: int(min(PASS_ITEMS, limit - taken))]
+            end = int(min(PASS_ITEMS, limit - taken))
+            if end < len(queue) and type(queue[end - 1]) is tuple:
+                end += 1  # a row's stamp and its dict go in one pass
+            items = queue[:end]
             if not items:
                 break
             del queue[: len(items)]  # the callers only append: the front is this thread's
@@ -438,36 +454,29 @@ class Transport:
 
     def _frame_items(self, items: list[QueueItem]) -> int:
         """Frame items in order; the number of rows."""
-        count = stamped = 0
-        stamps = self.stamps
-        try:
-            for item in items:
-                if type(item) is PackedRows:
-                    self._add_rows(item.data, item.rows)
-                    count += item.rows
-                    continue
-                if type(item) is dict or type(item) is PendingRow:
-                    step, ts = stamps[stamped]
-                    stamped += 1
-                    values = self._resolved(item, step) if type(item) is PendingRow else item
-                    if values is not None:
-                        self._add_rows(self._thread_pack((step, ts, values)), 1)
-                        count += 1
-                    continue
-                self._end_metrics()
-                if isinstance(item, Message):
-                    if type(item) is not MediaMessage or self._store(item):
-                        self._add(item.type, item.body)
-                elif isinstance(item, FlushRequest):
-                    item.target = self._next_seq - 1
-                    self._flushes.append(item)
-        except BaseException:
-            # The pass ends here, and the items after the one that failed are lost with it:
-            # so are their stamps, or every later row would take the stamp of one before it.
-            stamped = sum(type(item) is dict or type(item) is PendingRow for item in items)
-            raise
-        finally:
-            del stamps[:stamped]
+        count = 0
+        step, ts = 0, 0.0
+        for item in items:
+            if type(item) is tuple:
+                step, ts = item  # a row's stamp: its dict is the next item
+                continue
+            if type(item) is dict or type(item) is PendingRow:
+                values = self._resolved(item, step) if type(item) is PendingRow else item
+                if values is not None:
+                    self._add_rows(self._thread_pack((step, ts, values)), 1)
+                    count += 1
+                continue
+            if type(item) is PackedRows:
+                self._add_rows(item.data, item.rows)
+                count += item.rows
+                continue
+            self._end_metrics()
+            if isinstance(item, Message):
+                if type(item) is not MediaMessage or self._store(item):
+                    self._add(item.type, item.body)
+            elif isinstance(item, FlushRequest):
+                item.target = self._next_seq - 1
+                self._flushes.append(item)
         return count
 
     def _resolved(self, row: PendingRow, step: int) -> dict[str, Any] | None:
@@ -515,8 +524,8 @@ class Transport:
         """Store a media message's bytes; whether it may be sent (a file that cannot be
         stored is counted, and only its own message is lost)."""
         try:
-            stored, digest, size = store_bytes(message.data, message.data_dir)
-        except OSError as error:
+            stored, digest, size = store_bytes(message.media.data, message.data_dir)
+        except (OSError, ValueError) as error:  # ValueError: a picture Pillow cannot write
             body = message.body
             self._count(
                 f"{body['kind']} {body['key']!r} at step {body['step']}: not stored, {error}"

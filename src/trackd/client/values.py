@@ -87,16 +87,14 @@ def metric_row(values: object, prefix: str = "") -> dict[str, Scalar] | PendingR
                 break
         else:
             return values  # not copied: `log()` packs it before it returns
-    if not isinstance(values, Mapping):
+    if type(values) is not dict and not isinstance(values, Mapping):
         raise TypeError(
             f"log(): values must be a dict of name -> number, got {type(values).__name__}"
         )
     row: dict[str, Scalar | Pending] = {}
     media: list[tuple[str, Media]] = []
-    _flatten_metrics(values, prefix, row, media)
-    plain: dict[str, Scalar] | PendingRow = (
-        PendingRow(row) if any(isinstance(value, Pending) for value in row.values()) else row  # type: ignore[assignment]  # no Pending in it: all plain numbers
-    )
+    pending = _flatten_metrics(values, prefix, row, media)
+    plain: dict[str, Scalar] | PendingRow = PendingRow(row) if pending else row  # type: ignore[assignment]  # no Pending in it: all plain numbers
     if media:
         raise WithMedia(plain, media)
     return plain
@@ -107,7 +105,9 @@ def _flatten_metrics(
     prefix: str,
     row: dict[str, Scalar | Pending],
     media: list[tuple[str, Media]],
-) -> None:
+) -> bool:
+    """Add `values` to `row` and `media`; whether a value is on the GPU (`Pending`)."""
+    pending = False
     for key, value in values.items():
         if not isinstance(key, str):
             raise TypeError(f"log(): key {key!r} must be a string, not {type(key).__name__}")
@@ -115,13 +115,15 @@ def _flatten_metrics(
         if type(value) is float:  # most values: before the ABC check of Mapping (~1 µs cold)
             row[name] = value
         elif isinstance(value, Mapping):
-            _flatten_metrics(value, name + "/", row, media)
+            pending = _flatten_metrics(value, name + "/", row, media) or pending
         elif isinstance(value, Media):
             media.append((name, value))
         elif getattr(value, "is_cuda", False) is True:
             row[name] = Pending(value, f"log(): {name!r}")
+            pending = True
         else:
             row[name] = scalar(value, f"log(): {name!r}")
+    return pending
 
 
 def scalar(value: object, what: str) -> Scalar:
