@@ -11,9 +11,11 @@ reads in a tight loop, and each piece is timed here the way the loop meets it:
 one call after each step of the 512-768-768-10 MLP of `training_loop.py` (batch
 128, torch on one thread), the median over `--calls` steps. The run is offline
 (a spool, no daemon): the caller's side only. The pieces are the steps of
-`Run.log` written out, beside the two ways of queuing a row that issue 13 §1
-compared: merging the step and time into the row under int keys (until
-2026-12-03), and a copy of the row with its `(step, time)` in a list beside it.
+`Run.log` written out, beside the three ways of queuing a row that issue 13 §1
+compared: merging the step and time into the row under int keys, under the
+run's lock (until 2026-12-03); a copy of the row with its `(step, time)` in a
+list beside it, under the lock (the eighth session); and both in one
+`list.extend`, with no lock (since the ninth).
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ def main() -> None:
             stamps.append((step, time.time()))
             rows.append(values.copy())
 
+    def extended(row: dict[str, float], step: int) -> None:
+        values = metric_row(row)
+        rows.extend(((step, time.time()), values.copy()))
+
     pieces: dict[str, Callable[[dict[str, float], int], object]] = {
         "a no-op call": lambda row, step: None,
         "a dict copy of the row": lambda row, step: row.copy(),
@@ -75,6 +81,7 @@ def main() -> None:
         "metric_row() (the check of keys and values)": lambda row, step: metric_row(row),
         "check + lock + row merged under int keys": int_keys,
         "check + lock + row copied, (step, time) beside": stamped,
+        "check + (step, time) and row copy in one extend": extended,
         "run.log(row, step=step)": lambda row, step: run.log(row, step=step),
     }
     medians: dict[str, list[float]] = {name: [] for name in pieces}
