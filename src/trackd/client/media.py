@@ -17,7 +17,12 @@ few hundred numbers and travel inline in the `media` body (`inline` is true).
 
 from __future__ import annotations
 
+# math, operator and functools are loaded by `import trackd` already, and an import inside a
+# function cost a histogram made after a torch step ~5 µs
+import math
+import operator
 import os
+from functools import partial
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `import trackd` ms
 if TYPE_CHECKING:
@@ -105,8 +110,6 @@ class Image(Media):
     pillow_png = False
 
     def __init__(self, value: Any, caption: str | None = None) -> None:
-        from functools import partial
-
         self.caption = _caption(caption, "Image()")
         self._png: bytes | None = None
         pixels = None
@@ -243,8 +246,6 @@ class Video(Media):
 
 def _tile(batch: Any) -> Any:
     """(batch, frames, c, h, w) -> (frames, c, rows*h, cols*w): a grid as near square as fits."""
-    import math
-
     import numpy as np
 
     count, frames, channels, height, width = batch.shape
@@ -380,8 +381,6 @@ def _plain_list(value: Any, what: str) -> list[Any]:
 
 
 def _finite_values(sequence: Any) -> list[float]:
-    import math
-
     return [float(v) for v in _plain_list(sequence, "Histogram(): sequence") if math.isfinite(v)]
 
 
@@ -420,9 +419,6 @@ def _numpy_binned(array: Any, bins: int) -> tuple[list[int | float], list[float]
 
 
 def _given_histogram(given: Any) -> tuple[list[int | float], list[float]]:
-    import math
-    import operator
-
     if not isinstance(given, tuple | list) or len(given) != 2:
         raise TypeError("Histogram(): np_histogram must be a (counts, edges) pair")
     counts = _plain_list(given[0], "Histogram(): np_histogram counts")
