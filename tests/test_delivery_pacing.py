@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,7 +179,6 @@ def test_a_pass_takes_whole_rows_and_a_failed_one_loses_only_its_own(tmp_path: P
         session="s",
         endpoint=None,
         spool_dir=str(tmp_path),
-        lock=threading.Lock(),
     )
     sender.close(timeout=0)  # its thread is gone: this test frames by hand
     framed: list[list[Any]] = []

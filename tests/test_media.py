@@ -464,7 +464,8 @@ def test_log_of_an_image_leaves_its_compression_and_store_to_the_delivery_thread
     monkeypatch.setattr(os, "fsync", real_fsync)
     monkeypatch.setattr(zlib, "compress", real_compress)
     assert in_log == []
-    assert compressions and all(name.startswith("trackd-") for name in compressions)
+    assert compressions
+    assert all(name.startswith("trackd-") for name in compressions)
     assert any(name.startswith("trackd-") for name in fsyncs)
     daemon.flush()
     assert daemon.stop() == 0
@@ -474,7 +475,9 @@ def test_log_of_an_image_leaves_its_compression_and_store_to_the_delivery_thread
     assert (row["step"], row["sample"]["size"]) == (3, stored.stat().st_size)
     logged = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
     assert (np.asarray(PILImage.open(stored)) == logged).all()
-    assert (np.asarray(PILImage.open(folder / row_picture["picture"]["path"])) == logged[::-1]).all()
+    assert (
+        np.asarray(PILImage.open(folder / row_picture["picture"]["path"])) == logged[::-1]
+    ).all()
 
 
 def test_an_image_that_cannot_be_stored_is_counted_and_loses_nothing_else(

@@ -218,7 +218,6 @@ class Run:
             session=os.urandom(16).hex(),
             endpoint=self._endpoint,
             spool_dir=self._spool_dir,
-            lock=self._lock,
         )
 
     # --- logging -----------------------------------------------------------------
@@ -241,11 +240,10 @@ class Run:
             # The run counts the step: under the lock, so that the steps of threads logging
             # at once are queued in order (W&B drops a row whose step is below its last).
             with self._lock:
-                transport = self._transport
-                if self._enqueue is not None and transport is not None:  # not finished since
+                if self._enqueue is not None:  # not finished since
                     step = self._step
                     self._step = step + 1
-                    transport.queue_row_locked(step, time.time(), row)
+                    self._enqueue(step, time.time(), row)
             return
         if type(step) is not int:
             step = _step(step)
@@ -285,10 +283,10 @@ class Run:
             self._step = step + 1
             ts = time.time()
             if found.row:
-                transport.queue_row_locked(step, ts, found.row)
+                enqueue(step, ts, found.row)
             for message in messages:
                 message.body.update(step=step, ts=ts)
-                transport.put_locked(message)
+                transport.put(message)
 
     def log_config(self, values: dict[str, Any]) -> None:
         """Merge into the run's config (params in MLflow, config in W&B)."""

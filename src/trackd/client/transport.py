@@ -29,11 +29,11 @@ a caller that queues a row needs no lock (`queue_row`): a training loop's
 `log()` pays for none (a lock taken and let go after a torch step costs ~2.5
 µs, a quarter of the call). This thread never takes a pass that ends on a
 stamp, so each pass holds whole rows. The open batch is behind everything in
-`queue`, so it is guarded by `lock`, the run's own lock: the flooding caller
-adds to it under that lock, and every other producer (`put`: messages,
-flushes; `queue_row_locked`: a CUDA row, a row whose step the run counts)
-and this thread's wake-ups close it into `queue` first, under the lock, so
-that no row is framed after something queued after it. `_flooding` is set by
+`queue`, so it is guarded by `lock`: the flooding caller adds to it under that
+lock, and every other producer (`put`: messages and flushes; a CUDA row) and
+this thread's wake-ups close it into `queue` first, under the lock, so that no
+row is framed after something queued after it. (The run's own lock, which
+orders the steps it counts, is taken before this one, never after.) `_flooding` is set by
 a caller and cleared by this thread, both under the lock, and the batch is
 empty whenever it is clear: a caller that finds it clear, with or without the
 lock, may extend `queue` behind every row of its own thread before it (rows of
@@ -183,7 +183,6 @@ class Transport:
         session: str,
         endpoint: str | None,
         spool_dir: str,
-        lock: threading.Lock,
         memory_bytes: int | None = None,
     ) -> None:
         self.run_id = run_id
@@ -193,7 +192,7 @@ class Transport:
         # the callers' packer (under their run's lock), bound once: `queue_row` is `log()`'s
         # hot path
         self._pack_row = msgpack.Packer(use_bin_type=True).pack
-        self.lock = lock  # the run's: held around `queue_row` and `put_locked`
+        self.lock = threading.Lock()  # the open batch's (and the flooding flag's)
         self._batch: list[bytes] = []  # a flooding caller's packed rows, behind the queue
         self._flooding = False
         self._thread_pack = msgpack.Packer(use_bin_type=True).pack  # this thread's own
@@ -241,37 +240,29 @@ class Transport:
 
     def queue_row(self, step: int, ts: float, row: dict[str, Any]) -> None:
         """Queue a row, as its stamp and a copy of its dict or packed (see above); `row` may
-        be the caller's own dict, never kept. The caller does not hold `lock`: it is taken
-        only for a flood's batch and for a CUDA row."""
+        be the caller's own dict, never kept. `lock` is taken only for a flood's batch and
+        for a CUDA row."""
         if type(row) is dict and not self._flooding and len(self.queue) < _CALLER_PACKS_AT_ITEMS:
             self._queue_extend(((step, ts), row.copy()))  # one extend: no lock needed
             return
         with self.lock:
-            self.queue_row_locked(step, ts, row)
-
-    def queue_row_locked(self, step: int, ts: float, row: dict[str, Any]) -> None:
-        """`queue_row`, for a caller that holds `lock` (the packer and the batch need it)."""
-        if type(row) is PendingRow:
-            self._close_batch()
-            self._queue_extend(((step, ts), row))
-        elif not self._flooding and len(self.queue) < _CALLER_PACKS_AT_ITEMS:
-            self._queue_extend(((step, ts), row.copy()))
-        else:
-            self._flooding = True
-            batch = self._batch
-            batch.append(self._pack_row((step, ts, row)))
-            if len(batch) >= CHUNK_ROWS:
+            if type(row) is PendingRow:
                 self._close_batch()
+                self._queue_extend(((step, ts), row))
+            elif not self._flooding and len(self.queue) < _CALLER_PACKS_AT_ITEMS:
+                self._queue_extend(((step, ts), row.copy()))  # the flood ended meanwhile
+            else:
+                self._flooding = True
+                batch = self._batch
+                batch.append(self._pack_row((step, ts, row)))
+                if len(batch) >= CHUNK_ROWS:
+                    self._close_batch()
 
     def put(self, item: Message | FlushRequest) -> None:
         """Queue anything but a plain row, behind every row queued before it."""
         with self.lock:
-            self.put_locked(item)
-
-    def put_locked(self, item: Message | FlushRequest) -> None:
-        """`put`, for a caller that holds `lock`."""
-        self._close_batch()
-        self._queue_append(item)
+            self._close_batch()
+            self._queue_append(item)
 
     def send(self, type_: str, body: dict[str, Any]) -> None:
         self.put(Message(type_, body))
