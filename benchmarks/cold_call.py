@@ -15,7 +15,8 @@ one call after each step of the 512-768-768-10 MLP of `training_loop.py` (batch
 compared: merging the step and time into the row under int keys, under the
 run's lock (until 2026-12-03); a copy of the row with its `(step, time)` in a
 list beside it, under the lock (the eighth session); and both in one
-`list.extend`, with no lock (since the ninth).
+`list.extend`, with no lock (since the ninth). The last pieces are the media of
+`training_loop.py`: a histogram every 50 steps, an image every 200.
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300, help="steps (and calls) per figure")
     args = parser.parse_args()
     os.environ.setdefault("TRACKD_DATA_DIR", tempfile.mkdtemp(prefix="trackd-cold-call-"))
+    import numpy as np
     import torch
 
     import trackd
     from trackd.client.values import metric_row
 
-    _, step_of = mlp()
+    model, step_of = mlp()
     x, y = torch.randn(128, 512), torch.randint(0, 10, (128,))
+    # training_loop.py's media: numpy.histogram of the last layer's weights, a 64x64 image
+    histogram = np.histogram(model[4].weight.detach().numpy(), 64)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
 
     def train_step() -> float:
         return step_of(x, y)
@@ -83,6 +88,13 @@ def main() -> None:
         "check + lock + row copied, (step, time) beside": stamped,
         "check + (step, time) and row copy in one extend": extended,
         "run.log(row, step=step)": lambda row, step: run.log(row, step=step),
+        "Histogram(np_histogram=...), 64 bins": lambda row, step: trackd.Histogram(
+            np_histogram=histogram
+        ),
+        "Image() of a 64x64x3 uint8 array": lambda row, step: trackd.Image(image),
+        "run.log(row and a Histogram, step=step)": lambda row, step: run.log(
+            {**row, "weights": trackd.Histogram(np_histogram=histogram)}, step=step
+        ),
     }
     medians: dict[str, list[float]] = {name: [] for name in pieces}
     for _ in range(args.repeats):
