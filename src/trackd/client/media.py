@@ -111,7 +111,7 @@ class Image(Media):
 
     def __init__(self, value: Any, caption: str | None = None) -> None:
         self.caption = _caption(caption, "Image()")
-        self._png: bytes | None = None
+        self._written: bytes | None = None  # the PNG, once `data` wrote it
         pixels = None
         if hasattr(value, "shape") and hasattr(value, "dtype"):
             pixels = _hwc_uint8(value, "Image()").copy()  # the caller may change its array
@@ -147,9 +147,9 @@ class Image(Media):
     @property
     def data(self) -> bytes:  # type: ignore[override]  # Media's attribute, written when read
         """The PNG. Two threads reading it first at once each write the same bytes."""
-        png = self._png
+        png = self._written
         if png is None:
-            png = self._png = self._write()
+            png = self._written = self._write()
         return png
 
     def meta(self) -> dict[str, Any]:

@@ -26,19 +26,20 @@ What crosses threads, and how: `queue` is a list; appends are atomic under the
 GIL, and only this thread takes items off its front. A row's stamp and dict
 go in by one `list.extend`, atomic too, so nothing ever comes between them and
 a caller that queues a row needs no lock (`queue_row`): a training loop's
-`log()` pays for none (a lock taken and let go after a torch step costs ~2.5
-µs, a quarter of the call). This thread never takes a pass that ends on a
-stamp, so each pass holds whole rows. The open batch is behind everything in
-`queue`, so it is guarded by `lock`: the flooding caller adds to it under that
-lock, and every other producer (`put`: messages and flushes; a CUDA row) and
-this thread's wake-ups close it into `queue` first, under the lock, so that no
-row is framed after something queued after it. (The run's own lock, which
-orders the steps it counts, is taken before this one, never after.) `_flooding` is set by
-a caller and cleared by this thread, both under the lock, and the batch is
-empty whenever it is clear: a caller that finds it clear, with or without the
-lock, may extend `queue` behind every row of its own thread before it (rows of
-two threads logging at once have no order to keep but their own). Everything
-else here is this thread's.
+`log()` pays for none (a lock taken and let go after a torch step costs ~3 µs,
+a third of the call). This thread never takes a pass that ends on a stamp, so
+each pass holds whole rows. The open batch is behind everything in `queue`, so
+it is guarded by `lock`, the transport's own: the flooding caller adds to it
+under that lock, and every other producer (`put`: messages and flushes; a CUDA
+row) and this thread's wake-ups close it into `queue` first, under the lock,
+so that no row is framed after something queued after it. The run's lock,
+which orders the steps the run counts, may be held when `lock` is taken, never
+the other way round. `_flooding` is set by a caller and cleared by this
+thread, both under `lock`, and the batch is empty whenever it is clear: a
+caller that finds it clear, with or without the lock, may extend `queue`
+behind every row of its own thread before it (rows of two threads logging at
+once have no order to keep but their own). Everything else here is this
+thread's.
 
 A background thread frames the queued rows as `metrics` messages, numbers them,
 and sends them over a DEALER socket with NOBLOCK. It wakes rarely: each wake-up
@@ -189,8 +190,7 @@ class Transport:
         self.session = session
         self.endpoint = endpoint
         self.queue: list[QueueItem] = []
-        # the callers' packer (under their run's lock), bound once: `queue_row` is `log()`'s
-        # hot path
+        # the callers' packer (under `lock`), bound once: `queue_row` is `log()`'s hot path
         self._pack_row = msgpack.Packer(use_bin_type=True).pack
         self.lock = threading.Lock()  # the open batch's (and the flooding flag's)
         self._batch: list[bytes] = []  # a flooding caller's packed rows, behind the queue
