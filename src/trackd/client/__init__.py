@@ -2,9 +2,10 @@
 
 What crosses threads: the script's threads hand each run's rows and messages to the
 run's delivery thread through one list, `Transport.queue` (`transport` says how, and
-why a row with its step needs no lock); the run's lock guards the steps it counts, its
-end, and the batch a flooding `log()` packs. Console writes reach the delivery thread
-through a deque (`console`), and `registry` keeps the open runs under a lock of its own.
+why a row with its step needs no lock); the run's lock guards the steps it counts and its
+end, and the transport's own lock the batch a flooding `log()` packs. Console writes
+reach the delivery thread through a deque (`console`), and `registry` keeps the open
+runs under a lock of its own.
 """
 
 from __future__ import annotations
