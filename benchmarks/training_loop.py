@@ -22,8 +22,14 @@ the calls its users would write (`CASES`): the histogram is binned by
 itself; MLflow has no histogram, so it logs none). The slowdown is the logged
 blocks' wall time over the unlogged blocks' minus one; CPU is the process's
 (all threads; not other processes such as wandb-core, the trackd daemon or the
-mlflow server) in the same blocks. The case `none` logs nothing in either
-block: its "slowdown" is what the method reads when there is nothing to read.
+mlflow server) in the same blocks. The training thread's own figures split the
+slowdown: "thread +%" is its extra CPU in the logged blocks (the calls, and the
+torch work slowed by what they left in the caches), "waits %" its extra time off
+a CPU (waiting for the GIL a background thread holds, or preempted), both of
+the unlogged blocks' wall time. "helpers %" is the CPU of the processes working
+for the library during the loop (the trackd daemon, wandb-core), in % of one
+core. The case `none` logs nothing in either block: its "slowdown" is what the
+method reads when there is nothing to read.
 
 "to backend" is from the last step until the data is in the backend: for the
 trackd cases until every row and media index is in the daemon's JSONL sink
@@ -290,8 +296,9 @@ def worker(
     logger = LOGGERS[case](name, work)
     setup_s = time.perf_counter() - setup_started
     delivery = _thread_stats("trackd-") if case in TRACKD_CASES else (0, 0.0)
-    logged = {"wall": 0.0, "cpu": 0.0}
-    unlogged = {"wall": 0.0, "cpu": 0.0}
+    helpers = _helper_cpu()
+    logged = {"wall": 0.0, "cpu": 0.0, "thread": 0.0}
+    unlogged = {"wall": 0.0, "cpu": 0.0, "thread": 0.0}
     pair_ratios = []
     in_calls = 0.0  # wall time inside the library's logging calls
     load_before = os.getloadavg()[0]
@@ -302,7 +309,7 @@ def worker(
         walls = {}
         for log in (True, False) if (step // block) % 2 == 0 else (False, True):
             totals = logged if log else unlogged
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
             for i in range(step, step + block):
                 loss = train_step(x, y)
                 # The values a logged step hands over are built in both blocks: the script's
@@ -324,11 +331,13 @@ def worker(
             walls[log] = time.perf_counter() - wall
             totals["wall"] += walls[log]
             totals["cpu"] += time.process_time() - cpu
+            totals["thread"] += time.thread_time() - thread
         last_step_at = time.perf_counter()
         pair_ratios.append(walls[True] / walls[False])
         step += block
     _logged_steps[0] = step
     delivery_after = _thread_stats("trackd-") if case in TRACKD_CASES else (0, 0.0)
+    helpers_after = _helper_cpu()
     loop_seconds = last_step_at - loop_started
     finish_started = time.perf_counter()
     logger.finish()
@@ -349,6 +358,14 @@ def worker(
         "median_pair_slowdown_pct": (statistics.median(pair_ratios) - 1) * 100,
         "cpu_overhead_pct": (logged["cpu"] / unlogged["cpu"] - 1) * 100,
         "cpu_per_wall_logged": logged["cpu"] / logged["wall"],
+        # The training thread's own CPU, and the time it spent off a CPU (waiting for the
+        # GIL, or preempted), logged blocks against unlogged ones, of the unlogged wall.
+        "thread_cpu_pct": (logged["thread"] - unlogged["thread"]) / unlogged["wall"] * 100,
+        "thread_waits_pct": (
+            (logged["wall"] - logged["thread"]) - (unlogged["wall"] - unlogged["thread"])
+        )
+        / unlogged["wall"]
+        * 100,
         "in_calls_pct": in_calls / unlogged["wall"] * 100,  # the calls alone, of the loop
         "loop_s": loop_seconds,
         "loop_cpu_s": time.process_time() - loop_cpu,  # the loop and the end of the run
@@ -356,10 +373,31 @@ def worker(
         "to_backend_s": to_backend_s,
         "delivery_wakeups_per_s": (delivery_after[0] - delivery[0]) / loop_seconds,
         "delivery_cpu_pct": (delivery_after[1] - delivery[1]) / loop_seconds * 100,
+        # Other processes working for the library meanwhile (the trackd daemon, wandb-core),
+        # % of one core over the loop; not the mlflow server, which is the backend.
+        "helper_cpu_pct": (helpers_after - helpers) / loop_seconds * 100,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
     }
     out.write_text(json.dumps(result))
+
+
+def _helper_cpu() -> float:
+    """CPU seconds so far of the processes working for the logging library: this process's
+    children (wandb-core) and the trackd daemon (`BENCH_DAEMON_PID`, set by `run_case`)."""
+    import psutil
+
+    processes = psutil.Process().children(recursive=True)
+    if os.environ.get("BENCH_DAEMON_PID"):
+        processes.append(psutil.Process(int(os.environ["BENCH_DAEMON_PID"])))
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:  # a child that ended between the listing and now
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _thread_stats(prefix: str) -> tuple[int, float]:
@@ -387,6 +425,7 @@ def run_case(label: str, case: str, src: str, args: argparse.Namespace) -> dict[
         env["MLFLOW_TRACKING_URI"] = args.mlflow_uri or env["MLFLOW_TRACKING_URI"]
         if daemon is not None:
             env.update(daemon.env(), PYTHONPATH=str(Path(src).resolve()))
+            env["BENCH_DAEMON_PID"] = str(daemon.process.pid)
         command = [sys.executable, str(HERE), "--worker", case, "--out", str(out)]
         command += ["--steps", str(args.steps), "--block", str(args.block)]
         command += ["--step-ms", str(args.step_ms), "--batch", str(args.batch)]
@@ -428,8 +467,10 @@ def summarize(results: list[dict[str, Any]], labels: list[str]) -> list[dict[str
             ):
                 row[key] = statistics.median(r[key] for r in ok)
             row["to_backend_max_s"] = max(r["to_backend_s"] for r in ok)
-            timed = [r["in_calls_pct"] for r in ok if "in_calls_pct" in r]
-            row["in_calls_pct"] = statistics.median(timed) if timed else None
+            # not in older runs' results
+            for key in ("in_calls_pct", "thread_cpu_pct", "thread_waits_pct", "helper_cpu_pct"):
+                timed = [r[key] for r in ok if key in r]
+                row[key] = statistics.median(timed) if timed else None
             row["loop_s"] = statistics.median(r["loop_s"] for r in ok)
             loads = [r["load_before"] for r in ok] + [r["load_after"] for r in ok]
             row.update(load_min=min(loads), load_max=max(loads))
@@ -448,7 +489,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     header = (
         f"{'case':<22} {'slowdown % median [min..max]':>30} {'total %':>8} {'CPU +%':>7} "
         f"{'step ms':>8} {'fresh %':>8} {'to backend s':>13} {'CPU s':>6} {'wake/s':>7} "
-        f"{'calls %':>8} {'load':>10}"
+        f"{'calls %':>8} {'thread +%':>9} {'waits %':>8} {'helpers %':>9} {'load':>10}"
     )
     lines = [header]
     for row in rows:
@@ -463,10 +504,17 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{row['step_ms_unlogged']:>8.2f} {row.get('fresh_process_pct', 0.0):>8.1f} "
             f"{row['to_backend_s']:>13.2f} "
             f"{row['loop_cpu_s']:>6.1f} {row['delivery_wakeups_per_s']:>7.1f} "
-            f"{row['in_calls_pct'] if row['in_calls_pct'] is not None else float('nan'):>8.2f} "
+            f"{_or_nan(row['in_calls_pct']):>8.2f} {_or_nan(row.get('thread_cpu_pct')):>9.2f} "
+            f"{_or_nan(row.get('thread_waits_pct')):>8.2f} "
+            f"{_or_nan(row.get('helper_cpu_pct')):>9.2f} "
             f"{row['load_min']:4.1f}-{row['load_max']:4.1f}"
         )
     return "\n".join(lines)
+
+
+def _or_nan(value: float | None) -> float:
+    """A figure older runs did not record prints as nan."""
+    return float("nan") if value is None else value
 
 
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
