@@ -504,9 +504,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{row['step_ms_unlogged']:>8.2f} {row.get('fresh_process_pct', 0.0):>8.1f} "
             f"{row['to_backend_s']:>13.2f} "
             f"{row['loop_cpu_s']:>6.1f} {row['delivery_wakeups_per_s']:>7.1f} "
-            f"{_or_nan(row['in_calls_pct']):>8.2f} {_or_nan(row.get('thread_cpu_pct')):>9.2f} "
-            f"{_or_nan(row.get('thread_waits_pct')):>8.2f} "
-            f"{_or_nan(row.get('helper_cpu_pct')):>9.2f} "
+            f"{_or_nan(row['in_calls_pct']):>8.2f} {_or_nan(row['thread_cpu_pct']):>9.2f} "
+            f"{_or_nan(row['thread_waits_pct']):>8.2f} {_or_nan(row['helper_cpu_pct']):>9.2f} "
             f"{row['load_min']:4.1f}-{row['load_max']:4.1f}"
         )
     return "\n".join(lines)
