@@ -19,9 +19,8 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any
 
-from training_loop import HISTOGRAM_EVERY, IMAGE_EVERY, SCALARS, mlp
+from training_loop import HISTOGRAM_EVERY, IMAGE_EVERY, mlp, scalars_of
 
 
 def main() -> None:
@@ -54,8 +53,7 @@ def main() -> None:
     started = time.perf_counter()
     for step in range(args.steps):
         loss = step_of(x, y)
-        row: dict[str, Any] = {"loss": loss, "lr": 0.01}
-        row.update({f"train/m{k}": loss * k for k in range(SCALARS - 2)})
+        row = scalars_of(loss)
         if args.media and step % HISTOGRAM_EVERY == 0:
             weights = model[4].weight.detach().numpy()
             row["weights"] = trackd.Histogram(np_histogram=np.histogram(weights, 64))

@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from training_loop import HISTOGRAM_EVERY, IMAGE_EVERY, scalars_of
+
 HERE = Path(__file__).resolve()
-SCALARS = 20
-HISTOGRAM_EVERY = 50
-IMAGE_EVERY = 200
 
 
 def worker(steps: int, step_ms: float) -> dict[str, Any]:
@@ -46,8 +45,7 @@ def worker(steps: int, step_ms: float) -> dict[str, Any]:
     times: dict[str, list[float]] = {"scalars": [], "histogram": [], "image": [], "Image()": []}
     for step in range(steps):
         loss = 1.0 / (step + 1)
-        values: dict[str, Any] = {"loss": loss, "lr": 0.01}
-        values.update({f"train/m{k}": loss * k for k in range(SCALARS - 2)})
+        values = scalars_of(loss)
         kind = "scalars"
         if step % HISTOGRAM_EVERY == 0:
             values["weights"] = trackd.Histogram(np_histogram=np.histogram(weights, 64))

@@ -73,6 +73,15 @@ SCALARS = 20
 HISTOGRAM_EVERY = 50
 IMAGE_EVERY = 200
 BATCHES = (4, 8, 16, 32, 64, 128)
+
+
+def scalars_of(loss: float) -> dict[str, Any]:
+    """A logged step's `SCALARS` values, as the loop builds them afresh each step."""
+    scalars: dict[str, Any] = {"loss": loss, "lr": 0.01}
+    scalars.update({f"train/m{k}": loss * k for k in range(SCALARS - 2)})
+    return scalars
+
+
 # case -> what it measures; the trackd cases log through a daemon of their own
 CASES: dict[str, str] = {
     "none": "no logging (the method's noise)",
@@ -314,8 +323,7 @@ def worker(
                 loss = train_step(x, y)
                 # The values a logged step hands over are built in both blocks: the script's
                 # own work, the same for every library, is not the library's slowdown.
-                scalars = {"loss": loss, "lr": 0.01}
-                scalars.update({f"train/m{k}": loss * k for k in range(SCALARS - 2)})
+                scalars = scalars_of(loss)
                 histogram = weights = image_now = None
                 if media and i % HISTOGRAM_EVERY == 0:
                     weights = model[4].weight.detach().numpy()
