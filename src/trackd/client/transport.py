@@ -36,7 +36,7 @@ so that no row is framed after something queued after it. The run's lock,
 which orders the steps the run counts, may be held when `lock` is taken, never
 the other way round. `_flooding` is set by a caller and cleared by this
 thread, both under `lock`, and the batch is empty whenever it is clear: a
-caller that finds it clear, with or without the lock, may extend `queue`
+caller that finds it clear (without the lock) may extend `queue`
 behind every row of its own thread before it (rows of two threads logging at
 once have no order to keep but their own). Everything else here is this
 thread's.
@@ -249,9 +249,7 @@ class Transport:
             if type(row) is PendingRow:
                 self._close_batch()
                 self._queue_extend(((step, ts), row))
-            elif not self._flooding and len(self.queue) < _CALLER_PACKS_AT_ITEMS:
-                self._queue_extend(((step, ts), row.copy()))  # the flood ended meanwhile
-            else:
+            else:  # a flood (had it just ended, this row only starts a batch the thread closes)
                 self._flooding = True
                 batch = self._batch
                 batch.append(self._pack_row((step, ts, row)))
