@@ -25,7 +25,10 @@ import trackd
 from conftest import Daemon, wait_for
 from trackd.client import registry
 
-FIELDS = ("id", "project", "name", "group", "host", "pid", "rank", "started", "ended")
+FIELDS = (
+    *("id", "project", "name", "group", "host", "pid", "rank", "local_rank", "world_size"),
+    *("started", "ended"),
+)
 RUN_FIELDS = (*FIELDS, "status", "error")
 
 
@@ -97,6 +100,14 @@ BAD_CALLS: list[tuple[str, Callable[[trackd.Run], object], type[Exception], str]
     ("string step", lambda run: run.log({"loss": 1.0}, step="3"), TypeError, "step"),  # type: ignore[arg-type]
     ("float step", lambda run: run.log({"loss": 1.0}, step=1.5), TypeError, "step"),  # type: ignore[arg-type]
     ("bool step", lambda run: run.log({"loss": 1.0}, step=True), TypeError, "step"),
+    ("step past 64 bits", lambda run: run.log({"loss": 1.0}, step=2**63), ValueError, "step"),
+    ("step under 64 bits", lambda run: run.log({"a": 1.0}, step=-(2**63) - 1), ValueError, "step"),
+    (
+        "media step past 64 bits",
+        lambda run: run.log({"h": trackd.Histogram([1.0, 2.0])}, step=2**64),
+        ValueError,
+        "step",
+    ),
     ("config value", lambda run: run.log_config({"opt": object()}), TypeError, "opt"),
     ("config non-dict", lambda run: run.log_config(["lr"]), TypeError, "dict"),  # type: ignore[arg-type]
     ("summary value", lambda run: run.set_summary({"best": {1, 2}}), TypeError, "best"),
@@ -130,6 +141,7 @@ def test_wrong_argument_raises_at_once_naming_it_and_run_stays_usable(
     [
         pytest.param({"mode": "sometimes"}, ValueError, "mode", id="mode"),
         pytest.param({"name": "x", "resume": "maybe"}, ValueError, "resume", id="resume"),
+        pytest.param({"resume": "must"}, ValueError, "resume='must' needs a name", id="must"),
         pytest.param({"config": {"lr": object()}}, TypeError, "lr", id="config"),
         pytest.param({"config": {"opt": {"betas": {0.9}}}}, TypeError, "betas", id="nested-config"),
         pytest.param({"tags": 5}, TypeError, "tags", id="tags"),
@@ -282,9 +294,12 @@ def test_log_artifact_is_copied_into_artifacts(daemon: Daemon, tmp_path: Path) -
 
 
 def test_run_json_has_every_field(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
-    """run.json: id, project, name, group, host, pid, rank (from RANK), started, ended, status."""
+    """run.json: id, project, name, group, host, pid, rank, local_rank and world_size (from
+    RANK, LOCAL_RANK, WORLD_SIZE), started, ended, status."""
     daemon.start()
     monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not a job of several processes: a run of its own
     before = time.time()
     run = trackd.init(project="meta", name="m", group="sweep-1")
     run.log({"x": 1.0})
@@ -295,6 +310,7 @@ def test_run_json_has_every_field(daemon: Daemon, monkeypatch: pytest.MonkeyPatc
     assert run_dir(daemon, "meta", "m").name == f"m-{run.id[:8]}"
     assert (info["project"], info["name"], info["group"]) == ("meta", "m", "sweep-1")
     assert (info["host"], info["pid"], info["rank"]) == (socket.gethostname(), os.getpid(), 3)
+    assert (info["local_rank"], info["world_size"]) == (1, 1)
     assert before - 1 <= info["started"] <= info["ended"] <= time.time() + 1
     assert (info["status"], info["error"]) == ("finished", None)
 
@@ -314,6 +330,24 @@ def test_resume_allow_continues_the_same_run(daemon: Daemon) -> None:
     directory = delivered(daemon, "res", "long")
     assert [row["step"] for row in rows_of(directory)] == list(range(10))
     assert read_json(directory / "run.json")["status"] == "finished"
+
+
+def test_resume_allow_without_a_name_starts_a_new_run(daemon: Daemon) -> None:
+    """`init(project, resume="allow")` with no name has nothing to continue: as in trackio,
+    each call starts a run of its own."""
+    daemon.start()
+    ids = []
+    for value in (1.0, 2.0):
+        run = trackd.init(project="res-anon", resume="allow")
+        run.log({"loss": value})
+        run.finish(timeout=30)
+        ids.append(run.id)
+    assert ids[0] != ids[1]
+    daemon.flush()
+    for run_id, value in zip(ids, (1.0, 2.0), strict=True):
+        (directory,) = (daemon.data_dir / "runs" / "res-anon").glob(f"*-{run_id[:8]}")
+        wait_for(lambda d=directory: read_json(d / "run.json")["status"] == "finished")
+        assert without_ts(rows_of(directory)) == [{"step": 0, "loss": value}]
 
 
 # --- module-level API and context manager ------------------------------------------
@@ -383,6 +417,28 @@ def test_with_block_that_raises_marks_the_run_failed(daemon: Daemon) -> None:
     assert "ZeroDivisionError: lr schedule divided by zero" in info["error"]
     assert "in train" in info["error"]
     assert len(rows_of(directory)) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "error"),
+    [(None, "finished", None), (0, "finished", None), (3, "failed", "SystemExit: 3")],
+)
+def test_with_block_ended_by_sys_exit_is_failed_only_by_a_nonzero_code(
+    daemon: Daemon, code: int | None, status: str, error: str | None
+) -> None:
+    """`sys.exit()` / `sys.exit(0)` in the block is a clean end, as for the process itself."""
+    daemon.start()
+
+    def train() -> None:
+        with trackd.init(project="ctx", name=f"exit-{code}") as run:
+            run.log({"x": 1.0})
+            sys.exit(code)
+
+    with pytest.raises(SystemExit):
+        train()
+    info = read_json(delivered(daemon, "ctx", f"exit-{code}") / "run.json")
+    assert info["status"] == status
+    assert (info["error"] is None) if error is None else (error in info["error"])
 
 
 # --- process exit: excepthook and atexit -------------------------------------------
@@ -631,6 +687,40 @@ def test_child_forked_while_delivering_logs_into_the_same_run(
     """A child forked once delivery is under way logs into the same run; no row arrives twice."""
     daemon.start()
     assert_fork_rows(daemon, python(env, FORKING_SCRIPT, "--flush-first"))
+
+
+MULTIPROCESSING_SCRIPT = """
+import json, multiprocessing, trackd
+
+run = trackd.init(project="fork", name="mp")
+
+def worker(index):
+    for j in range(20):
+        trackd.log({"worker": index}, step=100 * (index + 1) + j)
+
+workers = [multiprocessing.get_context("fork").Process(target=worker, args=(i,)) for i in (0, 1)]
+for process in workers:
+    process.start()
+for process in workers:
+    process.join()
+run.log({"parent": 1}, step=0)
+run.finish(timeout=30)
+print(json.dumps([process.exitcode for process in workers]))
+"""
+
+
+def test_rows_of_multiprocessing_workers_arrive_though_they_end_with_os_exit(
+    daemon: Daemon, env: dict[str, str]
+) -> None:
+    """A worker that `multiprocessing` forks (as DataLoader's are) logs without a flush and
+    returns; its process ends with `os._exit`, which skips atexit, and its rows still arrive."""
+    daemon.start()
+    result = python(env, MULTIPROCESSING_SCRIPT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [0, 0]
+    rows = rows_of(delivered(daemon, "fork", "mp"))
+    steps = sorted(row["step"] for row in rows)
+    assert steps == [0, *range(100, 120), *range(200, 220)]
 
 
 # Fault injection: the parent's delivery thread is held until its child has delivered and

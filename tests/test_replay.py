@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,56 @@ def test_offline_spool_replayed_twice_into_mlflow_lands_once(
         assert run.info.status == "FINISHED"
     finally:
         server.kill()
+
+
+RUN_WITH_FILES = """
+import os, sys
+import numpy as np
+import trackd
+
+run = trackd.init(project="far", name="files", mode="offline", dir=os.environ.get("RUN_DIR"))
+run.log({"loss": 0.5, "sample": trackd.Image(np.full((8, 8, 3), 200, dtype=np.uint8))}, step=0)
+run.log({"preds": trackd.Table(columns=["x"], data=[[1], [2]])}, step=1)
+with open(sys.argv[1], "wb") as weights:
+    weights.write(b"weights " * 1000)
+run.log_artifact(sys.argv[1], name="weights.bin")
+os.remove(sys.argv[1])
+run.finish()
+"""
+
+
+@pytest.mark.parametrize("kept_in", ["data dir", "init dir"])
+def test_a_source_copied_off_its_machine_replays_with_its_files(
+    tmp_path: Path, env: dict[str, str], kept_in: str
+) -> None:
+    """`replay` of a folder copied off the machine that logged it (the cluster's data dir,
+    or a run's `init(dir=...)`) delivers the run's artifacts and media too: the records
+    name files by their paths there, and the copy's own store has them."""
+    cluster = tmp_path / "cluster"
+    data_dir, run_dir = cluster / "data", cluster / "run"
+    run_env = {**env, "TRACKD_DATA_DIR": str(data_dir)}
+    if kept_in == "init dir":
+        run_env["RUN_DIR"] = str(run_dir)
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_WITH_FILES, str(tmp_path / "weights.bin")],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    logged = data_dir if kept_in == "data dir" else run_dir
+    if kept_in == "init dir":
+        assert not (data_dir / "artifacts").exists(), "a run's files go under its dir="
+    copy = tmp_path / "laptop" / "copy"
+    shutil.copytree(logged, copy)
+    shutil.rmtree(cluster)
+    out = tmp_path / "out"
+    result = replay(env, str(copy), "--sink", f"jsonl:{out}")
+    assert result.returncode == 0, result.stderr
+    assert "0 dead letters" in result.stdout, result.stdout
+    (run_out,) = (out / "far").iterdir()
+    assert (run_out / "artifacts" / "weights.bin").read_bytes() == b"weights " * 1000
+    media = sorted(path.parent.name for path in (run_out / "media").glob("*/*"))
+    assert media == ["preds", "sample"]

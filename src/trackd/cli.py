@@ -379,7 +379,14 @@ async def _replay(settings: Any, source: Path, files: list[Path], run_name: str 
 
             work.append(
                 replaying.replay_into(
-                    spec, files, ledger, run_name, settings.data_dir / "replay", backoff, advance
+                    spec,
+                    files,
+                    replaying.file_stores(source),
+                    ledger,
+                    run_name,
+                    settings.data_dir / "replay",
+                    backoff,
+                    advance,
                 )
             )
         done = await asyncio.gather(*work)

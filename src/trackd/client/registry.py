@@ -4,7 +4,9 @@ Installed once, at the first `init()`: an atexit hook that finishes runs left
 open, an excepthook that marks them failed with the traceback and then
 *chains to the previous hook* (trackd never replaces `sys.exit` or swallows
 the exception), and a fork hook that gives each run a fresh session in the
-child.
+child. A child that `multiprocessing` started (a DataLoader worker, a Pool's)
+ends with `os._exit`, which runs no atexit hook: its runs are finished by a
+`multiprocessing` finalizer instead, which that exit does run.
 
 `run.py` does not import this module, nor this one `run.py` (DESIGN's layering):
 a registered run is told to call `forget` when it finishes (`_on_finished`).
@@ -92,3 +94,23 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     for run in _open:
         run._after_fork_in_child()
+    if _open and "multiprocessing" in sys.modules:
+        from multiprocessing import util
+
+        # A process that `multiprocessing` forks clears its finalizers after this hook and
+        # then runs its after-fork callbacks: the finalizer is registered from one of those.
+        util.register_after_fork(_finalizer_owner, _finish_at_process_exit)
+
+
+class _FinalizerOwner:
+    """What `multiprocessing` keeps (weakly) an after-fork callback for: it lives as long
+    as this module."""
+
+
+_finalizer_owner = _FinalizerOwner()
+
+
+def _finish_at_process_exit(_: object) -> None:
+    from multiprocessing import util
+
+    util.Finalize(None, _finish_open_runs, exitpriority=0)

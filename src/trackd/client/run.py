@@ -16,7 +16,7 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs `impor
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
-    from typing import Any, Literal
+    from typing import Any, Final, Literal
 
     from trackd.client.console import ConsoleCapture
 
@@ -26,6 +26,8 @@ RESUME_QUERY_SECONDS = 2.0
 RANKS = ("zero", "all")
 RESUME = (None, "never", "allow", "must")
 CONSOLE = ("wrap", "off")
+_STEP_MIN: Final = -(2**63)
+_STEP_END: Final = 2**63
 
 
 class Run:
@@ -62,10 +64,10 @@ class Run:
             raise ValueError(f"init(): resume must be one of {RESUME}, got {resume!r}")
         if run_id is not None and (not isinstance(run_id, str) or not run_id.isprintable()):
             raise TypeError(f"init(): run_id must be a printable string, got {run_id!r}")
-        if resume == "never":
-            resume = None
+        if resume == "never" or (resume == "allow" and name is None and run_id is None):
+            resume = None  # no name, nothing to continue: "allow" starts a run, as trackio does
         if resume is not None and name is None and run_id is None:
-            raise ValueError("init(): resume needs a name: a run is resumed by project and name")
+            raise ValueError("init(): resume='must' needs a name: a run is resumed by its name")
         if ranks not in RANKS:
             raise ValueError(f"init(): ranks must be one of {RANKS}, got {ranks!r}")
         _check_console_options(console, save_code)
@@ -116,9 +118,12 @@ class Run:
         self._transport: Transport | None = None
         self._console: ConsoleCapture | None = None
         diff = _record_code_state(start_body) if save_code and mode != "disabled" else b""
+        # What the run keeps on this machine, its spool and its files (artifacts, media), goes
+        # under `dir` when given: copying that folder then carries the whole run to `replay`.
+        self._store_dir = os.fspath(dir) if dir else paths.data_dir()
         if mode != "disabled":
             self._endpoint = None if mode == "offline" else paths.endpoints(endpoint).ingest
-            self._spool_dir = os.fspath(dir) if dir else paths.spool_dir(paths.data_dir())
+            self._spool_dir = os.fspath(dir) if dir else paths.spool_dir(self._store_dir)
             self._transport = self._new_transport()
             self._transport.send("run_start", start_body)
             self._start_body = start_body
@@ -170,7 +175,7 @@ class Run:
 
     def _send_diff(self, diff: bytes) -> None:
         """The uncommitted changes against HEAD, as the run's artifact `diff.patch`."""
-        stored, digest, size = store_bytes(diff, paths.data_dir())
+        stored, digest, size = store_bytes(diff, self._store_dir)
         self._send(
             "artifact", {"path": stored, "name": "diff.patch", "sha256": digest, "size": size}
         )
@@ -245,7 +250,7 @@ class Run:
                     self._step = step + 1
                     self._enqueue(step, time.time(), row)
             return
-        if type(step) is not int:
+        if type(step) is not int or not _STEP_MIN <= step < _STEP_END:
             step = _step(step)
         self._step = step + 1
         enqueue(step, time.time(), row)  # no lock: see `transport` on what crosses threads
@@ -266,9 +271,9 @@ class Run:
                 continue
             body["format"] = item.format
             if item.source is None:
-                messages.append(MediaMessage(body, item, paths.data_dir()))
+                messages.append(MediaMessage(body, item, self._store_dir))
                 continue
-            stored, digest, size = store_artifact(item.source, paths.data_dir())
+            stored, digest, size = store_artifact(item.source, self._store_dir)
             body.update(path=stored, sha256=digest, size=size)
             messages.append(Message("media", body))
         transport = self._transport
@@ -276,10 +281,7 @@ class Run:
             enqueue = self._enqueue
             if enqueue is None or transport is None:
                 return
-            if step is None:
-                step = self._step
-            elif type(step) is not int:
-                step = _step(step)
+            step = self._step if step is None else _step(step)
             self._step = step + 1
             ts = time.time()
             if found.row:
@@ -306,20 +308,20 @@ class Run:
     def log_artifact(self, path: str | os.PathLike[str], name: str | None = None) -> None:
         """Store a file with the run; the original may be deleted as soon as this returns.
 
-        The file goes into trackd's content-addressed store (DATA_DIR/artifacts) here, in
-        the caller's thread, because only that makes it safe the moment the call returns:
-        a hard link where the store is on the same filesystem, else a streamed copy. This
-        call therefore takes time in proportion to the file (hashing it, and copying it
-        across filesystems), unlike `log()`. A hard-linked file changed *in place* later
-        changes the stored artifact too; deleting or replacing it (as checkpoints are) is
-        safe.
+        The file goes into trackd's content-addressed store (DATA_DIR/artifacts, or the
+        run's `dir`/artifacts) here, in the caller's thread, because only that makes it safe
+        the moment the call returns: a hard link where the store is on the same filesystem,
+        else a streamed copy. This call therefore takes time in proportion to the file
+        (hashing it, and copying it across filesystems), unlike `log()`. A hard-linked file
+        changed *in place* later changes the stored artifact too; deleting or replacing it
+        (as checkpoints are) is safe.
         """
         if self._transport is None or self._finished:
             return
         source = os.path.abspath(os.path.expanduser(path))
         if not os.path.isfile(source):
             raise ValueError(f"log_artifact(): {source!r} is not a file")
-        stored, digest, size = store_artifact(source, paths.data_dir())
+        stored, digest, size = store_artifact(source, self._store_dir)
         body = {"path": stored, "name": name or os.path.basename(source), "sha256": digest}
         self._send("artifact", {**body, "size": size})
 
@@ -398,8 +400,8 @@ class Run:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            self.finish()
+        if exc_type is None or (exc_type is SystemExit and getattr(exc, "code", 1) in (None, 0)):
+            self.finish()  # `sys.exit()` or `sys.exit(0)` in the block is a clean end
         else:
             import traceback
 
@@ -448,9 +450,13 @@ def _env_int(name: str) -> int | None:
 
 
 def _step(step: object) -> int:
-    value = scalar(step, "log(): step")
+    """A step the sinks can store: an int of 64 bits, signed (MLflow's, and what MessagePack
+    packs), checked here so that a bad one fails its `log()`, not the delivery thread."""
+    value = step if type(step) is int else scalar(step, "log(): step")
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"log(): step must be an int, got {type(step).__name__}")
+    if not _STEP_MIN <= value < _STEP_END:
+        raise ValueError(f"log(): step must fit in a signed 64-bit int, got {value}")
     return value
 
 

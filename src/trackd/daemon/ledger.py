@@ -97,6 +97,8 @@ class Ledger:
                 host=body.get("host"),
                 pid=body.get("pid"),
                 rank=body.get("rank"),
+                local_rank=body.get("local_rank"),
+                world_size=body.get("world_size"),
                 started=body["started"],
                 config=body.get("config", {}),
                 tags=body.get("tags", {}),
@@ -157,6 +159,8 @@ class Ledger:
                     host=run["host"],
                     pid=run["pid"],
                     rank=run["rank"],
+                    local_rank=run.get("local_rank"),  # absent from a ledger saved before
+                    world_size=run.get("world_size"),
                     started=run["started"],
                     config=run["config"],
                     tags=run["tags"],

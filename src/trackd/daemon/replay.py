@@ -7,12 +7,18 @@ sequence number delivered per client session is saved (atomically with the
 sink's checkpoint) under `DATA_DIR/replay/<sink>/`, so a second replay of the
 same data, from wherever it was copied, skips what already arrived, and a
 replay cut short resumes where it stopped.
+
+A record of a file (an artifact, a media object) names it by its path where
+it was logged. A source copied off another machine, a data dir or a run's
+`init(dir=...)` folder, carries those files in its own `artifacts/` store,
+named by their sha256: a path that is not there is looked up in that copy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +59,27 @@ def source_files(source: Path) -> list[Path]:
     return wal + spools
 
 
+def file_stores(source: Path) -> list[Path]:
+    """The `artifacts` stores a source may carry: its own folder's (a data dir, a run's
+    `dir`) and the one above it (a data dir's `spool/`, or a spool file in a `dir`)."""
+    top = source if source.is_dir() else source.parent
+    return [top / "artifacts", top.parent / "artifacts"]
+
+
+def relocated(message: Message, stores: list[Path]) -> Message:
+    """A file's record whose path is gone (the source was copied off the machine that
+    logged it) with its path into the copy's store, found by the file's digest."""
+    body = message["b"]
+    path, digest = body.get("path"), body.get("sha256")
+    if not isinstance(path, str) or not isinstance(digest, str) or os.path.exists(path):
+        return message
+    for store in stores:
+        copied = store / digest[:2] / digest
+        if copied.is_file():
+            return {**message, "b": {**body, "path": str(copied)}}
+    return message
+
+
 def read_messages(files: list[Path]) -> Iterator[Message]:
     """Every valid message in the files, in order; a damaged record costs only itself."""
     for path in files:
@@ -86,6 +113,7 @@ def wanted(message: Message, ledger: Ledger, run: str | None) -> bool:
 async def replay_into(
     spec: SinkSpec,
     files: list[Path],
+    stores: list[Path],
     ledger: Ledger,
     run: str | None,
     state_root: Path,
@@ -120,7 +148,7 @@ async def replay_into(
             if message["q"] <= sessions.get(message["s"], 0):
                 advance(1)
                 continue
-            batch.append(message)
+            batch.append(relocated(message, stores))
             if len(batch) >= BATCH_RECORDS:
                 await _deliver(delivery, batch, ledger, sessions, positions)
                 advance(len(batch))

@@ -71,6 +71,8 @@ class RunInfo:
     host: str | None = None
     pid: int | None = None
     rank: int | None = None
+    local_rank: int | None = None
+    world_size: int | None = None
     started: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
@@ -80,6 +82,7 @@ class RunInfo:
         run leads back to its trackd run, host, process and rank (absent fields left out)."""
         fields: dict[str, object] = {"run_id": self.id, "project": self.project}
         fields |= {"group": self.group, "host": self.host, "pid": self.pid, "rank": self.rank}
+        fields |= {"local_rank": self.local_rank, "world_size": self.world_size}
         fields["started"] = self.started
         return {key: value for key, value in fields.items() if value is not None}
 

@@ -267,6 +267,8 @@ class JsonlSink(Sink):
                 "host": run.host,
                 "pid": run.pid,
                 "rank": run.rank,
+                "local_rank": run.local_rank,
+                "world_size": run.world_size,
                 "started": previous.get("started", run.started),
                 "ended": ended,
                 "status": status,

@@ -9,7 +9,7 @@ second one. Mapping of the records:
 * run_start: create (or reuse, setting it RUNNING again) the run; config ->
   params, nested keys joined with "/"; tags plus `trackd.run_id`,
   `trackd.project`, `trackd.group`, `trackd.host`, `trackd.pid`, `trackd.rank`,
-  `trackd.started` (`RunInfo.metadata()`);
+  `trackd.local_rank`, `trackd.world_size`, `trackd.started` (`RunInfo.metadata()`);
 * metrics: MLflow metrics with their step and timestamp (ms); config: params;
   tags: tags; artifact: an uploaded file or directory;
 * media: an artifact `media/KEY/STEP-SHA8.FORMAT` (what `log_image` and `log_table`
