@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client, wait_for
 from trackd.daemon.settings import SettingsError, load
 
 
@@ -58,3 +60,42 @@ def test_invalid_file_names_the_key(tmp_path: Path, text: str, message: str) -> 
     config.write_text(text + "\n")
     with pytest.raises(SettingsError, match=message.replace("[", r"\[")):
         load(str(config))
+
+
+def test_a_daemon_set_up_by_the_default_file_is_found_by_clients_and_commands(
+    env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """data_dir and runtime_dir set only in $XDG_CONFIG_HOME/trackd/config.toml (as DESIGN's
+    example sets data_dir): a client with no daemon spools where that daemon picks spools
+    up, and clients, `status` and `runs` find it, with no flag and no TRACKD_* variable."""
+    data, runtime = dirs["root"] / "configured-data", dirs["root"] / "configured-rt"
+    config = Path(env["XDG_CONFIG_HOME"]) / "trackd"
+    config.mkdir(parents=True)
+    (config / "config.toml").write_text(f'data_dir = "{data}"\nruntime_dir = "{runtime}"\n')
+    plain = {k: v for k, v in env.items() if k not in ("TRACKD_DATA_DIR", "TRACKD_RUNTIME_DIR")}
+    early = finish_client(
+        run_client(plain, "--name", "early", "--rows", "100", "--finish-timeout", "1")
+    )
+    assert len(list((data / "spool").glob("*.spool"))) == 1
+    daemon = Daemon(plain, runtime, data).start()
+    try:
+        finish_client(run_client(plain, "--name", "live", "--rows", "100"))
+        daemon.flush()
+        status = cli(plain, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["data_dir"] == str(data)
+        wait_for(
+            lambda: (
+                sorted(run["name"] for run in json.loads(cli(plain, "runs", "--json").stdout))
+                == ["early", "live"]
+            )
+        )
+        daemon.flush()
+        runs = jsonl_runs(data / "runs")
+        assert sorted((name.rsplit("-", 1)[0], len(rows)) for name, rows in runs.items()) == [
+            ("early", 100),
+            ("live", 100),
+        ]
+        assert early["id"][:8] in " ".join(runs)
+    finally:
+        assert daemon.stop() == 0

@@ -24,8 +24,9 @@ class SettingsError(ValueError):
 
 @dataclass
 class Settings:
-    data_dir: Path = field(default_factory=lambda: Path(paths.data_dir()))
-    runtime_dir: Path = field(default_factory=lambda: Path(paths.runtime_dir()))
+    # `load` reads the config file itself (the one named by --config, else the default)
+    data_dir: Path = field(default_factory=lambda: Path(paths.data_dir(from_file=False)))
+    runtime_dir: Path = field(default_factory=lambda: Path(paths.runtime_dir(from_file=False)))
     endpoint: str | None = None
     sinks: list[SinkSpec] = field(default_factory=list)
     drain_timeout: float = 30.0
@@ -97,10 +98,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
 
 
 def config_path(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(base) / "trackd" / "config.toml"
+    return Path(explicit).expanduser() if explicit else Path(paths.config_file())
 
 
 def load(config: str | None = None, **flags: Any) -> Settings:
