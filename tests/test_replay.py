@@ -85,6 +85,26 @@ def test_daemon_data_dir_replays_into_a_new_sink(daemon: Daemon, env: dict[str, 
     assert [row["step"] for row in next(iter(jsonl_runs(out).values()))] == list(range(4000))
 
 
+def test_data_dir_holding_a_message_in_its_wal_and_in_a_spool_replays_it_once(
+    daemon: Daemon, env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """A daemon stopped before it let go of a spool it had ingested (a client's, or one
+    that `replay --into-daemon` handed over) leaves each of its messages in the WAL and in
+    the spool: a replay of the data dir delivers each once, as the daemon itself stores it."""
+    offline_run(env, dirs["data"] / "spool", "twice", 3000)
+    (spool,) = (dirs["data"] / "spool").glob("*.spool")
+    kept = spool.read_bytes()
+    daemon.start()
+    wait_for(lambda: not spool.exists())
+    daemon.flush()
+    assert daemon.stop() == 0
+    spool.write_bytes(kept)
+    out = dirs["root"] / "elsewhere"
+    result = replay(env, str(dirs["data"]), "--sink", f"jsonl:{out}")
+    assert result.returncode == 0, result.stderr
+    assert [row["step"] for row in next(iter(jsonl_runs(out).values()))] == list(range(3000))
+
+
 def test_into_daemon_hands_the_spool_to_the_running_daemon(
     tmp_path: Path, daemon: Daemon, env: dict[str, str]
 ) -> None:

@@ -141,13 +141,19 @@ async def replay_into(
         if not await delivery.open(SinkContext(saved.get("state"), state_dir)):
             return delivery
         batch: list[Message] = []
+        # A data dir may hold a message twice: in its WAL, and in a spool the daemon had not
+        # yet let go of (a client's or `replay --into-daemon`'s). Each session's messages come
+        # in sequence order in each file, so one already taken is one at or below the highest.
+        taken: dict[str, int] = {}
         saved_at = time.monotonic()
         for message in map(ledger.resolve, read_messages(files)):
             if not wanted(message, ledger, run):
                 continue
-            if message["q"] <= sessions.get(message["s"], 0):
+            session, seq = message["s"], message["q"]
+            if seq <= sessions.get(session, 0) or seq <= taken.get(session, 0):
                 advance(1)
                 continue
+            taken[session] = seq
             batch.append(relocated(message, stores))
             if len(batch) >= BATCH_RECORDS:
                 await _deliver(delivery, batch, ledger, sessions, positions)
