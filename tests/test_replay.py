@@ -136,6 +136,33 @@ def test_unreadable_source_and_bad_spec_fail_in_one_line(
     assert "Traceback" not in missing.stderr + bad.stderr
 
 
+def test_a_source_with_nothing_to_replay_fails_in_one_line(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A file that holds no trackd record (random bytes named .spool, a text file), a run
+    the source does not have, and `--run` with `--into-daemon` (which hands over whole
+    spools) each exit non-zero with one line on stderr, and deliver nothing."""
+    garbage = tmp_path / "g.spool"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    spools = tmp_path / "a" / "spool"
+    offline_run(env, spools, "real", 10)
+    out = tmp_path / "out"
+    for args, code, says in [
+        ((str(garbage),), 1, "holds no readable trackd records"),
+        ((str(text),), 1, "holds no readable trackd records"),
+        ((str(spools), "--run", "other"), 1, "holds no run 'other'"),
+    ]:
+        result = replay(env, *args, "--sink", f"jsonl:{out}")
+        assert (result.returncode, result.stderr.strip().count("\n")) == (code, 0), result
+        assert says in result.stderr
+    handed = replay(env, str(spools), "--run", "real", "--into-daemon")
+    assert handed.returncode == 2
+    assert "--into-daemon hands whole spools over" in handed.stderr
+    assert not out.exists()
+
+
 @pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SADeprecationWarning")
 def test_offline_spool_replayed_twice_into_mlflow_lands_once(
     tmp_path: Path, env: dict[str, str]

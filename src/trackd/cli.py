@@ -325,6 +325,8 @@ def replay(
     except replaying.SourceError as exc:
         _fail(str(exc))
     if into_daemon:
+        if run_name is not None:
+            _fail("replay: --run picks a run for --sink; --into-daemon hands whole spools over", 2)
         _hand_to_daemon(files, runtime_dir, endpoint)
         return
     if not sinks:
@@ -337,6 +339,8 @@ def replay(
         _fail(str(exc), 2)
     try:
         asyncio.run(_replay(settings, source, files, run_name))
+    except replaying.SourceError as exc:
+        _fail(str(exc))
     except OSError as exc:
         _fail(f"replay: cannot read {source}: {exc.strerror or exc}")
 
@@ -357,6 +361,10 @@ async def _replay(settings: Any, source: Path, files: list[Path], run_name: str 
 
     ledger = replaying.base_ledger(source, files)
     total = replaying.count(files, ledger, run_name)
+    if not total:  # said before any sink is opened, or a progress bar drawn
+        if run_name is None or next(replaying.read_messages(files), None) is None:
+            raise replaying.SourceError(f"replay: {source} holds no readable trackd records")
+        raise replaying.SourceError(f"replay: {source} holds no run {run_name!r}")
     backoff = Backoff(settings.retry_base, settings.retry_cap)
     columns = (
         TextColumn("{task.description}"),
