@@ -113,7 +113,11 @@ def test_status_prints_health(daemon: Daemon, env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stderr
     assert "ingest:" in result.stdout
     assert "wal:" in result.stdout
-    assert "jsonl:" in result.stdout
+    # piped (not a terminal): each sink's whole spec, not cut down to 80 columns
+    (sink,) = json.loads(cli(env, "status", "--json").stdout)["sinks"].values()
+    shown = sink["spec"]
+    assert len(shown) > 40, "the test's sink path should be long enough to be cut"
+    assert shown in result.stdout
 
 
 def test_status_json_is_valid_json_with_every_section(daemon: Daemon, env: dict[str, str]) -> None:
@@ -182,6 +186,35 @@ def test_tail_prints_live_rows_of_one_project(
     assert not [line for line in lines if "ignored" in line]
     other.finish(timeout=10)
     run.finish(timeout=10)
+
+
+def test_tail_into_a_reader_that_stops_ends_quietly(daemon: Daemon, env: dict[str, str]) -> None:
+    """`trackd tail --since-start | head -1`: once the reader is gone, tail stops without a
+    word on stderr, as a Unix tool does on a closed pipe."""
+    daemon.start()
+    run = trackd.init(project="piped", name="r")
+    for step in range(2000):
+        run.log({"loss": 1.0}, step=step)
+    run.finish(timeout=30)
+    daemon.flush()
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "trackd", "tail", "--since-start"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert tail.stdout is not None
+    assert tail.stderr is not None
+    try:
+        assert b"piped/r" in tail.stdout.readline()
+        tail.stdout.close()
+        assert tail.wait(timeout=30) == 141
+        assert tail.stderr.read() == b""
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+        tail.stderr.close()
 
 
 def test_tail_json_filters_by_project_and_run(
@@ -320,10 +353,12 @@ def test_second_serve_on_the_same_data_dir_is_refused(daemon: Daemon, env: dict[
 
 
 @pytest.mark.parametrize(
-    "args", [("status",), ("status", "--json"), ("runs",), ("runs", "--json"), ("tail",)]
+    "args",
+    [("status",), ("status", "--json"), ("runs",), ("runs", "--json"), ("tail",), ("demo",)],
 )
 def test_command_without_daemon_fails_with_one_line(env: dict[str, str], args: tuple[str]) -> None:
-    """With no daemon, status/runs/tail exit non-zero with one line on stderr, no traceback."""
+    """With no daemon, status/runs/tail/demo exit non-zero with one line on stderr, no
+    traceback (a demo pushes its run *through* the daemon: it needs one)."""
     line = assert_one_line_failure(cli(env, *args))
     assert "daemon" in line
 

@@ -63,6 +63,11 @@ def _guard(function: F) -> F:
             return function(*args, **kwargs)
         except KeyboardInterrupt:
             sys.exit(130)
+        except BrokenPipeError:  # `trackd tail | head`: the reader is gone, so stop quietly
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush
+            sys.exit(141)  # what a Unix tool killed by SIGPIPE reports: 128 + 13
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:
@@ -514,6 +519,7 @@ def demo(
 
     if runtime_dir:
         os.environ["TRACKD_RUNTIME_DIR"] = runtime_dir
+    _ask("status", runtime_dir, endpoint)  # a demo *through the daemon*: there must be one
     rng = random.Random(0)
     config = {"lr": 3e-4, "batch_size": 64, "optimizer": "adamw", "steps": steps}
     run = trackd.init(project=project, name=name, config=config, endpoint=endpoint)
@@ -527,7 +533,6 @@ def demo(
     run.set_summary({"best_loss": loss})
     delivered = run.flush(timeout=10)
     run.finish()
-    if delivered:
-        click.echo(f"demo: done; every step is durable in the daemon's WAL ({steps} rows)")
-    else:
-        click.echo("demo: done; no daemon acked in time, so the run waits in the local spool")
+    if not delivered:
+        _fail("demo: the daemon did not ack the run in 10 s; it waits in the local spool")
+    click.echo(f"demo: done; every step is durable in the daemon's WAL ({steps} rows)")

@@ -13,6 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 SPARKS = "▁▂▃▄▅▆▇█"
+PIPED_WIDTH = 400
 HISTORY = 40
 
 
@@ -36,8 +37,15 @@ def _bytes(count: int) -> str:
     return f"{count} B"
 
 
-def print_status(status: dict[str, Any]) -> None:
+def _console() -> Console:
+    """The terminal's width on a terminal; piped (`trackd status | grep`, a log file), as
+    wide as the lines are, where rich would cut every table down to 80 columns."""
     console = Console()
+    return console if console.is_terminal else Console(width=PIPED_WIDTH)
+
+
+def print_status(status: dict[str, Any]) -> None:
+    console = _console()
     ingest, wal = status["ingest"], status["wal"]
     console.print(
         f"[bold]trackd {status['version']}[/] pid {status['pid']}, up {status['uptime']:.0f}s, "
@@ -130,7 +138,7 @@ def print_runs(runs: list[dict[str, Any]]) -> None:
             str(run["last_step"]),
             _ago(run["started"]),
         )
-    Console().print(table)
+    _console().print(table)
 
 
 def sparkline(values: deque[float]) -> str:
