@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -402,4 +403,18 @@ def test_serve_refuses_a_group_or_world_writable_runtime_dir(
     runtime.chmod(0o777)
     line = assert_one_line_failure(cli(env, "serve", timeout=30))
     assert str(runtime) in line
+    assert not (runtime / "ingest.sock").exists()
+
+
+def test_serve_refuses_a_runtime_dir_of_another_user(
+    env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """A runtime dir another user owns (a `/tmp/trackd-$UID` someone made first) is refused
+    with one line naming it; the daemon neither binds there nor changes its mode."""
+    runtime = dirs["runtime"]
+    runtime.mkdir(parents=True, mode=0o700)
+    os.chown(runtime, 65534, 65534)  # nobody: the tests run as root, which may give it away
+    line = assert_one_line_failure(cli(env, "serve", timeout=30))
+    assert str(runtime) in line
+    assert "another user" in line
     assert not (runtime / "ingest.sock").exists()

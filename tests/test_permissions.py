@@ -89,3 +89,19 @@ def test_the_clients_spool_is_the_owners_alone(shared_base: Path, env: dict[str,
     (spool,) = (data / "spool").iterdir()
     assert mode(spool) == 0o600
     assert not readable_by_other_user(spool)
+
+
+def test_a_runtime_dir_of_ours_that_others_could_read_is_made_0700(
+    shared_base: Path, env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """A runtime dir the user made by hand with the umask's 0755 holds the sockets 0700."""
+    runtime = shared_base / "trackd-rt"
+    runtime.mkdir(mode=0o755)
+    runtime.chmod(0o755)
+    daemon = Daemon({**env, "TRACKD_RUNTIME_DIR": str(runtime)}, runtime, dirs["data"])
+    try:
+        daemon.start()
+        assert mode(runtime) == 0o700
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            assert daemon.stop() == 0

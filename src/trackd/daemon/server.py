@@ -52,14 +52,20 @@ class StartupError(RuntimeError):
 
 
 def prepare_runtime_dir(path: Path) -> None:
-    """Create the socket directory 0700; refuse one that group or others can write."""
+    """The socket directory, 0700: created so, or made so when it is ours and others may only
+    read it (a `/tmp/trackd-$UID` made by hand). One that another user owns, or that group
+    or others may write (and so may have put sockets in), is refused."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = path.stat().st_mode
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != os.getuid():
+        raise StartupError(f"runtime dir {path} belongs to another user (uid {info.st_uid})")
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StartupError(
-            f"runtime dir {path} is writable by group or others (mode {stat.S_IMODE(mode):o}); "
-            "make it 0700"
+            f"runtime dir {path} is writable by group or others (mode {mode:o}); make it 0700"
         )
+    if mode & 0o077:
+        path.chmod(0o700)
 
 
 def _lock(path: Path) -> int:
