@@ -239,3 +239,28 @@ def test_a_source_copied_off_its_machine_replays_with_its_files(
     assert (run_out / "artifacts" / "weights.bin").read_bytes() == b"weights " * 1000
     media = sorted(path.parent.name for path in (run_out / "media").glob("*/*"))
     assert media == ["preds", "sample"]
+
+
+def test_a_file_is_looked_up_in_a_copied_store_only_by_a_sha256(tmp_path: Path) -> None:
+    """A record's digest names a file in the copy's store, and nothing else: one that is
+    not a sha256 (a path that would climb out of the store) leaves the record as it is."""
+    from trackd.daemon.replay import relocated
+
+    store = tmp_path / "copy" / "artifacts"
+    digest = "ab" * 32
+    (store / "ab").mkdir(parents=True)
+    (store / "ab" / digest).write_bytes(b"weights")
+    gone = str(tmp_path / "cluster" / "artifacts" / "ab" / digest)
+
+    def record(sha256: str) -> dict[str, object]:
+        return {"t": "artifact", "b": {"path": gone, "sha256": sha256, "name": "w.bin"}}
+
+    assert relocated(record(digest), [store])["b"]["path"] == str(store / "ab" / digest)
+    # each of these, joined as a digest is, names a file outside the store: one short, one
+    # of a sha256's length
+    for climbing in ("../secret", "../" + "./" * 28 + "sec64"):
+        outside = store / climbing[:2] / climbing
+        outside.resolve().write_bytes(b"not the run's")
+        assert outside.resolve().parent == tmp_path
+        assert relocated(record(climbing), [store])["b"]["path"] == gone
+    assert len("../" + "./" * 28 + "sec64") == 64

@@ -37,6 +37,7 @@ from trackd.protocol import (
 from trackd.sinks.base import Record, SinkContext, SinkSpec
 
 BATCH_RECORDS = 2000
+DIGEST_CHARS = 64  # a sha256 in hex: the name of a file in an `artifacts/` store
 SAVE_SECONDS = 0.5
 
 
@@ -72,6 +73,8 @@ def relocated(message: Message, stores: list[Path]) -> Message:
     body = message["b"]
     path, digest = body.get("path"), body.get("sha256")
     if not isinstance(path, str) or not isinstance(digest, str) or os.path.exists(path):
+        return message
+    if len(digest) != DIGEST_CHARS or not digest.isalnum():  # a name in the store, no more
         return message
     for store in stores:
         copied = store / digest[:2] / digest
