@@ -38,6 +38,10 @@ def test_user_unit_as_installed_verifies(tmp_path: Path, env: dict[str, str]) ->
         "ReadWritePaths=",
     ):
         assert setting in text, setting
+    # ProtectSystem=strict makes every path read-only but these: a sink the config puts in
+    # the user's home (DESIGN's example: ~/trackd-runs) must stay writable
+    writable = [line for line in text.splitlines() if line.startswith("ReadWritePaths=")]
+    assert writable == ["ReadWritePaths=-%h"]
     checked = verify(unit)
     assert checked.returncode == 0, checked.stderr + checked.stdout
 
