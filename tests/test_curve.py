@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, cli, jsonl_runs, run_client
+from conftest import Daemon, cli, finish_client, jsonl_runs, run_client
 
 
 def free_port_block() -> int:
@@ -97,3 +97,26 @@ def test_non_loopback_tcp_without_keys_is_refused(env: dict[str, str]) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("trackd: refusing to listen on")
     assert len([line for line in result.stderr.splitlines() if line.startswith("trackd:")]) == 1
+
+
+def test_the_ipv6_loopback_serves_clients_and_commands(
+    daemon: Daemon, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--endpoint tcp://[::1]:PORT` is loopback too: the daemon binds there without keys,
+    and a client and `trackd status` reach it through TRACKD_ENDPOINT."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port: int = probe.getsockname()[1]
+        if port < 65000:
+            break
+    endpoint = f"tcp://[::1]:{port}"
+    env["TRACKD_ENDPOINT"] = endpoint
+    monkeypatch.setenv("TRACKD_ENDPOINT", endpoint)  # this process asks the daemon too
+    daemon.env = env
+    daemon.start("--endpoint", endpoint)
+    status = cli(env, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    finish_client(run_client(env, "--name", "six", "--rows", "200"))
+    daemon.flush()
+    assert [len(rows) for rows in jsonl_runs(daemon.data_dir / "runs").values()] == [200]

@@ -189,14 +189,15 @@ def tail(
     import zmq
 
     from trackd import paths
-    from trackd.client.curve import secure
+    from trackd.client.curve import prepare
 
     _ask("status", runtime_dir, endpoint)
     socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, 0)
-    secure(socket)
-    socket.connect(paths.endpoints(endpoint, runtime_dir).stream)
+    address = paths.endpoints(endpoint, runtime_dir).stream
+    prepare(socket, address)
+    socket.connect(address)
     prefix = f"{project}/" + (f"{run_name}/" if run_name else "") if project else ""
     socket.setsockopt(zmq.SUBSCRIBE, prefix.encode())
 

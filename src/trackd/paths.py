@@ -62,6 +62,13 @@ def spool_dir(data: str | os.PathLike[str]) -> str:
     return os.path.join(data, "spool")
 
 
+def uses_ipv6(address: str) -> bool:
+    """Whether a socket for `address` needs ZeroMQ's IPv6 option: for `tcp://[HOST]:PORT`
+    alone, a literal IPv6 address, so that a name such as localhost resolves as it always
+    has, to the same address for the daemon and its clients."""
+    return address.startswith("tcp://[")
+
+
 class Endpoints:
     """The daemon's three sockets, as ZeroMQ addresses."""
 

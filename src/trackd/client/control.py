@@ -7,7 +7,7 @@ from typing import Any
 import msgpack
 
 from trackd import paths
-from trackd.client.curve import secure
+from trackd.client.curve import prepare
 
 
 class DaemonUnreachable(RuntimeError):
@@ -27,7 +27,7 @@ def request(
     address = paths.endpoints(endpoint, runtime_dir).control
     socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
-    secure(socket)
+    prepare(socket, address)
     try:
         socket.connect(address)
         socket.send(msgpack.packb({"cmd": command, **arguments}))

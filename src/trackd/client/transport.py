@@ -72,7 +72,7 @@ from collections import deque
 import msgpack
 
 from trackd.client.artifacts import store_bytes
-from trackd.client.curve import secure
+from trackd.client.curve import prepare
 from trackd.client.spool import Spool
 from trackd.client.values import PendingRow
 from trackd.protocol import MAX_FRAME_BYTES, VERSION, encode
@@ -405,7 +405,7 @@ class Transport:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        secure(socket)
+        prepare(socket, str(self.endpoint))
         socket.connect(str(self.endpoint))
         self._poller = zmq.Poller()
         self._poller.register(socket, zmq.POLLIN)

@@ -25,6 +25,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from trackd import paths
 from trackd.daemon.batcher import Batcher
 from trackd.daemon.control import Control
 from trackd.daemon.delivery import Backoff, Delivery
@@ -173,6 +174,8 @@ async def serve(settings: Settings) -> int:
     control_socket = context.socket(zmq.ROUTER)
     for socket in (ingest_socket, stream_socket, control_socket):
         socket.setsockopt(zmq.LINGER, 0)
+        if paths.uses_ipv6(endpoints.ingest):  # all three are on the same host
+            socket.setsockopt(zmq.IPV6, 1)
         if curve is not None:
             socket.setsockopt(zmq.CURVE_SERVER, 1)
             socket.setsockopt(zmq.CURVE_PUBLICKEY, curve[0])
