@@ -147,6 +147,37 @@ def test_sigkill_and_restart_lose_no_acked_sample(
     assert len({row["ts"] for row in rows}) == len(rows)  # nothing twice
 
 
+def test_a_restarted_daemon_counts_a_runs_disk_writes_from_the_same_first_sample(
+    daemon: Daemon, env: dict[str, str], dirs: dict[str, Path]
+) -> None:
+    """Sinks whose peers count disk and network bytes from the run's start (TensorBoard's
+    `system/...` here, as W&B and MLflow) get them from the run's first sample, and a daemon
+    killed and started again mid-run goes on from that same sample, not from its restart."""
+    from test_sink_tensorboard import load
+
+    tensorboard = dirs["root"] / "tb"
+    sinks = ("--sink", f"jsonl:{dirs['data'] / 'runs'}", "--sink", f"tensorboard:{tensorboard}")
+    daemon.start(*sinks, extra_env=SAMPLING)
+    stop = dirs["root"] / "stop"
+    client = start_load(env, "restarted", stop)
+    try:
+        first_line(client)
+        wait_for(lambda: len(samples(dirs["data"], "restarted")) >= 3)
+        daemon.kill()
+        daemon.start(*sinks, extra_env=SAMPLING)
+        wait_for(lambda: len(samples(dirs["data"], "restarted")) >= 7)
+    finally:
+        stop.touch()
+        client.communicate(timeout=60)
+    daemon.flush()
+    rows = samples(dirs["data"], "restarted")
+    written = [row["disk.write_bytes"] - rows[0]["disk.write_bytes"] for row in rows]
+    assert written[-1] > 0, "the daemon's WAL fsyncs should have moved the counter"
+    (run_dir,) = (tensorboard / "sys").glob("restarted-*")
+    shown = [point.value for point in load(run_dir).Scalars("system/disk.write_bytes")]
+    assert shown == pytest.approx(written, abs=64)  # float32 scalars
+
+
 def test_interval_zero_turns_sampling_off(
     daemon: Daemon, env: dict[str, str], dirs: dict[str, Path]
 ) -> None:

@@ -92,6 +92,12 @@ def delivered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Delivered]:
         mlflow.kill()
 
 
+def since_first(rows: list[dict[str, Any]], key: str) -> list[float]:
+    """A counter since boot (as system.jsonl holds it) counted from the run's first sample,
+    as wandb's and MLflow's own monitors count disk I/O and network bytes."""
+    return [row[key] - rows[0][key] for row in rows]
+
+
 def test_jsonl_holds_every_sample_with_gpu_readings_and_the_runs_gpu_memory(
     delivered: Delivered,
 ) -> None:
@@ -132,6 +138,9 @@ def test_mlflow_gets_system_metrics_under_its_monitor_names_once_each(
     ]
     assert history("system/gpu_1_process_memory_usage_megabytes") == []
     assert history("system/gpu_0_process_memory_usage_megabytes") == memory
+    sent = [value / 1e6 for value in since_first(delivered.rows, "network.sent")]
+    assert history("system/network_transmit_megabytes") == pytest.approx(sent)
+    assert history("system/disk_write_megabytes")[0] == 0
 
 
 def test_tensorboard_gets_system_scalars(delivered: Delivered) -> None:
@@ -141,6 +150,8 @@ def test_tensorboard_gets_system_scalars(delivered: Delivered) -> None:
     assert [point.value for point in events.Scalars("system/gpu.0.util")] == [37.0] * count
     assert len(events.Scalars("system/memory.percent")) == count
     assert "system/gpu.1.temp" not in events.Tags()["scalars"]
+    received = [point.value for point in events.Scalars("system/network.recv")]
+    assert received == pytest.approx(since_first(delivered.rows, "network.recv"), abs=1)
 
 
 def test_wandb_gets_stats_records_under_its_system_monitor_names(delivered: Delivered) -> None:
@@ -155,6 +166,10 @@ def test_wandb_gets_stats_records_under_its_system_monitor_names(delivered: Deli
         assert "memory_percent" in sample
         assert "gpu.1.temp" not in sample
     assert [s["gpu.process.0.memoryAllocatedBytes"] for s in stats if len(s) > 20][-1] == 2 * GIB
+    # network bytes counted from the run's first sample, as wandb's own monitor counts them
+    assert [sample["network.sent"] for sample in stats] == since_first(
+        delivered.rows, "network.sent"
+    )
 
 
 def test_aim_gets_system_metrics_with_a_gpu_context(delivered: Delivered) -> None:
@@ -167,6 +182,8 @@ def test_aim_gets_system_metrics_with_a_gpu_context(delivered: Delivered) -> Non
     assert '__system__gpu_temp {"gpu": 1}' not in metrics
     assert len(metrics["__system__memory_percent"]["values"]) == count
     assert len(metrics["__system__disk_percent"]["values"]) == count
+    sent = metrics["__system__network_sent"]["values"]
+    assert sent == since_first(delivered.rows, "network.sent")
     times = metrics["__system__memory_percent"]["times"]
     assert times == pytest.approx([row["ts"] for row in delivered.rows])
 
@@ -181,3 +198,5 @@ def test_trackio_gets_system_logs_under_its_monitor_names(delivered: Delivered) 
         assert "memory/percent" in entry
         assert "cpu/utilization" in entry
         assert "gpu/1/temp" not in entry
+    sent = [entry["network/sent_bytes"] for entry in system]
+    assert sent == since_first(delivered.rows, "network.sent")

@@ -295,11 +295,15 @@ def _validate_system(body: Message) -> None:
     _require(body, "ts", float, "b.")
     if not _require(body, "node", str, "b."):
         raise ProtocolError("b.node: expected a non-empty host name")
-    for key, value in _require(body, "values", dict, "b.").items():
-        if type(key) is not str:
-            raise ProtocolError(f"b.values: keys must be strings, got {_kind(key)}")
-        if type(value) not in _SCALARS:
-            raise ProtocolError(f"b.values[{key!r}]: expected a number, got {_kind(value)}")
+    for field in ("values", "since"):  # `since`: the counters at the run's first sample
+        numbers = _require(body, field, dict, "b.") if field == "values" else body.get(field, {})
+        if not isinstance(numbers, dict):
+            raise ProtocolError(f"b.{field}: expected a map, got {_kind(numbers)}")
+        for key, value in numbers.items():
+            if type(key) is not str:
+                raise ProtocolError(f"b.{field}: keys must be strings, got {_kind(key)}")
+            if type(value) not in _SCALARS:
+                raise ProtocolError(f"b.{field}[{key!r}]: expected a number, got {_kind(value)}")
 
 
 def _validate_reject(body: Message) -> None:

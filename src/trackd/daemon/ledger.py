@@ -113,6 +113,9 @@ class Ledger:
             self.count_rows(run_id, len(rows), max(row[0] for row in rows) if rows else None)
         elif kind == "media" and run_id in self.runs:
             self._reach(self.runs[run_id], body["step"])
+        elif kind == "system" and run_id in self.runs and body.get("since"):
+            # the run's counters at its first sample (see `daemon.system`): for good
+            self.runs[run_id].setdefault("system_base", body["since"])
         elif kind == "alert":
             self.alerts.append({"run": run_id, **body})
         elif kind == "joined" and run_id in self.runs and "pid" in body:

@@ -10,7 +10,8 @@ in the jsonl sink's `system.jsonl`:
 
 * node: `cpu` (% of all cores), `cpu.count`, `memory.used|available|percent`,
   `swap.used|percent`, `disk.used|free|percent` (of the data directory's disk),
-  `disk.read_bytes|write_bytes` and `network.sent|recv` (counters since boot);
+  `disk.read_bytes|write_bytes` and `network.sent|recv` (`COUNTERS`: since boot; a
+  `system` message also carries, as `since`, their values at the run's first sample);
 * GPUs (`nvml.py`): `gpu.I.util|memory.used|memory.total|memory.percent|temp|power|
   power.percent|clock.sm`;
 * a run's own processes (its pids, the other ranks of its job on this node, and their
@@ -37,6 +38,9 @@ import psutil
 from trackd.daemon.nvml import NVML_MODULE, Gpus, open_gpus
 
 log = logging.getLogger("trackd.system")
+# Totals since boot, which the peers' own monitors (wandb, MLflow) report from the run's
+# start: a sample carries them as they are, and beside them where the run started from.
+COUNTERS = ("disk.read_bytes", "disk.write_bytes", "network.sent", "network.recv")
 CHILDREN_RESCAN_SECONDS = 10.0  # how long a new child (a DataLoader worker) may go unmeasured
 _MEMORY_TOTAL = psutil.virtual_memory().total
 _CPU_COUNT = psutil.cpu_count() or 0

@@ -11,6 +11,12 @@ Who owns what:
   `NodeSampler`: psutil and NVML calls, which can take milliseconds, happen only
   there, so client acks never wait on a sample.
 
+A message carries the node's counters since boot (`sampler.COUNTERS`) and, as
+`since`, their values at the run's first sample: sinks whose backend counts
+from the start of a run (W&B, MLflow) subtract them. The first sample's values
+are the run's for good: the ledger keeps them from the WAL, so a daemon
+restarted mid-run goes on from the same start.
+
 The messages carry a session id of their own per daemon start, with sequence
 numbers from 1, so they are durable, replayable and tailable as any message is;
 a daemon restart starts a new session. A sample turned away because the WAL is
@@ -31,7 +37,7 @@ from typing import Any
 
 import msgpack
 
-from trackd.daemon.sampler import NodeSampler
+from trackd.daemon.sampler import COUNTERS, NodeSampler
 from trackd.protocol import VERSION
 
 log = logging.getLogger("trackd.system")
@@ -71,6 +77,9 @@ class SystemMetrics:
         self.errors = 0
         self.cpu_seconds = 0.0  # the sampler thread's own, summed over its samples
         self.latest: dict[str, Any] | None = None
+        # each running run's counters at its first sample (the ledger's `system_base` once
+        # that sample is applied; kept here too, as the next sample may come before)
+        self._bases: dict[str, dict[str, float]] = {}
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -91,8 +100,12 @@ class SystemMetrics:
                     ts = time.time()
                     node, per_run = await loop.run_in_executor(thread, self._sample, targets)
                     self.latest = {"ts": ts, "node": self.node, "values": node}
+                    runs = self._runs()
+                    self._bases = {
+                        run_id: self._base(runs.get(run_id, {}), node, run_id) for run_id in per_run
+                    }
                     for run_id, own in per_run.items():
-                        self._send(run_id, ts, {**node, **own})
+                        self._send(run_id, ts, {**node, **own}, self._bases[run_id])
                 except Exception:  # a bug must cost one sample, never the sampler
                     self.errors += 1
                     if self.errors == 1:
@@ -111,7 +124,16 @@ class SystemMetrics:
         finally:
             self.cpu_seconds += time.thread_time() - started
 
-    def _send(self, run_id: str, ts: float, values: dict[str, float]) -> None:
+    def _base(
+        self, run: Mapping[str, Any], node: dict[str, float], run_id: str
+    ) -> dict[str, float]:
+        """The run's counters at its first sample: known, or this sample's."""
+        known = self._bases.get(run_id) or run.get("system_base")
+        return known or {key: node[key] for key in COUNTERS if key in node}
+
+    def _send(
+        self, run_id: str, ts: float, values: dict[str, float], since: dict[str, float]
+    ) -> None:
         self._seq += 1
         message = {
             "v": VERSION,
@@ -119,7 +141,7 @@ class SystemMetrics:
             "q": self._seq,
             "t": "system",
             "r": run_id,
-            "b": {"ts": ts, "node": self.node, "values": values},
+            "b": {"ts": ts, "node": self.node, "values": values, "since": since},
         }
         if self._receive(message, self._acked):
             self._ts_by_seq[self._seq] = ts

@@ -115,7 +115,7 @@ from trackd.sinks.notices import Notices
 from trackd.sinks.paths import relative_path
 from trackd.sinks.runmap import RunMap
 from trackd.sinks.stored_files import stored_file
-from trackd.sinks.system_samples import system_node
+from trackd.sinks.system_samples import since_run_start, system_node
 
 REMOTE = "aim://"
 DEFAULT_TIMEOUT = 10.0
@@ -290,7 +290,7 @@ class AimSink(Sink):
         node = system_node(info, body["node"])
         step = max(0, int((body["ts"] - info.started) * 1000))
         by_context: dict[int | None, dict[str, float]] = {}
-        for key, value in body["values"].items():
+        for key, value in since_run_start(body).items():
             gpu: int | None = None
             name = _SYSTEM_NAMES.get(key)
             if key.startswith("gpu."):

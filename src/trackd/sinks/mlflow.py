@@ -120,7 +120,7 @@ from trackd.sinks.media_files import media_file_name
 from trackd.sinks.notices import Notices
 from trackd.sinks.paths import relative_path
 from trackd.sinks.runmap import RunMap
-from trackd.sinks.system_samples import system_node, system_values
+from trackd.sinks.system_samples import since_run_start, system_node, system_values
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -425,7 +425,7 @@ class MlflowSink(Sink):
         prefix = f"system/{node}/" if node else "system/"
         millis = int(body["ts"] * 1000)
         step = max(0, int(body["ts"] - record.run.started))
-        for name, value in system_values(body["values"], _SYSTEM_NAMES, _GPU_NAMES).items():
+        for name, value in system_values(since_run_start(body), _SYSTEM_NAMES, _GPU_NAMES).items():
             points.append((prefix + name, value, millis, step))
 
     def _apply(self, run_id: str, created: bool, record: Record) -> None:

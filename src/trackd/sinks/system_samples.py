@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from trackd.sinks.base import RunInfo
 
 
@@ -14,6 +16,20 @@ def system_node(run: RunInfo, node: str) -> str | None:
     nodes, each with its own daemon feeding the same backend run, never share a key.
     """
     return None if run.rank in (None, 0) and run.host in (None, node) else node
+
+
+def since_run_start(body: dict[str, Any]) -> dict[str, float]:
+    """A sample's values with its counters since boot (disk I/O, network bytes) counted
+    from the run's first sample instead (`since`), as the peers' own monitors count them.
+    A counter lower than where the run started (the node rebooted) counts from boot."""
+    values: dict[str, float] = body["values"]
+    since: dict[str, float] = body.get("since") or {}
+    if not since:
+        return values
+    return {
+        key: value - since[key] if key in since and value >= since[key] else value
+        for key, value in values.items()
+    }
 
 
 def system_values(

@@ -77,7 +77,7 @@ from trackd.sinks.base import (
 from trackd.sinks.markdown import markdown_cell, markdown_table
 from trackd.sinks.notices import Notices
 from trackd.sinks.paths import path_component
-from trackd.sinks.system_samples import system_node
+from trackd.sinks.system_samples import since_run_start, system_node
 
 _JOURNAL_NAME = "presizes.jsonl"
 
@@ -199,7 +199,7 @@ class TensorboardSink(Sink):
         node = system_node(record.run, body["node"])
         prefix = f"system/{node}/" if node else "system/"
         step = max(0, int(body["ts"] - record.run.started))
-        values = {prefix + key: float(value) for key, value in body["values"].items()}
+        values = {prefix + key: float(value) for key, value in since_run_start(body).items()}
         out.add(self._encoder.scalars(step, body["ts"], values))
 
     def _media(self, body: dict[str, Any], out: _Pending) -> None:

@@ -87,7 +87,7 @@ from trackd.sinks.media_files import read_table
 from trackd.sinks.notices import Notices
 from trackd.sinks.paths import path_component
 from trackd.sinks.stored_files import place_file, stored_file
-from trackd.sinks.system_samples import system_node, system_values
+from trackd.sinks.system_samples import since_run_start, system_node, system_values
 
 
 class TrackioSink(Sink):
@@ -250,7 +250,7 @@ class TrackioSink(Sink):
         node's (not rank 0's) under `NODE/`. Its log_id makes a re-sent sample a no-op."""
         body = record.body
         node = system_node(record.run, body["node"])
-        values = system_values(body["values"], _SYSTEM_NAMES, _GPU_NAMES)
+        values = system_values(since_run_start(body), _SYSTEM_NAMES, _GPU_NAMES)
         if node:
             values = {f"{node}/{key}": value for key, value in values.items()}
         identity = "\0".join([record.run.id, body["node"], repr(body["ts"])])

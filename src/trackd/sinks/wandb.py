@@ -127,7 +127,7 @@ from trackd.sinks.notices import Notices
 from trackd.sinks.paths import relative_path
 from trackd.sinks.runmap import RunMap
 from trackd.sinks.stored_files import place_file, stored_file
-from trackd.sinks.system_samples import system_node, system_values
+from trackd.sinks.system_samples import since_run_start, system_node, system_values
 
 if TYPE_CHECKING:
     import wandb
@@ -157,8 +157,8 @@ Row = list[Any]  # [step, ts, {key: value}], as in a metrics record
 MEDIA = "trackd.media"  # a row value {MEDIA: body}: a media record waiting to be logged
 MIB = 1 / 1024**2
 # trackd's sample names -> wandb's system monitor's (W&B's "System metrics" reference). W&B
-# measures the disk of "/", trackd that of its data directory; its disk and network
-# counters start at the run's first sample, trackd's at boot.
+# measures the disk of "/", trackd that of its data directory; disk and network counters
+# start at the run's first sample in both (`since_run_start`).
 _SYSTEM_NAMES = {
     "proc.threads": ("proc.cpu.threads", 1.0),
     "proc.rss": ("proc.memory.rssMB", MIB),
@@ -318,7 +318,7 @@ class WandbSink(Sink):
         pb: Any = wandb_internal_pb2  # generated: no attributes mypy can see
 
         body = record.body
-        values = system_values(body["values"], _SYSTEM_NAMES, _GPU_NAMES)
+        values = system_values(since_run_start(body), _SYSTEM_NAMES, _GPU_NAMES)
         cores = body["values"].get("cpu.count")
         if "proc.cpu" in body["values"] and cores:  # W&B's `cpu`: the process, over all cores
             values["cpu"] = body["values"]["proc.cpu"] / cores
