@@ -12,10 +12,10 @@ Who owns what:
   there, so client acks never wait on a sample.
 
 A message carries the node's counters since boot (`sampler.COUNTERS`) and, as
-`since`, their values at the run's first sample: sinks whose backend counts
-from the start of a run (W&B, MLflow) subtract them. The first sample's values
-are the run's for good: the ledger keeps them from the WAL, so a daemon
-restarted mid-run goes on from the same start.
+`since`, their values at the run's first sample: every sink but JSONL's
+subtracts them, since wandb's and MLflow's own monitors count from the run's
+start. The first sample's values are the run's for good: the ledger keeps them
+from the WAL, so a daemon restarted mid-run goes on from the same start.
 
 The messages carry a session id of their own per daemon start, with sequence
 numbers from 1, so they are durable, replayable and tailable as any message is;
