@@ -197,13 +197,17 @@ def _validate_metrics(body: Message) -> None:
             raise ProtocolError(f"{where}.ts: expected a float, got {_kind(ts)}")
         if not isinstance(values, dict):
             raise ProtocolError(f"{where}.values: expected a map, got {_kind(values)}")
-        for key, value in values.items():
-            if type(key) is not str:
-                raise ProtocolError(f"{where}.values: keys must be strings, got {_kind(key)}")
-            if type(value) not in _SCALARS:
-                raise ProtocolError(
-                    f"{where}.values[{key!r}]: expected a number, got {_kind(value)}"
-                )
+        _check_numbers(values, where, ".values")
+
+
+def _check_numbers(numbers: dict[Any, Any], where: str, field: str) -> None:
+    """A map of name -> number (a metrics row's values, a system sample's), named in an
+    error as `where` + `field` (built only then: rows are checked by the hundred thousand)."""
+    for key, value in numbers.items():
+        if type(key) is not str:
+            raise ProtocolError(f"{where}{field}: keys must be strings, got {_kind(key)}")
+        if type(value) not in _SCALARS:
+            raise ProtocolError(f"{where}{field}[{key!r}]: expected a number, got {_kind(value)}")
 
 
 def _validate_values(body: Message) -> None:
@@ -299,11 +303,7 @@ def _validate_system(body: Message) -> None:
         numbers = _require(body, field, dict, "b.") if field == "values" else body.get(field, {})
         if not isinstance(numbers, dict):
             raise ProtocolError(f"b.{field}: expected a map, got {_kind(numbers)}")
-        for key, value in numbers.items():
-            if type(key) is not str:
-                raise ProtocolError(f"b.{field}: keys must be strings, got {_kind(key)}")
-            if type(value) not in _SCALARS:
-                raise ProtocolError(f"b.{field}[{key!r}]: expected a number, got {_kind(value)}")
+        _check_numbers(numbers, "b.", field)
 
 
 def _validate_reject(body: Message) -> None:
