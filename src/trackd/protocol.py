@@ -299,11 +299,9 @@ def _validate_system(body: Message) -> None:
     _require(body, "ts", float, "b.")
     if not _require(body, "node", str, "b."):
         raise ProtocolError("b.node: expected a non-empty host name")
-    for field in ("values", "since"):  # `since`: the counters at the run's first sample
-        numbers = _require(body, field, dict, "b.") if field == "values" else body.get(field, {})
-        if not isinstance(numbers, dict):
-            raise ProtocolError(f"b.{field}: expected a map, got {_kind(numbers)}")
-        _check_numbers(numbers, "b.", field)
+    _check_numbers(_require(body, "values", dict, "b."), "b.", "values")
+    _optional(body, "since", dict)  # the run's counters at its first sample (daemon.system)
+    _check_numbers(body.get("since") or {}, "b.", "since")
 
 
 def _validate_reject(body: Message) -> None:
